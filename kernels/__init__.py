@@ -1,0 +1,1 @@
+"""Attention and log-prob kernels behind one dispatch each (see `kernels.attention`)."""

@@ -1,0 +1,53 @@
+"""Pure-`jnp` reference implementations the faster paths are checked against.
+
+Shape legend: b batch, t query tokens, s key tokens, h query heads, k key/value heads,
+g query heads per key/value head (h = k * g), d head dim.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+
+def attention_mask(
+    segment_ids_bt: Int[Array, "b t"] | None, t: int, *, causal: bool
+) -> jax.Array | None:
+    """Returns a boolean mask [b or 1, t, t]: True where query i may attend to key j.
+
+    Packed sequences carry one segment id per token; tokens attend only inside their segment.
+    Padding is its own segment (id 0 by convention) so that no row is fully masked.
+    """
+    mask = None
+    if causal:
+        mask = jnp.tril(jnp.ones((t, t), dtype=bool))[None]
+    if segment_ids_bt is not None:
+        same = segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :]
+        mask = same if mask is None else mask & same
+    return mask
+
+
+def attention(
+    q_bthd: Float[Array, "b t h d"],
+    k_btkd: Float[Array, "b t k d"],
+    v_btkd: Float[Array, "b t k d"],
+    *,
+    causal: bool = True,
+    segment_ids_bt: Int[Array, "b t"] | None = None,
+) -> Float[Array, "b t h d"]:
+    """Returns softmax(q k^T / sqrt(d)) v with grouped-query heads, f32 softmax; stores [b,h,t,t]."""
+    b, t, h, d = q_bthd.shape
+    kv = k_btkd.shape[2]
+    q_btkgd = q_bthd.reshape(b, t, kv, h // kv, d)
+    scores_bkgts = jnp.einsum(
+        "btkgd,bskd->bkgts", q_btkgd, k_btkd, preferred_element_type=jnp.float32
+    ) / jnp.sqrt(jnp.float32(d))
+    mask = attention_mask(segment_ids_bt, t, causal=causal)
+    if mask is not None:
+        scores_bkgts = jnp.where(mask[:, None, None], scores_bkgts, jnp.finfo(jnp.float32).min)
+    probs_bkgts = jax.nn.softmax(scores_bkgts, axis=-1).astype(v_btkd.dtype)
+    out_btkgd = jnp.einsum(
+        "bkgts,bskd->btkgd", probs_bkgts, v_btkd, preferred_element_type=jnp.float32
+    )
+    return out_btkgd.reshape(b, t, h, d).astype(q_bthd.dtype)

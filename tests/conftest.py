@@ -1,0 +1,57 @@
+"""Session-wide test set-up: 8 fake CPU devices for sharding tests, tiny Hugging Face models."""
+
+import os
+
+# Must precede any JAX import (STYLE.md §4: set once, here).
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402
+
+HF_KWARGS = dict(
+    vocab_size=96,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-6,
+)
+
+
+def build_hf_model(arch: str, path: str, *, tie: bool = False, seed: int = 0, std: float = 0.02):
+    """Builds a randomly initialized tiny `transformers` model, saves it at `path`, returns it."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    if arch == "Qwen2ForCausalLM":
+        config = transformers.Qwen2Config(**HF_KWARGS, tie_word_embeddings=tie, rope_theta=10000.0)
+    elif arch == "Qwen3ForCausalLM":
+        config = transformers.Qwen3Config(**HF_KWARGS, head_dim=24, tie_word_embeddings=tie)
+    elif arch == "LlamaForCausalLM":
+        config = transformers.LlamaConfig(**HF_KWARGS, tie_word_embeddings=tie, rope_theta=50000.0)
+    else:
+        raise ValueError(arch)
+    config.initializer_range = std
+    cls = getattr(transformers, arch)
+    hf = cls(config).to(torch.float32).eval()
+    with torch.no_grad():
+        # Norm weights start at one; perturb them so a swapped or missing norm shows in parity.
+        for name, p in hf.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    hf.save_pretrained(path)
+    return hf
+
+
+@pytest.fixture(scope="session")
+def hf_dirs(tmp_path_factory):
+    """Tiny Qwen2, Qwen3 and tied-embedding Llama checkpoints, built once per session."""
+    out = {}
+    for arch, tie in (("Qwen2ForCausalLM", False), ("Qwen3ForCausalLM", False),
+                      ("LlamaForCausalLM", True)):
+        path = str(tmp_path_factory.mktemp(arch))
+        out[arch] = (path, build_hf_model(arch, path, tie=tie))
+    return out
