@@ -18,12 +18,12 @@ class ModelConfig:
 
     architecture: str = "Qwen2ForCausalLM"
     vocab_size: int = 128
-    hidden_size: int = 64
-    intermediate_size: int = 128
+    hidden_size: int = 128
+    intermediate_size: int = 256
     num_hidden_layers: int = 2
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
-    head_dim: int = 16
+    head_dim: int = 32
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     max_position_embeddings: int = 2048
@@ -55,5 +55,14 @@ class ModelConfig:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "head_dim"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be > 0")
+        if (
+            self.architecture == "Qwen2ForCausalLM"
+            and self.head_dim * self.num_attention_heads != self.hidden_size
+        ):
+            # vLLM's Qwen2 derives head_dim = hidden_size // heads and ignores config.head_dim.
+            raise ValueError(
+                f"Qwen2ForCausalLM needs head_dim={self.head_dim} == hidden_size / "
+                f"num_attention_heads = {self.hidden_size}/{self.num_attention_heads}"
+            )
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")

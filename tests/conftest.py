@@ -10,7 +10,7 @@ import pytest  # noqa: E402
 
 HF_KWARGS = dict(
     vocab_size=96,
-    hidden_size=64,
+    hidden_size=128,
     intermediate_size=96,
     num_hidden_layers=2,
     num_attention_heads=4,
@@ -29,7 +29,7 @@ def build_hf_model(arch: str, path: str, *, tie: bool = False, seed: int = 0, st
     if arch == "Qwen2ForCausalLM":
         config = transformers.Qwen2Config(**HF_KWARGS, tie_word_embeddings=tie, rope_theta=10000.0)
     elif arch == "Qwen3ForCausalLM":
-        config = transformers.Qwen3Config(**HF_KWARGS, head_dim=24, tie_word_embeddings=tie)
+        config = transformers.Qwen3Config(**HF_KWARGS, head_dim=32, tie_word_embeddings=tie)
     elif arch == "LlamaForCausalLM":
         config = transformers.LlamaConfig(**HF_KWARGS, tie_word_embeddings=tie, rope_theta=50000.0)
     else:
@@ -55,3 +55,33 @@ def hf_dirs(tmp_path_factory):
         path = str(tmp_path_factory.mktemp(arch))
         out[arch] = (path, build_hf_model(arch, path, tie=tie))
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_dir(tmp_path_factory):
+    """A converted built-in-tokenizer Qwen2 with sharp logits (greedy has clear winners)."""
+    import jax
+
+    from k15jax import convert, model, tokenizer
+    from k15jax.config import ModelConfig
+
+    cfg = ModelConfig(attention_bias=True, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    params = model.init(cfg, jax.random.key(0))
+    # Scale the matrices so logits have margins far above float32 noise across engines.
+    params = jax.tree.map(lambda x: x * 10 if x.ndim == 2 else x, params)
+    path = str(tmp_path_factory.mktemp("tiny") / "model")
+    convert.save_hf(cfg, params, path, tokenizer=tokenizer.builtin())
+    return path, cfg, params
+
+
+@pytest.fixture(scope="session")
+def vllm_engine(tiny_hf_dir, tmp_path_factory):
+    """One real vLLM engine for the whole session (start-up is paid once)."""
+    from k15jax import rollout
+
+    publish = str(tmp_path_factory.mktemp("publish"))
+    engine = rollout.VllmEngine(
+        tiny_hf_dir[0], rollout.VllmConfig(max_model_len=512, publish_dir=publish)
+    )
+    yield engine
+    engine.close()

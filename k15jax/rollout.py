@@ -1,0 +1,218 @@
+"""Rollout engines: the `RolloutEngine` protocol, the real `VllmEngine`, and `FakeEngine`.
+
+`VllmEngine` runs vLLM's offline `LLM` on a converted Hugging Face directory. Weights reach it
+only through such directories: `load_weights` publishes params into shared memory (written to a
+temporary directory, then renamed) and reloads vLLM in place, restarting it if that fails.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from typing import Protocol
+
+import numpy as np
+
+from k15jax import convert, generation, model
+from k15jax.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class VllmConfig:
+    """Engine knobs of vLLM (the names match `vllm.LLM` arguments where they exist)."""
+
+    dtype: str = "float32"
+    max_model_len: int = 1024
+    gpu_memory_utilization: float = 0.2  # on CPU: fraction of host memory for the KV cache
+    enforce_eager: bool = True  # CPU start-up is ~30 s eager; compiled is slower to start
+    seed: int = 0
+    max_num_seqs: int = 256
+    publish_dir: str = "/dev/shm/k15jax"  # where `load_weights` writes checkpoints
+    # Run the engine core in this process (False) or a spawned one (True). In-process starts
+    # faster on CPU and needs no `__main__` guard; a GPU deployment may prefer a separate process.
+    multiprocessing: bool = False
+
+    def __post_init__(self):
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization={self.gpu_memory_utilization} must be in (0, 1]")
+        if self.max_model_len <= 0:
+            raise ValueError(f"max_model_len={self.max_model_len} must be > 0")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SamplingSpec:
+    """How to sample: `n` samples per prompt, up to `max_tokens` new tokens each."""
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 64
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if self.n < 1:
+            raise ValueError(f"n={self.n} must be >= 1")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens={self.max_tokens} must be >= 1")
+        if self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature} must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class Completion:
+    """One sample: the generated ids, each one's sampling log-prob, and why it ended."""
+
+    prompt_index: int
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str  # "stop" | "length"
+
+
+class RolloutEngine(Protocol):
+    """What the RL loop needs from a generator of samples."""
+
+    def generate(self, prompts: Sequence[Sequence[int]], spec: SamplingSpec) -> list[Completion]:
+        """Returns `spec.n` completions per prompt, grouped by prompt in prompt order."""
+
+    def load_weights(self, params: model.Params) -> None:
+        """Makes later `generate` calls sample from `params`."""
+
+
+class VllmEngine:
+    """A real vLLM engine started on a Hugging Face directory.
+
+    Args:
+      model_dir: converted directory (config.json, model.safetensors, tokenizer files).
+      engine: vLLM knobs.
+    """
+
+    def __init__(self, model_dir: str, engine: VllmConfig = VllmConfig()):
+        if not os.path.isdir(model_dir):
+            raise FileNotFoundError(f"model directory {model_dir} does not exist")
+        self.model_cfg = convert.read_config(model_dir)
+        self.engine = engine
+        self.model_dir = model_dir
+        self._publish_count = 0
+        self.llm = self._start(model_dir)
+
+    def _start(self, model_dir: str):
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if self.engine.multiprocessing else "0"
+        import vllm
+
+        t0 = time.perf_counter()
+        llm = vllm.LLM(
+            model=model_dir,
+            tokenizer=model_dir,
+            dtype=self.engine.dtype,
+            max_model_len=self.engine.max_model_len,
+            gpu_memory_utilization=self.engine.gpu_memory_utilization,
+            enforce_eager=self.engine.enforce_eager,
+            seed=self.engine.seed,
+            max_num_seqs=self.engine.max_num_seqs,
+            enable_prefix_caching=True,
+        )
+        log.info("vLLM started on %s in %.1fs", model_dir, time.perf_counter() - t0)
+        return llm
+
+    def generate(self, prompts: Sequence[Sequence[int]], spec: SamplingSpec) -> list[Completion]:
+        import vllm
+
+        params = vllm.SamplingParams(
+            n=spec.n,
+            temperature=spec.temperature,
+            top_p=spec.top_p,
+            max_tokens=spec.max_tokens,
+            seed=spec.seed,
+            logprobs=0,
+            stop_token_ids=list(spec.stop_token_ids),
+            detokenize=False,
+        )
+        inputs = [vllm.TokensPrompt(prompt_token_ids=[int(t) for t in p]) for p in prompts]
+        outputs = self.llm.generate(inputs, params, use_tqdm=False)
+        result = []
+        for i, out in enumerate(outputs):
+            for c in out.outputs:
+                ids = list(c.token_ids)
+                logprobs = [float(step[tok].logprob) for step, tok in zip(c.logprobs, ids)]
+                result.append(Completion(i, ids, logprobs, c.finish_reason or "length"))
+        return result
+
+    def publish(self, params: model.Params) -> str:
+        """Writes params as a Hugging Face directory under `publish_dir`; returns its path."""
+        self._publish_count += 1
+        path = os.path.join(self.engine.publish_dir, f"weights-{os.getpid()}")
+        convert.save_hf(self.model_cfg, params, path)
+        return path
+
+    def load_weights(self, params: model.Params) -> None:
+        """Publishes `params` and reloads vLLM in place; restarts the engine if that fails."""
+        path = self.publish(params)
+        try:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_path": path})
+            self.llm.reset_prefix_cache()
+        except Exception as e:  # the engine's state is unknown after a failed reload
+            log.warning("in-place weight reload failed (%s); restarting vLLM", e)
+            self.restart(params)
+
+    def restart(self, params: model.Params) -> None:
+        """Shuts the engine down and starts a new one on `params` (the slow path)."""
+        staged = tempfile.mkdtemp(prefix="k15jax-restart-", dir=self.engine.publish_dir)
+        try:
+            for name in os.listdir(self.model_dir):
+                if name.startswith("tokenizer") or name == "special_tokens_map.json":
+                    shutil.copy(os.path.join(self.model_dir, name), staged)
+            convert.save_hf(self.model_cfg, params, os.path.join(staged, "model"))
+            for name in os.listdir(staged):
+                if name != "model":
+                    shutil.move(os.path.join(staged, name), os.path.join(staged, "model", name))
+            self.close()
+            self.llm = self._start(os.path.join(staged, "model"))
+        finally:
+            self._restart_dir, old = staged, getattr(self, "_restart_dir", None)
+            if old:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def close(self) -> None:
+        llm, self.llm = self.llm, None
+        if llm is not None:
+            engine = getattr(llm, "llm_engine", None)
+            shutdown = getattr(getattr(engine, "engine_core", None), "shutdown", None)
+            if shutdown:
+                shutdown()
+            del llm
+
+
+@dataclasses.dataclass
+class FakeEngine:
+    """Samples with the plain JAX sampler: same interface, no vLLM; for fast unit tests."""
+
+    cfg: ModelConfig
+    params: model.Params
+    eos_id: int
+    seed: int = 0
+
+    def generate(self, prompts: Sequence[Sequence[int]], spec: SamplingSpec) -> list[Completion]:
+        import jax
+
+        flat = [list(p) for p in prompts for _ in range(spec.n)]
+        key = jax.random.key(self.seed if spec.seed is None else spec.seed)
+        self.seed += 1
+        s = generation.generate(self.cfg, self.params, flat, max_new_tokens=spec.max_tokens,
+                                eos_id=self.eos_id, temperature=spec.temperature, key=key)
+        out = []
+        for j, (ids, n) in enumerate(zip(s.tokens, s.lengths)):
+            reason = "stop" if s.finished[j] else "length"
+            out.append(Completion(j // spec.n, ids[:n].tolist(),
+                                  np.asarray(s.logprobs[j, :n]).tolist(), reason))
+        return out
+
+    def load_weights(self, params: model.Params) -> None:
+        self.params = params
