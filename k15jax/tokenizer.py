@@ -81,7 +81,7 @@ def builtin() -> Tokenizer:
     hf = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token=UNK))
     hf.pre_tokenizer = pre_tokenizers.Split(tokenizers.Regex(r"[\s\S]"), behavior="isolated")
     hf.decoder = decoders.Fuse()
-    hf.add_special_tokens(list(SPECIALS))
+    hf.add_special_tokens(list(SPECIALS) + [t for t in vocab if t.startswith("<unused")])
     return Tokenizer(hf=hf, eos_token=EOS, pad_token=PAD, bos_token=BOS, unk_token=UNK)
 
 
