@@ -1,0 +1,138 @@
+"""Pure loss functions of the k1.5 recipe: token log-probs, mirror descent, SFT and DPO.
+
+Shape legend: b batch (rows = samples; a group is `group_size` consecutive rows), t tokens,
+e hidden size, v vocabulary. Token arrays are aligned with the sequence: `logp_bt[:, i]` is the
+log-prob of token i given tokens < i, and `logp_bt[:, 0] = 0` (nothing predicts the first token).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+Metrics = dict[str, jax.Array]
+
+
+def _f32(x) -> jax.Array:
+    """Upcasts to at least float32 (bfloat16 -> float32; float64 stays for precision tests)."""
+    x = jnp.asarray(x)
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def _chunk_logprobs(h_bce, w_ev, y_bc):
+    logits_bcv = jnp.einsum("bce,ev->bcv", h_bce, w_ev, preferred_element_type=jnp.float32)
+    lse_bc = jax.nn.logsumexp(logits_bcv, axis=-1)
+    picked_bc = jnp.take_along_axis(logits_bcv, y_bc[..., None], axis=-1)[..., 0]
+    return picked_bc - lse_bc
+
+
+def token_logprobs(
+    hidden_bte: Float[Array, "b t e"],
+    w_ev: Float[Array, "e v"],
+    tokens_bt: Int[Array, "b t"],
+    *,
+    chunk_size: int | None = 1024,
+) -> Float[Array, "b t"]:
+    """Returns float32 log p(tokens[:, i] | tokens[:, :i]) for every i, with 0 at i = 0.
+
+    Logits are formed `chunk_size` positions at a time inside a rematerialized scan, so neither
+    the forward nor the backward pass holds more than [b, chunk_size, v] of them; `None`
+    computes all [b, t, v] logits at once (the reference).
+
+    Args:
+      hidden_bte: final hidden states of the model for `tokens_bt`.
+      w_ev: output embedding (`model.output_embedding`).
+      tokens_bt: the token ids whose log-probs are wanted.
+      chunk_size: sequence positions per chunk.
+    """
+    b, t, e = hidden_bte.shape
+    h = hidden_bte[:, :-1]  # position i predicts token i + 1
+    y = tokens_bt[:, 1:]
+    n = t - 1
+    if chunk_size is None or chunk_size >= n:
+        logp = _chunk_logprobs(h, w_ev, y)
+    else:
+        chunks = -(-n // chunk_size)
+        pad = chunks * chunk_size - n
+        h = jnp.pad(h, ((0, 0), (0, pad), (0, 0))).reshape(b, chunks, chunk_size, e)
+        y = jnp.pad(y, ((0, 0), (0, pad))).reshape(b, chunks, chunk_size)
+        body = jax.checkpoint(lambda _, xs: (None, _chunk_logprobs(xs[0], w_ev, xs[1])))
+        _, logp = jax.lax.scan(body, None, (h.swapaxes(0, 1), y.swapaxes(0, 1)))
+        logp = logp.swapaxes(0, 1).reshape(b, chunks * chunk_size)[:, :n]
+    return jnp.pad(logp, ((0, 0), (1, 0)))
+
+
+def group_baseline(reward_b: Float[Array, " b"], *, group_size: int) -> Float[Array, " b"]:
+    """Returns each row's group mean reward r̄ (groups are `group_size` consecutive rows)."""
+    if reward_b.shape[0] % group_size:
+        raise ValueError(f"batch {reward_b.shape[0]} is not a multiple of {group_size=}")
+    mean_g = reward_b.reshape(-1, group_size).mean(axis=1)
+    return jnp.repeat(mean_g, group_size)
+
+
+def mirror_descent_loss(
+    logp_bt: Float[Array, "b t"],
+    ref_logp_bt: Float[Array, "b t"],
+    mask_bt: Float[Array, "b t"],
+    reward_b: Float[Array, " b"],
+    *,
+    group_size: int,
+    tau: float,
+    normalize_by_length: bool = False,
+) -> tuple[jax.Array, Metrics]:
+    """Returns the online-policy-mirror-descent surrogate loss and its metrics.
+
+    loss = mean_j (r_j - r̄ - τ δ_j)² / (2τ),  δ_j = Σ_t mask (logp - ref_logp),
+    r̄ the mean reward of j's group. Its gradient is the paper's Eq. 3 (k1.5 §2.3.2) with
+    the sign of a loss to minimize: -(1/B) Σ_j [(r_j - r̄) ∇logπ_j - τ δ_j ∇δ_j].
+    `ref_logp_bt` (π_{θ_i}) is a constant. Deviation (optional, off by default):
+    `normalize_by_length` divides each sample's term by its token count, as open
+    reimplementations do; the paper's loss is sequence-level.
+    """
+    if tau <= 0:
+        raise ValueError(f"{tau=} must be > 0")
+    mask = _f32(mask_bt)
+    ratio_bt = _f32(logp_bt) - jax.lax.stop_gradient(_f32(ref_logp_bt))
+    delta_b = jnp.sum(mask * ratio_bt, axis=1)
+    reward_b = _f32(reward_b)
+    adv_b = reward_b - group_baseline(reward_b, group_size=group_size)
+    per_sample = (adv_b - tau * delta_b) ** 2 / (2 * tau)
+    if normalize_by_length:
+        per_sample = per_sample / jnp.maximum(mask.sum(axis=1), 1.0)
+    groups = reward_b.reshape(-1, group_size)
+    zero_var = jnp.all(groups == groups[:, :1], axis=1)
+    metrics = {
+        "delta_mean": delta_b.mean(),
+        "delta_abs_mean": jnp.abs(delta_b).mean(),
+        "advantage_mean": adv_b.mean(),
+        "advantage_abs_mean": jnp.abs(adv_b).mean(),
+        "zero_variance_groups": zero_var.mean(),
+        "reward_mean": reward_b.mean(),
+    }
+    return per_sample.mean(), metrics
+
+
+def sft_loss(logp_bt: Float[Array, "b t"], mask_bt: Float[Array, "b t"]) -> tuple[jax.Array, Metrics]:
+    """Returns the mean negative log-likelihood over masked tokens (token-level average)."""
+    mask = mask_bt.astype(jnp.float32)
+    n = jnp.maximum(mask.sum(), 1.0)
+    nll = -jnp.sum(mask * logp_bt) / n
+    return nll, {"nll": nll, "tokens": mask.sum()}
+
+
+def dpo_loss(
+    chosen_logp_b: Float[Array, " b"],
+    rejected_logp_b: Float[Array, " b"],
+    ref_chosen_logp_b: Float[Array, " b"],
+    ref_rejected_logp_b: Float[Array, " b"],
+    *,
+    beta: float,
+) -> tuple[jax.Array, Metrics]:
+    """Returns the DPO loss -log σ(β[(π_c - ref_c) - (π_r - ref_r)]) on sequence log-probs."""
+    margin_b = beta * (
+        (chosen_logp_b - jax.lax.stop_gradient(ref_chosen_logp_b))
+        - (rejected_logp_b - jax.lax.stop_gradient(ref_rejected_logp_b))
+    )
+    loss = -jax.nn.log_sigmoid(margin_b).mean()
+    return loss, {"margin_mean": margin_b.mean(), "accuracy": (margin_b > 0).mean()}
