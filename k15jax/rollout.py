@@ -30,7 +30,10 @@ class VllmConfig:
 
     dtype: str = "float32"
     max_model_len: int = 1024
-    gpu_memory_utilization: float = 0.2  # on CPU: fraction of host memory for the KV cache
+    gpu_memory_utilization: float = 0.2  # used when kv_cache_memory_bytes is None
+    # An explicit KV-cache size. On CPU vLLM otherwise sizes the cache as utilization x host
+    # memory minus this process's resident memory, which fails once JAX shares the process.
+    kv_cache_memory_bytes: int | None = 1 << 30
     enforce_eager: bool = True  # CPU start-up is ~30 s eager; compiled is slower to start
     seed: int = 0
     max_num_seqs: int = 256
@@ -118,6 +121,7 @@ class VllmEngine:
             seed=self.engine.seed,
             max_num_seqs=self.engine.max_num_seqs,
             enable_prefix_caching=True,
+            kv_cache_memory_bytes=self.engine.kv_cache_memory_bytes,
         )
         log.info("vLLM started on %s in %.1fs", model_dir, time.perf_counter() - t0)
         return llm
