@@ -21,6 +21,7 @@ run: $(STAMP)
 	$(PY) -m experiments.demo
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check k15jax kernels experiments tests
 	$(PY) -m pytest -q
 
 lint: $(STAMP)

@@ -1,7 +1,7 @@
 """Converts a checkpoint between a Hugging Face directory and an orbax checkpoint.
 
   python -m experiments.convert --src=/path/hf_model --dst=/path/orbax_ckpt
-  python -m experiments.convert --src=/path/orbax_ckpt --dst=/path/hf_model --tokenizer=/path/hf_model
+  python -m experiments.convert --src=/path/orbax_ckpt --dst=/path/hf_out --tokenizer=/path/hf
 
 The direction follows from --src: a directory with config.json is Hugging Face, one with
 model_config.json is an orbax checkpoint written by k15jax. The output directory is written
@@ -20,8 +20,10 @@ _SRC = flags.DEFINE_string("src", None, "Hugging Face directory or k15jax orbax 
 _DST = flags.DEFINE_string("dst", None, "Output directory.")
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Cast parameters (HF -> orbax).")
 _TOKENIZER = flags.DEFINE_string(
-    "tokenizer", None, "Directory with tokenizer.json to copy into a Hugging Face output; "
-    "'builtin' for the built-in tokenizer."
+    "tokenizer",
+    None,
+    "Directory with tokenizer.json to copy into a Hugging Face output; "
+    "'builtin' for the built-in tokenizer.",
 )
 flags.mark_flags_as_required(["src", "dst"])
 

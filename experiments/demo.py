@@ -46,7 +46,9 @@ def main(argv):
     print(f"HF round trip bit-exact: {'ok' if same else 'FAILED'}  ({hf_dir})")
     orbax_dir = convert.save_orbax(cfg, params, os.path.join(out, "orbax"))
     _, back = convert.load_orbax(orbax_dir)
-    same_o = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(back)))
+    same_o = all(
+        np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(back))
+    )
     print(f"orbax round trip bit-exact: {'ok' if same_o else 'FAILED'}  ({orbax_dir})")
 
     prompts = [tok.encode(s) for s in ("12+34=", "7*8=", "(3+4)*5=", "hello")]
@@ -55,20 +57,27 @@ def main(argv):
         hf_dir, rollout.VllmConfig(max_model_len=256, publish_dir=os.path.join(out, "publish"))
     )
     checks = [same, same_o]
-    for label, p in (("initial weights", params), ("after in-place reload", sharp(jax.random.key(1)))):
+    for label, p in (
+        ("initial weights", params),
+        ("after in-place reload", sharp(jax.random.key(1))),
+    ):
         if p is not params:
             t0 = time.perf_counter()
             engine.load_weights(p)
             print(f"in-place reload took {time.perf_counter() - t0:.3f}s")
         got = [c.token_ids for c in engine.generate(prompts, spec)]
-        want = generation.generate(cfg, p, prompts, max_new_tokens=24, eos_id=tok.eos_id).sequences()
+        want = generation.generate(
+            cfg, p, prompts, max_new_tokens=24, eos_id=tok.eos_id
+        ).sequences()
         ok = got == want
         checks.append(ok)
         print(f"vLLM greedy == JAX greedy ({label}): {'ok' if ok else 'FAILED'}")
         print(f"  e.g. {tok.decode(prompts[0])!r} -> {tok.decode(got[0])!r}")
     engine.close()
-    print(f"demo finished in {time.perf_counter() - t_start:.1f}s: "
-          f"{sum(checks)}/{len(checks)} checks ok")
+    print(
+        f"demo finished in {time.perf_counter() - t_start:.1f}s: "
+        f"{sum(checks)}/{len(checks)} checks ok"
+    )
     if not all(checks):
         raise SystemExit(1)
 

@@ -67,8 +67,11 @@ def restore(directory: str, step: int, target) -> tuple[object, dict]:
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: no such checkpoint (found steps {steps(directory)})")
     abstract = jax.tree.map(
-        lambda x: x if isinstance(x, jax.ShapeDtypeStruct)
-        else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+        lambda x: (
+            x
+            if isinstance(x, jax.ShapeDtypeStruct)
+            else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
+        ),
         target,
     )
     with ocp.StandardCheckpointer() as ckpt:

@@ -39,7 +39,9 @@ class CheckpointError(ValueError):
 # ---------------------------------------------------------------------------- config.json
 
 
-def config_from_hf(hf: dict, *, source: str = "config.json", dtype: str | None = None) -> ModelConfig:
+def config_from_hf(
+    hf: dict, *, source: str = "config.json", dtype: str | None = None
+) -> ModelConfig:
     """Returns the ModelConfig described by a parsed Hugging Face config.json.
 
     Args:
@@ -64,7 +66,9 @@ def config_from_hf(hf: dict, *, source: str = "config.json", dtype: str | None =
     if dtype is None:
         name = str(hf.get("dtype") or hf.get("torch_dtype") or "float32")
         if name not in DTYPE_NAMES:
-            raise CheckpointError(f"{source}: dtype {name!r} is not supported; use float32 or bfloat16")
+            raise CheckpointError(
+                f"{source}: dtype {name!r} is not supported; use float32 or bfloat16"
+            )
         dtype = DTYPE_NAMES[name]
     try:
         return ModelConfig(
@@ -131,7 +135,9 @@ def config_to_hf(cfg: ModelConfig) -> dict:
         if cfg.attention_bias is False:
             raise ValueError("Qwen2ForCausalLM always has q/k/v bias; set attention_bias=True")
     if cfg.mlp_bias and cfg.architecture != "LlamaForCausalLM":
-        raise ValueError(f"mlp_bias is only expressible for LlamaForCausalLM, not {cfg.architecture}")
+        raise ValueError(
+            f"mlp_bias is only expressible for LlamaForCausalLM, not {cfg.architecture}"
+        )
     return hf
 
 
@@ -140,22 +146,29 @@ def config_to_hf(cfg: ModelConfig) -> dict:
 
 def hf_names(cfg: ModelConfig) -> dict[str, tuple[tuple, bool]]:
     """Returns {HF tensor name: (path into params, transposed)} for every parameter of `cfg`."""
-    names = {"model.embed_tokens.weight": (("embed",), False),
-             "model.norm.weight": (("final_norm", "scale"), False)}
+    names = {
+        "model.embed_tokens.weight": (("embed",), False),
+        "model.norm.weight": (("final_norm", "scale"), False),
+    }
     if not cfg.tie_word_embeddings:
         names["lm_head.weight"] = (("lm_head",), True)
     for i in range(cfg.num_hidden_layers):
         pre = f"model.layers.{i}."
         names[pre + "input_layernorm.weight"] = (("layers", i, "input_norm", "scale"), False)
         names[pre + "post_attention_layernorm.weight"] = (
-            ("layers", i, "post_attn_norm", "scale"), False)
+            ("layers", i, "post_attn_norm", "scale"),
+            False,
+        )
         for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
             names[f"{pre}self_attn.{proj}.weight"] = (("layers", i, "attn", proj, "kernel"), True)
             if cfg.attention_bias and proj != "o_proj":
                 names[f"{pre}self_attn.{proj}.bias"] = (("layers", i, "attn", proj, "bias"), False)
         if cfg.qk_norm:
             for norm in ("q_norm", "k_norm"):
-                names[f"{pre}self_attn.{norm}.weight"] = (("layers", i, "attn", norm, "scale"), False)
+                names[f"{pre}self_attn.{norm}.weight"] = (
+                    ("layers", i, "attn", norm, "scale"),
+                    False,
+                )
         for proj in ("gate_proj", "up_proj", "down_proj"):
             names[f"{pre}mlp.{proj}.weight"] = (("layers", i, "mlp", proj, "kernel"), True)
             if cfg.mlp_bias:
@@ -245,7 +258,9 @@ def load_hf(path: str, *, dtype: str | None = None) -> tuple[ModelConfig, model.
             )
         _set(params, ppath, np.ascontiguousarray(value).astype(cfg.dtype))
     for name in list(tensors):
-        if name.endswith(_IGNORED_SUFFIXES) or (cfg.tie_word_embeddings and name == "lm_head.weight"):
+        if name.endswith(_IGNORED_SUFFIXES) or (
+            cfg.tie_word_embeddings and name == "lm_head.weight"
+        ):
             tensors.pop(name)
     if tensors:
         extra = sorted(tensors)[:5]
@@ -315,11 +330,16 @@ def save_hf(
                 weight_map.update({name: fname for name in shard})
             total = sum(v.nbytes for v in tensors.values())
             with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
-                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+                json.dump(
+                    {"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2
+                )
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(hf_config, f, indent=2)
-        generation = {k: v for k in ("bos_token_id", "eos_token_id", "pad_token_id")
-                      if (v := hf_config[k]) is not None}
+        generation = {
+            k: v
+            for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+            if (v := hf_config[k]) is not None
+        }
         with open(os.path.join(tmp, "generation_config.json"), "w") as f:
             json.dump(generation, f, indent=2)
         if tokenizer is not None:

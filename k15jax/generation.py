@@ -32,7 +32,9 @@ class Samples:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "greedy"))
-def _sample(cfg, params, prompt_bp, prompt_len_b, key, temperature, eos_id, *, max_new_tokens, greedy):
+def _sample(
+    cfg, params, prompt_bp, prompt_len_b, key, temperature, eos_id, *, max_new_tokens, greedy
+):
     b, p = prompt_bp.shape
     window = p + max_new_tokens
     tokens = jnp.zeros((b, window), jnp.int32).at[:, :p].set(prompt_bp)
@@ -102,12 +104,21 @@ def generate(
         row[p - len(ids) :] = ids
     lens = np.array([len(x) for x in prompts], np.int32)
     toks, logp, lengths, done = _sample(
-        cfg, params, jnp.asarray(prompt_bp), jnp.asarray(lens),
+        cfg,
+        params,
+        jnp.asarray(prompt_bp),
+        jnp.asarray(lens),
         key if key is not None else jax.random.key(0),
-        jnp.float32(max(temperature, 1e-6)), jnp.int32(eos_id),
-        max_new_tokens=max_new_tokens, greedy=greedy,
+        jnp.float32(max(temperature, 1e-6)),
+        jnp.int32(eos_id),
+        max_new_tokens=max_new_tokens,
+        greedy=greedy,
     )
     toks, logp, lengths, done = jax.device_get((toks, logp, lengths, done))
     toks = np.where(np.arange(max_new_tokens)[None] < lengths[:, None], toks, pad_id)
-    return Samples(tokens=toks.astype(np.int32), logprobs=np.asarray(logp), lengths=lengths,
-                   finished=np.asarray(done))
+    return Samples(
+        tokens=toks.astype(np.int32),
+        logprobs=np.asarray(logp),
+        lengths=lengths,
+        finished=np.asarray(done),
+    )

@@ -113,7 +113,9 @@ def mirror_descent_loss(
     return per_sample.mean(), metrics
 
 
-def sft_loss(logp_bt: Float[Array, "b t"], mask_bt: Float[Array, "b t"]) -> tuple[jax.Array, Metrics]:
+def sft_loss(
+    logp_bt: Float[Array, "b t"], mask_bt: Float[Array, "b t"]
+) -> tuple[jax.Array, Metrics]:
     """Returns the mean negative log-likelihood over masked tokens (token-level average)."""
     mask = mask_bt.astype(jnp.float32)
     n = jnp.maximum(mask.sum(), 1.0)

@@ -47,8 +47,11 @@ class Linear(nnx.Module):
 
     def __init__(self, d_in, d_out, names, *, bias: bool, dtype, rngs: nnx.Rngs, std=0.02):
         self.kernel = _param(rngs, (d_in, d_out), names, dtype, std)
-        self.bias = nnx.Param(jnp.zeros((d_out,), dtype), out_sharding=(names[1],),
-                              eager_sharding=False) if bias else None
+        self.bias = (
+            nnx.Param(jnp.zeros((d_out,), dtype), out_sharding=(names[1],), eager_sharding=False)
+            if bias
+            else None
+        )
 
     def __call__(self, x):
         y = jnp.einsum("...i,io->...o", x, self.kernel[...], preferred_element_type=jnp.float32)
@@ -126,7 +129,9 @@ class Layer(nnx.Module):
 class Decoder(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         dtype = jnp.dtype(cfg.dtype)
-        self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dtype, 0.02)
+        self.embed = _param(
+            rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dtype, 0.02
+        )
         self.layers = nnx.List([Layer(cfg, dtype, rngs) for _ in range(cfg.num_hidden_layers)])
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, rngs)
         if cfg.tie_word_embeddings:
@@ -167,12 +172,17 @@ def logical_axes(cfg: ModelConfig) -> Params:
     """Returns, for every parameter, the tuple of logical axis names its dimensions carry."""
     state = nnx.state(nnx.eval_shape(lambda: Decoder(cfg, nnx.Rngs(0))), nnx.Param)
     return nnx.to_pure_dict(
-        jax.tree.map(lambda v: tuple(v.get_metadata()["out_sharding"]), state,
-                     is_leaf=lambda x: isinstance(x, nnx.Variable))
+        jax.tree.map(
+            lambda v: tuple(v.get_metadata()["out_sharding"]),
+            state,
+            is_leaf=lambda x: isinstance(x, nnx.Variable),
+        )
     )
 
 
-def default_positions(segment_ids_bt: Int[Array, "b t"] | None, b: int, t: int) -> Int[Array, "b t"]:
+def default_positions(
+    segment_ids_bt: Int[Array, "b t"] | None, b: int, t: int
+) -> Int[Array, "b t"]:
     """Returns positions 0, 1, ... that restart at every segment boundary of a packed row."""
     idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     if segment_ids_bt is None:
@@ -191,7 +201,7 @@ def hidden_states(
     positions: Int[Array, "b t"] | None = None,
     segment_ids: Int[Array, "b t"] | None = None,
 ) -> Float[Array, "b t e"]:
-    """Returns the final-norm hidden states [b, t, hidden]; `output_embedding` maps them to logits."""
+    """Returns the final-norm hidden states [b, t, hidden] (`output_embedding` gives logits)."""
     b, t = tokens.shape
     if positions is None:
         positions = default_positions(segment_ids, b, t)

@@ -44,7 +44,9 @@ class VllmConfig:
 
     def __post_init__(self):
         if not 0 < self.gpu_memory_utilization <= 1:
-            raise ValueError(f"gpu_memory_utilization={self.gpu_memory_utilization} must be in (0, 1]")
+            raise ValueError(
+                f"gpu_memory_utilization={self.gpu_memory_utilization} must be in (0, 1]"
+            )
         if self.max_model_len <= 0:
             raise ValueError(f"max_model_len={self.max_model_len} must be > 0")
 
@@ -209,13 +211,23 @@ class FakeEngine:
         flat = [list(p) for p in prompts for _ in range(spec.n)]
         key = jax.random.key(self.seed if spec.seed is None else spec.seed)
         self.seed += 1
-        s = generation.generate(self.cfg, self.params, flat, max_new_tokens=spec.max_tokens,
-                                eos_id=self.eos_id, temperature=spec.temperature, key=key)
+        s = generation.generate(
+            self.cfg,
+            self.params,
+            flat,
+            max_new_tokens=spec.max_tokens,
+            eos_id=self.eos_id,
+            temperature=spec.temperature,
+            key=key,
+        )
         out = []
         for j, (ids, n) in enumerate(zip(s.tokens, s.lengths)):
             reason = "stop" if s.finished[j] else "length"
-            out.append(Completion(j // spec.n, ids[:n].tolist(),
-                                  np.asarray(s.logprobs[j, :n]).tolist(), reason))
+            out.append(
+                Completion(
+                    j // spec.n, ids[:n].tolist(), np.asarray(s.logprobs[j, :n]).tolist(), reason
+                )
+            )
         return out
 
     def load_weights(self, params: model.Params) -> None:

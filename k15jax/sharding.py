@@ -67,14 +67,19 @@ def param_specs(cfg: ModelConfig, mesh: Mesh):
     shapes = model.abstract_params(cfg)
     return jax.tree.map(
         lambda names, s: logical_to_spec(names, s.shape, mesh),
-        model.logical_axes(cfg), shapes, is_leaf=lambda x: isinstance(x, tuple),
+        model.logical_axes(cfg),
+        shapes,
+        is_leaf=lambda x: isinstance(x, tuple),
     )
 
 
 def param_shardings(cfg: ModelConfig, mesh: Mesh):
     """Returns the NamedSharding tree of the model parameters on `mesh`."""
-    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), param_specs(cfg, mesh),
-                        is_leaf=lambda x: isinstance(x, PartitionSpec))
+    return jax.tree.map(
+        lambda spec: NamedSharding(mesh, spec),
+        param_specs(cfg, mesh),
+        is_leaf=lambda x: isinstance(x, PartitionSpec),
+    )
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:

@@ -55,12 +55,14 @@ class StepConfig:
         if self.tau <= 0:
             raise ValueError(f"tau={self.tau} must be > 0")
         if self.group_size < 1 or self.micro_batches < 1:
-            raise ValueError(f"group_size={self.group_size}, micro_batches={self.micro_batches} "
-                             "must be >= 1")
+            raise ValueError(
+                f"group_size={self.group_size}, micro_batches={self.micro_batches} must be >= 1"
+            )
 
 
-def make_optimizer(learning_rate: float, *, max_grad_norm: float = 1.0,
-                   weight_decay: float = 0.0) -> optax.GradientTransformation:
+def make_optimizer(
+    learning_rate: float, *, max_grad_norm: float = 1.0, weight_decay: float = 0.0
+) -> optax.GradientTransformation:
     """Returns AdamW behind global-norm gradient clipping (the paper names no optimizer)."""
     return optax.chain(
         optax.clip_by_global_norm(max_grad_norm),
@@ -83,12 +85,19 @@ def state_shardings(cfg: ModelConfig, optimizer: optax.GradientTransformation, m
     opt_abstract = jax.eval_shape(optimizer.init, abstract)
     rep = sharding.replicated(mesh)
     opt_shard = optax.tree_map_params(
-        optimizer, lambda _, s: s, opt_abstract, p_shard,
-        transform_non_params=lambda _: rep, is_leaf=lambda x: isinstance(x, NamedSharding),
+        optimizer,
+        lambda _, s: s,
+        opt_abstract,
+        p_shard,
+        transform_non_params=lambda _: rep,
+        is_leaf=lambda x: isinstance(x, NamedSharding),
     )
     # Any leaf tree_map_params could not pair with a param (scalars, counts) is replicated.
-    opt_shard = jax.tree.map(lambda x: x if isinstance(x, NamedSharding) else rep, opt_shard,
-                             is_leaf=lambda x: isinstance(x, NamedSharding))
+    opt_shard = jax.tree.map(
+        lambda x: x if isinstance(x, NamedSharding) else rep,
+        opt_shard,
+        is_leaf=lambda x: isinstance(x, NamedSharding),
+    )
     return TrainState(step=rep, params=p_shard, opt_state=opt_shard, rng=rep)
 
 
@@ -99,14 +108,19 @@ def batch_shardings(mesh: Mesh) -> Batch:
 
 def init_state(params, optimizer: optax.GradientTransformation, *, seed: int = 0) -> TrainState:
     """Returns a TrainState at step 0 with fresh optimizer state."""
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=optimizer.init(params), rng=jax.random.key_data(jax.random.key(seed)))
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=optimizer.init(params),
+        rng=jax.random.key_data(jax.random.key(seed)),
+    )
 
 
 def reset_optimizer(state: TrainState, optimizer: optax.GradientTransformation) -> TrainState:
     """Returns `state` with fresh optimizer state (k1.5 resets it at every iteration)."""
-    fresh = jax.jit(optimizer.init, out_shardings=jax.tree.map(
-        lambda x: x.sharding, state.opt_state))(state.params)
+    fresh = jax.jit(
+        optimizer.init, out_shardings=jax.tree.map(lambda x: x.sharding, state.opt_state)
+    )(state.params)
     return state.replace(opt_state=fresh)
 
 
@@ -127,10 +141,16 @@ def make_train_step(
     tau, group, micro = step_cfg.tau, step_cfg.group_size, step_cfg.micro_batches
 
     def loss_fn(params, mb: Batch):
-        logp = sequence_logprobs(cfg, params, mb.tokens_bt, mb.segment_ids_bt,
-                                 chunk_size=step_cfg.logprob_chunk)
+        logp = sequence_logprobs(
+            cfg, params, mb.tokens_bt, mb.segment_ids_bt, chunk_size=step_cfg.logprob_chunk
+        )
         return losses.mirror_descent_loss(
-            logp, mb.ref_logp_bt, mb.mask_bt, mb.reward_b, group_size=group, tau=tau,
+            logp,
+            mb.ref_logp_bt,
+            mb.mask_bt,
+            mb.reward_b,
+            group_size=group,
+            tau=tau,
             normalize_by_length=step_cfg.normalize_by_length,
         )
 
@@ -139,23 +159,28 @@ def make_train_step(
     def step(state: TrainState, batch: Batch):
         b = batch.reward_b.shape[0]
         if b % (group * micro):
-            raise ValueError(f"batch {b} must be a multiple of group_size*micro_batches="
-                             f"{group * micro}")
+            raise ValueError(
+                f"batch {b} must be a multiple of group_size*micro_batches={group * micro}"
+            )
         if micro == 1:
             (loss, metrics), grads = grad_fn(state.params, batch)
         else:
             split = jax.tree.map(
                 lambda x: jax.lax.with_sharding_constraint(
                     x.reshape(micro, b // micro, *x.shape[1:]),
-                    NamedSharding(mesh, PartitionSpec(None, sharding.BATCH))),
-                batch)
+                    NamedSharding(mesh, PartitionSpec(None, sharding.BATCH)),
+                ),
+                batch,
+            )
             zeros = jax.tree.map(jnp.zeros_like, state.params)
 
             def body(acc, mb):
-                (l, m), g = grad_fn(state.params, mb)
-                return jax.tree.map(jnp.add, acc, (l, m, g)), None
+                (loss_i, m), g = grad_fn(state.params, mb)
+                return jax.tree.map(jnp.add, acc, (loss_i, m, g)), None
 
-            m0 = jax.eval_shape(lambda: loss_fn(state.params, jax.tree.map(lambda x: x[0], split)))[1]
+            m0 = jax.eval_shape(lambda: loss_fn(state.params, jax.tree.map(lambda x: x[0], split)))[
+                1
+            ]
             init = (jnp.zeros(()), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m0), zeros)
             (loss, metrics, grads), _ = jax.lax.scan(body, init, split)
             loss, metrics, grads = jax.tree.map(lambda x: x / micro, (loss, metrics, grads))
@@ -163,8 +188,12 @@ def make_train_step(
         updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-        metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
-                       skipped=(~finite).astype(jnp.int32))
+        metrics = dict(
+            metrics,
+            loss=loss,
+            grad_norm=optax.global_norm(grads),
+            skipped=(~finite).astype(jnp.int32),
+        )
         new_state = state.replace(
             step=state.step + finite.astype(jnp.int32),
             params=keep(new_params, state.params),

@@ -24,7 +24,9 @@ def attention(
     `segment_ids_bt` keeps packed sequences from attending to each other.
     """
     if q_bthd.shape[2] % k_btkd.shape[2]:
-        raise ValueError(f"query heads {q_bthd.shape[2]} not a multiple of kv heads {k_btkd.shape[2]}")
+        raise ValueError(
+            f"query heads {q_bthd.shape[2]} not a multiple of kv heads {k_btkd.shape[2]}"
+        )
     if impl == "xla":
         return reference.attention(
             q_bthd, k_btkd, v_btkd, causal=causal, segment_ids_bt=segment_ids_bt

@@ -36,7 +36,7 @@ def attention(
     causal: bool = True,
     segment_ids_bt: Int[Array, "b t"] | None = None,
 ) -> Float[Array, "b t h d"]:
-    """Returns softmax(q k^T / sqrt(d)) v with grouped-query heads, f32 softmax; stores [b,h,t,t]."""
+    """Returns softmax(q k^T / sqrt(d)) v with grouped-query heads, f32 softmax; O(t^2) memory."""
     b, t, h, d = q_bthd.shape
     kv = k_btkd.shape[2]
     q_btkgd = q_bthd.reshape(b, t, kv, h // kv, d)

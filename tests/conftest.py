@@ -50,8 +50,11 @@ def build_hf_model(arch: str, path: str, *, tie: bool = False, seed: int = 0, st
 def hf_dirs(tmp_path_factory):
     """Tiny Qwen2, Qwen3 and tied-embedding Llama checkpoints, built once per session."""
     out = {}
-    for arch, tie in (("Qwen2ForCausalLM", False), ("Qwen3ForCausalLM", False),
-                      ("LlamaForCausalLM", True)):
+    for arch, tie in (
+        ("Qwen2ForCausalLM", False),
+        ("Qwen3ForCausalLM", False),
+        ("LlamaForCausalLM", True),
+    ):
         path = str(tmp_path_factory.mktemp(arch))
         out[arch] = (path, build_hf_model(arch, path, tie=tie))
     return out

@@ -58,8 +58,9 @@ def test_orbax_round_trip_is_bit_exact(tmp_path):
     convert.save_orbax(cfg, params, str(tmp_path / "ck"))
     cfg2, back = convert.load_orbax(str(tmp_path / "ck"))
     assert cfg2 == cfg
-    jax.tree.map(lambda x, y: (x.dtype == y.dtype) and np.testing.assert_array_equal(x, y),
-                 params, back)
+    jax.tree.map(
+        lambda x, y: (x.dtype == y.dtype) and np.testing.assert_array_equal(x, y), params, back
+    )
 
 
 def test_save_with_tokenizer_loads_in_transformers(tmp_path):
@@ -120,7 +121,9 @@ def test_missing_tensor_is_named(broken):
     tensors = load_file(file)
     del tensors["model.layers.1.mlp.up_proj.weight"]
     save_file(tensors, file)
-    with pytest.raises(convert.CheckpointError, match=r"model\.layers\.1\.mlp\.up_proj\.weight.*missing"):
+    with pytest.raises(
+        convert.CheckpointError, match=r"model\.layers\.1\.mlp\.up_proj\.weight.*missing"
+    ):
         convert.load_hf(broken)
 
 
@@ -132,7 +135,9 @@ def test_wrong_shape_names_tensor_and_both_shapes(broken):
     with pytest.raises(convert.CheckpointError) as e:
         convert.load_hf(broken)
     msg = str(e.value)
-    assert "model.layers.0.self_attn.k_proj.weight" in msg and "[8, 128]" in msg and "[64, 128]" in msg
+    assert (
+        "model.layers.0.self_attn.k_proj.weight" in msg and "[8, 128]" in msg and "[64, 128]" in msg
+    )
 
 
 def test_unreadable_safetensors_is_named(broken):

@@ -36,8 +36,9 @@ def test_groups_are_independent():
 def test_weight_schedule_and_total():
     kw = dict(weight=0.2, warmup_iterations=3)
     assert [length.length_weight(i, **kw) for i in range(5)] == [0, 0, 0, 0.2, 0.2]
-    total = length.total_reward(np.array([1.0, 1.0]), np.array([5, 15]), np.array([True, True]),
-                                group_size=2, weight=0.2)
+    total = length.total_reward(
+        np.array([1.0, 1.0]), np.array([5, 15]), np.array([True, True]), group_size=2, weight=0.2
+    )
     np.testing.assert_allclose(total, [1.1, 0.9], rtol=1e-6)
     with pytest.raises(ValueError, match="multiple"):
         length.length_reward(np.array([1, 2, 3]), np.array([1, 1, 1], bool), group_size=2)

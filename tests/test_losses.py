@@ -115,8 +115,9 @@ def test_loss_value_and_metrics(problem):
     assert float(m["zero_variance_groups"]) == zero_var
     # The length-normalized variant is an explicit option and differs.
     n = np.maximum(mask.sum(1), 1)
-    normed = losses.mirror_descent_loss(logp, ref, mask, r, group_size=K, tau=0.2,
-                                        normalize_by_length=True)[0]
+    normed = losses.mirror_descent_loss(
+        logp, ref, mask, r, group_size=K, tau=0.2, normalize_by_length=True
+    )[0]
     np.testing.assert_allclose(normed, np.mean((adv - 0.2 * delta) ** 2 / 0.4 / n), rtol=1e-5)
 
 
@@ -157,14 +158,19 @@ def test_chunked_logprob_memory_is_10x_lower_at_32k():
     def temp_bytes(chunk):
         def loss(h, w, y, ref):
             logp = losses.token_logprobs(h, w, y, chunk_size=chunk)
-            return losses.mirror_descent_loss(logp, ref, jnp.ones_like(ref), jnp.ones((1,)),
-                                              group_size=1, tau=0.1)[0]
+            return losses.mirror_descent_loss(
+                logp, ref, jnp.ones_like(ref), jnp.ones((1,)), group_size=1, tau=0.1
+            )[0]
+
         compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(h, w, y, ref).compile()
         return compiled.memory_analysis().temp_size_in_bytes
 
     full, chunked = temp_bytes(None), temp_bytes(1024)
-    print(f"\nlog-prob+loss+grad temp memory at t={t}, vocab={v}: "
-          f"full {full / 2**30:.2f} GiB, chunked {chunked / 2**30:.3f} GiB, ratio {full / chunked:.1f}x")
+    print(
+        f"\nlog-prob+loss+grad temp memory at t={t}, vocab={v}: "
+        f"full {full / 2**30:.2f} GiB, chunked {chunked / 2**30:.3f} GiB, "
+        f"ratio {full / chunked:.1f}x"
+    )
     assert full >= t * v * 4  # the full version really holds [t, vocab] float32 logits
     assert chunked * 10 <= full
 

@@ -38,9 +38,13 @@ def test_packed_segments_match_separate_runs(hf_dirs, arch):
     seqs = [rng.integers(0, cfg.vocab_size, n) for n in lengths]
     pad = 4
     tokens = np.concatenate(seqs + [np.zeros(pad, np.int64)])[None]
-    segment_ids = np.concatenate([np.full(n, i + 1) for i, n in enumerate(lengths)] + [np.zeros(pad)])
+    segment_ids = np.concatenate(
+        [np.full(n, i + 1) for i, n in enumerate(lengths)] + [np.zeros(pad)]
+    )
     packed = np.asarray(
-        model.apply(cfg, params, jnp.asarray(tokens), segment_ids=jnp.asarray(segment_ids[None], jnp.int32))
+        model.apply(
+            cfg, params, jnp.asarray(tokens), segment_ids=jnp.asarray(segment_ids[None], jnp.int32)
+        )
     )[0]
     start = 0
     for seq in seqs:

@@ -4,17 +4,24 @@ micro-batching, checkpoints, and a short on-policy loop that raises the reward."
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from k15jax import checkpoint, generation, losses, model, sharding, train_step
+from k15jax import checkpoint, generation, model, sharding, train_step
 from k15jax.config import ModelConfig
 
-CFG = ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, attention_bias=True)
+CFG = ModelConfig(
+    vocab_size=64,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    attention_bias=True,
+)
 STEP = train_step.StepConfig(tau=0.5, group_size=4, micro_batches=2, logprob_chunk=5)
 # Momentum SGD is linear in the gradient, so sharded and single-device runs agree to float32
 # reduction-order noise. Adam divides by sqrt(v): for near-zero gradient entries that noise grows
@@ -30,8 +37,13 @@ def _batch(seed=0, b=16, t=12):
     mask = seg * (np.arange(t)[None] >= 4)
     ref = -rng.random((b, t)).astype(np.float32) * 3
     reward = rng.integers(0, 2, b).astype(np.float32)
-    return train_step.Batch(tokens_bt=tokens, mask_bt=mask.astype(np.float32), ref_logp_bt=ref,
-                            reward_b=reward, segment_ids_bt=seg)
+    return train_step.Batch(
+        tokens_bt=tokens,
+        mask_bt=mask.astype(np.float32),
+        ref_logp_bt=ref,
+        reward_b=reward,
+        segment_ids_bt=seg,
+    )
 
 
 def _run(mesh_shape, devices, steps=2):
@@ -57,11 +69,14 @@ def test_sharded_step_equals_single_device(single_device_run, mesh_shape):
     want_loss, want_params, _ = single_device_run
     got_loss, got_params, state = _run(mesh_shape, jax.devices())
     np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
-                 got_params, want_params)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), got_params, want_params
+    )
     q = state.params["layers"][0]["attn"]["q_proj"]["kernel"]
-    assert q.sharding.spec == sharding.param_specs(CFG, q.sharding.mesh)["layers"][0]["attn"][
-        "q_proj"]["kernel"]
+    assert (
+        q.sharding.spec
+        == sharding.param_specs(CFG, q.sharding.mesh)["layers"][0]["attn"]["q_proj"]["kernel"]
+    )
 
 
 def test_partition_spec_snapshot():
@@ -146,8 +161,9 @@ def test_checkpoint_round_trip_and_interrupted_save(single_device_run, tmp_path,
     checkpoint.save(d, 1, host, {"iteration": 1, "history": [0.5]})
     restored, extra = checkpoint.restore(d, 1, host)
     assert extra == {"iteration": 1, "history": [0.5]}
-    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
-                 restored, host)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), restored, host
+    )
 
     import orbax.checkpoint as ocp
 
@@ -168,25 +184,42 @@ def test_checkpoint_round_trip_and_interrupted_save(single_device_run, tmp_path,
 
 
 def test_on_policy_loop_raises_reward():
-    """k samples per prompt from the JAX sampler, 0/1 rule reward, optimizer reset each iteration."""
-    cfg = ModelConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1, head_dim=16, attention_bias=True)
+    """k samples per prompt from the JAX sampler, 0/1 rule reward, optimizer reset per iteration."""
+    cfg = ModelConfig(
+        vocab_size=32,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        attention_bias=True,
+    )
     opt = train_step.make_optimizer(3e-3)
     step_cfg = train_step.StepConfig(tau=0.1, group_size=8, micro_batches=1, logprob_chunk=None)
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
     step = train_step.make_train_step(cfg, opt, step_cfg, mesh)
     state = train_step.place_state(
-        train_step.init_state(model.init(cfg, jax.random.key(0)), opt), cfg, opt, mesh)
+        train_step.init_state(model.init(cfg, jax.random.key(0)), opt), cfg, opt, mesh
+    )
     prompts = [[1, 5], [1, 6]]
     k, n_new = 8, 4
     good = set(range(8))  # reward 1 when the first generated token is < 8: about 1/4 at start
-    logp_fn = jax.jit(lambda p, tok, seg: train_step.sequence_logprobs(cfg, p, tok, seg,
-                                                                      chunk_size=None))
+    logp_fn = jax.jit(
+        lambda p, tok, seg: train_step.sequence_logprobs(cfg, p, tok, seg, chunk_size=None)
+    )
     rewards = []
     for it in range(12):
         flat = [p for p in prompts for _ in range(k)]
-        s = generation.generate(cfg, state.params, flat, max_new_tokens=n_new, eos_id=-1,
-                                temperature=1.0, key=jax.random.key(100 + it))
+        s = generation.generate(
+            cfg,
+            state.params,
+            flat,
+            max_new_tokens=n_new,
+            eos_id=-1,
+            temperature=1.0,
+            key=jax.random.key(100 + it),
+        )
         tokens = np.concatenate([np.array(flat), s.tokens], axis=1).astype(np.int32)
         reward = np.array([float(row[0] in good) for row in s.tokens], np.float32)
         rewards.append(reward.mean())
@@ -195,8 +228,9 @@ def test_on_policy_loop_raises_reward():
         mask[:, 2:] = 1
         ref = np.asarray(logp_fn(state.params, tokens, seg))  # π_{θ_i}, recomputed by the trainer
         state = train_step.reset_optimizer(state, opt)
-        batch = train_step.Batch(tokens_bt=tokens, mask_bt=mask, ref_logp_bt=ref,
-                                 reward_b=reward, segment_ids_bt=seg)
+        batch = train_step.Batch(
+            tokens_bt=tokens, mask_bt=mask, ref_logp_bt=ref, reward_b=reward, segment_ids_bt=seg
+        )
         for _ in range(4):
             state, m = step(state, batch)
     early, late = np.mean(rewards[:3]), np.mean(rewards[-3:])
