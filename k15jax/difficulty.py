@@ -1,0 +1,96 @@
+"""Difficulty estimation and prompt filters (k1.5 §2.1) through the `RolloutEngine` interface.
+
+- pass rate: `n` samples per prompt at a high temperature, scored by the task's reward;
+- drop prompts that are always solved (the paper's trivial-case prefilter);
+- the easy-to-hack filter: a prompt is removed when the model, forced to answer without reasoning
+  (the response starts with `answer_prefix`), is right within `tries` attempts (the paper: 8).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from k15jax import data
+from k15jax.rollout import RolloutEngine, SamplingSpec
+
+RewardFn = Callable[[str, str, str], tuple[float, dict]]
+
+
+@dataclasses.dataclass(frozen=True)
+class TextCodec:
+    """Turns prompt text into ids and response ids back into text."""
+
+    encode: Callable[[str], list[int]]
+    decode: Callable[[Sequence[int]], str]
+
+
+def pass_rates(
+    engine: RolloutEngine,
+    problems: Sequence[data.Problem],
+    reward_fn: RewardFn,
+    codec: TextCodec,
+    *,
+    n: int = 10,
+    temperature: float = 1.0,
+    max_tokens: int = 256,
+    seed: int = 0,
+    prefix: str = "",
+) -> np.ndarray:
+    """Returns each problem's fraction of `n` sampled responses with reward 1.
+
+    `prefix` is appended to every prompt and prepended to every response before scoring
+    (used by the easy-to-hack filter to force an answer without reasoning).
+    """
+    prompts = [codec.encode(p.prompt + prefix) for p in problems]
+    spec = SamplingSpec(n=n, temperature=temperature, max_tokens=max_tokens, seed=seed)
+    passed = np.zeros(len(problems))
+    for c in engine.generate(prompts, spec):
+        p = problems[c.prompt_index]
+        score, _ = reward_fn(p.prompt, prefix + codec.decode(c.token_ids), p.answer)
+        passed[c.prompt_index] += score >= 1.0
+    return passed / n
+
+
+def easy_to_hack(
+    engine: RolloutEngine,
+    problems: Sequence[data.Problem],
+    reward_fn: RewardFn,
+    codec: TextCodec,
+    *,
+    answer_prefix: str,
+    tries: int = 8,
+    max_tokens: int = 16,
+    seed: int = 0,
+) -> np.ndarray:
+    """Returns a bool per problem: answered right within `tries` no-reasoning attempts."""
+    rates = pass_rates(
+        engine,
+        problems,
+        reward_fn,
+        codec,
+        n=tries,
+        temperature=1.0,
+        max_tokens=max_tokens,
+        seed=seed,
+        prefix=answer_prefix,
+    )
+    return rates > 0
+
+
+def filter_problems(
+    problems: Sequence[data.Problem],
+    rates: np.ndarray,
+    *,
+    hackable: np.ndarray | None = None,
+    max_pass_rate: float = 1.0,
+) -> tuple[list[data.Problem], np.ndarray]:
+    """Returns (kept problems, their pass rates): drops pass rate >= max_pass_rate (when 1.0:
+    only the always-solved) and, if given, the easy-to-hack ones."""
+    keep = rates < max_pass_rate if max_pass_rate < 1.0 else rates < 1.0
+    if hackable is not None:
+        keep &= ~hackable
+    idx = np.flatnonzero(keep)
+    return [problems[i] for i in idx], rates[idx]
