@@ -22,6 +22,7 @@ from k15jax import convert, generation, model
 from k15jax.config import ModelConfig
 
 log = logging.getLogger(__name__)
+_FINISH = {"stop": "stop", "length": "length", "repetition": "repeat"}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -52,6 +53,40 @@ class VllmConfig:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class RepeatSpec:
+    """Stop a sample early when its last `p` tokens (min_pattern <= p <= max_pattern) repeat
+    `min_count` times in a row (vLLM's scheduler checks it after every token)."""
+
+    min_pattern: int = 2
+    max_pattern: int = 64
+    min_count: int = 4
+
+    def __post_init__(self):
+        if not 1 <= self.min_pattern <= self.max_pattern or self.min_count < 2:
+            raise ValueError(
+                f"need 1 <= min_pattern={self.min_pattern} <= max_pattern="
+                f"{self.max_pattern} and min_count={self.min_count} >= 2"
+            )
+
+
+def repeat_end(token_ids: Sequence[int], spec: RepeatSpec) -> int | None:
+    """Returns the length of the shortest prefix whose tail repeats as `spec` says, or None.
+
+    The same rule as the engine's, for engines that check after the fact (FakeEngine).
+    """
+    for end in range(spec.min_pattern * spec.min_count, len(token_ids) + 1):
+        for p in range(spec.min_pattern, spec.max_pattern + 1):
+            if p * spec.min_count > end:
+                break
+            tail = token_ids[end - p : end]
+            if all(
+                token_ids[end - p * (m + 1) : end - p * m] == tail for m in range(1, spec.min_count)
+            ):
+                return end
+    return None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class SamplingSpec:
     """How to sample: `n` samples per prompt, up to `max_tokens` new tokens each."""
 
@@ -61,6 +96,7 @@ class SamplingSpec:
     max_tokens: int = 64
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
+    repeat: RepeatSpec | None = None
 
     def __post_init__(self):
         if self.n < 1:
@@ -78,14 +114,24 @@ class Completion:
     prompt_index: int
     token_ids: list[int]
     logprobs: list[float]
-    finish_reason: str  # "stop" | "length"
+    finish_reason: str  # "stop" | "length" | "repeat"
 
 
 class RolloutEngine(Protocol):
     """What the RL loop needs from a generator of samples."""
 
-    def generate(self, prompts: Sequence[Sequence[int]], spec: SamplingSpec) -> list[Completion]:
-        """Returns `spec.n` completions per prompt, grouped by prompt in prompt order."""
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        spec: SamplingSpec,
+        *,
+        max_tokens: Sequence[int] | None = None,
+        seeds: Sequence[int] | None = None,
+    ) -> list[Completion]:
+        """Returns `spec.n` completions per prompt, grouped by prompt in prompt order.
+
+        `max_tokens` and `seeds`, when given, override the spec per prompt.
+        """
 
     def load_weights(self, params: model.Params) -> None:
         """Makes later `generate` calls sample from `params`."""
@@ -128,27 +174,38 @@ class VllmEngine:
         log.info("vLLM started on %s in %.1fs", model_dir, time.perf_counter() - t0)
         return llm
 
-    def generate(self, prompts: Sequence[Sequence[int]], spec: SamplingSpec) -> list[Completion]:
+    def generate(self, prompts, spec, *, max_tokens=None, seeds=None) -> list[Completion]:
         import vllm
 
-        params = vllm.SamplingParams(
-            n=spec.n,
-            temperature=spec.temperature,
-            top_p=spec.top_p,
-            max_tokens=spec.max_tokens,
-            seed=spec.seed,
-            logprobs=0,
-            stop_token_ids=list(spec.stop_token_ids),
-            detokenize=False,
-        )
+        def params(i):
+            repeat = None
+            if spec.repeat is not None:
+                repeat = vllm.sampling_params.RepetitionDetectionParams(
+                    max_pattern_size=spec.repeat.max_pattern,
+                    min_pattern_size=spec.repeat.min_pattern,
+                    min_count=spec.repeat.min_count,
+                )
+            return vllm.SamplingParams(
+                n=spec.n,
+                temperature=spec.temperature,
+                top_p=spec.top_p,
+                max_tokens=spec.max_tokens if max_tokens is None else int(max_tokens[i]),
+                seed=spec.seed if seeds is None else int(seeds[i]),
+                logprobs=0,
+                stop_token_ids=list(spec.stop_token_ids),
+                detokenize=False,
+                repetition_detection=repeat,
+            )
+
         inputs = [vllm.TokensPrompt(prompt_token_ids=[int(t) for t in p]) for p in prompts]
-        outputs = self.llm.generate(inputs, params, use_tqdm=False)
+        outputs = self.llm.generate(inputs, [params(i) for i in range(len(inputs))], use_tqdm=False)
         result = []
         for i, out in enumerate(outputs):
             for c in out.outputs:
                 ids = list(c.token_ids)
                 logprobs = [float(step[tok].logprob) for step, tok in zip(c.logprobs, ids)]
-                result.append(Completion(i, ids, logprobs, c.finish_reason or "length"))
+                reason = _FINISH.get(str(c.finish_reason), "length")
+                result.append(Completion(i, ids, logprobs, reason))
         return result
 
     def publish(self, params: model.Params) -> str:
@@ -205,29 +262,32 @@ class FakeEngine:
     eos_id: int
     seed: int = 0
 
-    def generate(self, prompts: Sequence[Sequence[int]], spec: SamplingSpec) -> list[Completion]:
+    def generate(self, prompts, spec, *, max_tokens=None, seeds=None) -> list[Completion]:
         import jax
 
-        flat = [list(p) for p in prompts for _ in range(spec.n)]
-        key = jax.random.key(self.seed if spec.seed is None else spec.seed)
-        self.seed += 1
-        s = generation.generate(
-            self.cfg,
-            self.params,
-            flat,
-            max_new_tokens=spec.max_tokens,
-            eos_id=self.eos_id,
-            temperature=spec.temperature,
-            key=key,
-        )
         out = []
-        for j, (ids, n) in enumerate(zip(s.tokens, s.lengths)):
-            reason = "stop" if s.finished[j] else "length"
-            out.append(
-                Completion(
-                    j // spec.n, ids[:n].tolist(), np.asarray(s.logprobs[j, :n]).tolist(), reason
-                )
+        for i, prompt in enumerate(prompts):
+            seed = spec.seed if seeds is None else seeds[i]
+            if seed is None:
+                seed, self.seed = self.seed, self.seed + 1
+            budget = spec.max_tokens if max_tokens is None else int(max_tokens[i])
+            s = generation.generate(
+                self.cfg,
+                self.params,
+                [list(prompt)] * spec.n,
+                max_new_tokens=budget,
+                eos_id=self.eos_id,
+                temperature=spec.temperature,
+                key=jax.random.key(seed),
             )
+            for j in range(spec.n):
+                ids = s.tokens[j, : s.lengths[j]].tolist()
+                reason = "stop" if s.finished[j] else "length"
+                if spec.repeat is not None and (end := repeat_end(ids, spec.repeat)) is not None:
+                    ids, reason = ids[:end], "repeat"
+                out.append(
+                    Completion(i, ids, np.asarray(s.logprobs[j, : len(ids)]).tolist(), reason)
+                )
         return out
 
     def load_weights(self, params: model.Params) -> None:

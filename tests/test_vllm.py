@@ -53,3 +53,47 @@ def test_inplace_reload_equals_restarted_engine(vllm_engine, tiny_hf_dir):
     assert restarted == reloaded
     vllm_engine.load_weights(params)  # leave the shared engine as the session found it
     assert [c.token_ids for c in vllm_engine.generate(PROMPTS, spec)] == before
+
+
+def test_budget_cut_resume_equals_uninterrupted_greedy(vllm_engine, tiny_hf_dir):
+    from k15jax import partial
+
+    spec = rollout.SamplingSpec(n=1, temperature=0.0)
+    full = vllm_engine.generate(PROMPTS, rollout.SamplingSpec(temperature=0.0, max_tokens=20))
+    cfg = partial.PartialConfig(budget=7, max_length=20)
+    buf, done, it = partial.ReplayBuffer(), [], 0
+    new = list(enumerate(PROMPTS))
+    while len(done) < len(PROMPTS):
+        finished, buf, _ = partial.rollout(vllm_engine, buf, new, spec, cfg, iteration=it)
+        done += finished
+        new, it = [], it + 1
+        assert it <= 3
+    by_problem = {g.samples[0].problem: g.samples[0] for g in done}
+    for i, c in enumerate(full):
+        s = by_problem[i]
+        assert s.response_ids == c.token_ids
+        np.testing.assert_allclose([lp for seg in s.segments for lp in seg.logprobs], c.logprobs,
+                                   atol=1e-4)
+        # segment i was generated at iteration i, 7 tokens at a time
+        assert [seg.iteration for seg in s.segments] == list(range(len(s.segments)))
+        assert all(len(seg.token_ids) == 7 for seg in s.segments[:-1])
+        want_reason = {"stop": "stop", "length": "truncated"}[c.finish_reason]
+        assert s.finish_reason == want_reason
+
+
+def test_repetition_stops_a_looping_sample_in_the_engine(vllm_engine):
+    # The sharp random model loops under greedy decoding (e.g. one token over and over).
+    plain = vllm_engine.generate(PROMPTS, rollout.SamplingSpec(temperature=0.0, max_tokens=64))
+    repeat = rollout.RepeatSpec(min_pattern=1, max_pattern=8, min_count=4)
+    spec = rollout.SamplingSpec(temperature=0.0, max_tokens=64, repeat=repeat)
+    stopped = vllm_engine.generate(PROMPTS, spec)
+    n_repeat = 0
+    for a, b in zip(plain, stopped):
+        end = rollout.repeat_end(a.token_ids, repeat)
+        if end is None:
+            assert b.token_ids == a.token_ids and b.finish_reason == a.finish_reason
+        else:
+            n_repeat += 1
+            assert b.finish_reason == "repeat"
+            assert b.token_ids == a.token_ids[:end] and len(b.token_ids) < 64
+    assert n_repeat >= 1

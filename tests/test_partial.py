@@ -1,0 +1,122 @@
+"""Partial rollouts with the JAX-sampler FakeEngine: budget cuts, resumption, policy versions,
+group completion, truncation, loss masks and the plain-data buffer. The same behaviour against
+the real vLLM engine is in test_vllm.py."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from k15jax import generation, model, partial, rollout
+from k15jax.config import ModelConfig
+
+CFG = ModelConfig(num_hidden_layers=1, vocab_size=64)
+EOS = 2
+
+
+@pytest.fixture(scope="module")
+def params():
+    return jax.tree.map(lambda x: x * 8 if x.ndim == 2 else x, model.init(CFG, jax.random.key(0)))
+
+
+def _engine(params):
+    return rollout.FakeEngine(CFG, params, eos_id=-1)  # never stops: every sample is long
+
+
+def test_cut_resumed_and_concatenated_equals_uninterrupted(params):
+    prompts = [[5, 6, 7], [9, 10]]
+    spec = rollout.SamplingSpec(n=1, temperature=0.0)
+    cfg = partial.PartialConfig(budget=4, max_length=10)
+    buf = partial.ReplayBuffer()
+    engine = _engine(params)
+    done, buf, stats = partial.rollout(
+        engine, buf, list(enumerate(prompts)), spec, cfg, iteration=0
+    )
+    assert done == [] and stats["pending_samples"] == 2
+    done, buf, stats = partial.rollout(engine, buf, [], spec, cfg, iteration=1)
+    assert done == [] and stats["resumed"] == 2
+    done, buf, stats = partial.rollout(engine, buf, [], spec, cfg, iteration=2)
+    assert len(done) == 2 and buf.groups == []
+    want = generation.generate(CFG, params, prompts, max_new_tokens=10, eos_id=-1)
+    for g, ids in zip(done, want.sequences()):
+        s = g.samples[0]
+        assert s.response_ids == ids
+        assert s.finish_reason == "truncated"
+        assert [(seg.iteration, len(seg.token_ids)) for seg in s.segments] == [
+            (0, 4),
+            (1, 4),
+            (2, 2),
+        ]
+
+
+def test_group_waits_for_all_samples_and_masks_follow_the_option(params):
+    # eos = a token the sharp model emits early for some samples only.
+    engine = rollout.FakeEngine(CFG, params, eos_id=EOS)
+    spec = rollout.SamplingSpec(n=4, temperature=1.0)
+    cfg = partial.PartialConfig(budget=3, max_length=6)
+    buf = partial.ReplayBuffer()
+    done, buf, _ = partial.rollout(engine, buf, [(7, [5, 6])], spec, cfg, iteration=0, seed=1)
+    if done:  # all four stopped within 3 tokens: nothing to resume
+        pytest.skip("every sample finished in the first budget")
+    assert buf.groups[0].group_id == 0 and len(buf.groups[0].samples) == 4
+    done, buf, _ = partial.rollout(engine, buf, [], spec, cfg, iteration=1, seed=2)
+    assert len(done) == 1 and not buf.groups  # max_length 6 = two budgets: all ended now
+    g = done[0]
+    assert all(s.problem == 7 for s in g.samples)
+    for s in g.samples:
+        its = [seg.iteration for seg in s.segments]
+        all_mask = partial.loss_mask(s, 1, "all")
+        cur_mask = partial.loss_mask(s, 1, "current")
+        drop_mask = partial.loss_mask(s, 1, "drop_stale")
+        assert all_mask == [1.0] * s.length
+        assert cur_mask == [float(seg.iteration == 1) for seg in s.segments for _ in seg.token_ids]
+        assert drop_mask == ([0.0] * s.length if 0 in its else [1.0] * s.length)
+
+
+def test_buffer_round_trips_through_json(params):
+    spec = rollout.SamplingSpec(n=2, temperature=1.0)
+    cfg = partial.PartialConfig(budget=2, max_length=8)
+    _, buf, _ = partial.rollout(
+        _engine(params),
+        partial.ReplayBuffer(),
+        [(0, [5]), (1, [6])],
+        spec,
+        cfg,
+        iteration=0,
+        seed=3,
+    )
+    back = partial.ReplayBuffer.from_json(json.loads(json.dumps(buf.to_json())))
+    assert back == buf
+    # resuming either copy gives the same next iteration
+    a, _, _ = partial.rollout(_engine(params), buf, [], spec, cfg, iteration=1, seed=4)
+    b, _, _ = partial.rollout(_engine(params), back, [], spec, cfg, iteration=1, seed=4)
+    assert a == b
+
+
+def test_pack_arrays_and_mismatch(params):
+    spec = rollout.SamplingSpec(n=2, temperature=0.0)
+    cfg = partial.PartialConfig(budget=3, max_length=3)
+    done, _, _ = partial.rollout(
+        _engine(params), partial.ReplayBuffer(), [(0, [5, 6])], spec, cfg, iteration=0
+    )
+    packed = partial.pack(done, iteration=0, loss_segments="all", pad_to=8)
+    np.testing.assert_array_equal(packed.segment_ids_bt[0], [1, 1, 1, 1, 1, 0, 0, 0])
+    np.testing.assert_array_equal(packed.mask_bt[0], [0, 0, 1, 1, 1, 0, 0, 0])
+    assert packed.tokens_bt[0, :2].tolist() == [5, 6]
+    logp = jax.nn.log_softmax(model.apply(CFG, params, packed.tokens_bt))
+    trainer = np.zeros_like(packed.rollout_logp_bt)
+    trainer[:, 1:] = np.take_along_axis(
+        np.asarray(logp[:, :-1]), packed.tokens_bt[:, 1:, None], -1
+    )[..., 0]
+    m = partial.logprob_mismatch(packed.rollout_logp_bt, trainer, packed.response_mask_bt)
+    assert m["logprob_mismatch_max"] < 1e-4
+    with pytest.raises(ValueError, match="pad_to"):
+        partial.pack(done, iteration=0, loss_segments="all", pad_to=4)
+
+
+def test_repeat_end_rule():
+    spec = rollout.RepeatSpec(min_pattern=2, max_pattern=4, min_count=3)
+    assert rollout.repeat_end([1, 2, 3, 1, 2, 1, 2, 1, 2, 9], spec) == 9
+    assert rollout.repeat_end([1, 1, 1, 1, 1, 1], spec) == 6  # "11" three times
+    assert rollout.repeat_end([1, 2, 3, 4, 5, 6, 7], spec) is None
