@@ -80,6 +80,7 @@ def mirror_descent_loss(
     group_size: int,
     tau: float,
     normalize_by_length: bool = False,
+    valid_b: Float[Array, " b"] | None = None,
 ) -> tuple[jax.Array, Metrics]:
     """Returns the online-policy-mirror-descent surrogate loss and its metrics.
 
@@ -88,7 +89,8 @@ def mirror_descent_loss(
     the sign of a loss to minimize: -(1/B) Σ_j [(r_j - r̄) ∇logπ_j - τ δ_j ∇δ_j].
     `ref_logp_bt` (π_{θ_i}) is a constant. Deviation (optional, off by default):
     `normalize_by_length` divides each sample's term by its token count, as open
-    reimplementations do; the paper's loss is sequence-level.
+    reimplementations do; the paper's loss is sequence-level. `valid_b` (1/0) drops padding
+    groups (fixed batch shapes): means are taken over valid rows only.
     """
     if tau <= 0:
         raise ValueError(f"{tau=} must be > 0")
@@ -100,17 +102,21 @@ def mirror_descent_loss(
     per_sample = (adv_b - tau * delta_b) ** 2 / (2 * tau)
     if normalize_by_length:
         per_sample = per_sample / jnp.maximum(mask.sum(axis=1), 1.0)
+    valid = jnp.ones_like(reward_b) if valid_b is None else _f32(valid_b)
+    n = jnp.maximum(valid.sum(), 1.0)
+    mean = lambda x: jnp.sum(valid * x) / n
     groups = reward_b.reshape(-1, group_size)
     zero_var = jnp.all(groups == groups[:, :1], axis=1)
+    valid_g = valid.reshape(-1, group_size)[:, 0]
     metrics = {
-        "delta_mean": delta_b.mean(),
-        "delta_abs_mean": jnp.abs(delta_b).mean(),
-        "advantage_mean": adv_b.mean(),
-        "advantage_abs_mean": jnp.abs(adv_b).mean(),
-        "zero_variance_groups": zero_var.mean(),
-        "reward_mean": reward_b.mean(),
+        "delta_mean": mean(delta_b),
+        "delta_abs_mean": mean(jnp.abs(delta_b)),
+        "advantage_mean": mean(adv_b),
+        "advantage_abs_mean": mean(jnp.abs(adv_b)),
+        "zero_variance_groups": jnp.sum(valid_g * zero_var) / jnp.maximum(valid_g.sum(), 1.0),
+        "reward_mean": mean(reward_b),
     }
-    return per_sample.mean(), metrics
+    return mean(per_sample), metrics
 
 
 def sft_loss(

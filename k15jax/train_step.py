@@ -15,6 +15,7 @@ from collections.abc import Callable
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -39,6 +40,20 @@ class Batch:
     ref_logp_bt: jax.Array  # log π_{θ_i} of each token (aligned like losses.token_logprobs)
     reward_b: jax.Array  # total reward per sample
     segment_ids_bt: jax.Array  # 1 on real tokens, 0 on padding
+    valid_b: jax.Array  # 1 on real rows, 0 on padding rows (fixed batch shapes)
+
+    @classmethod
+    def for_sft(cls, tokens_bt, mask_bt, segment_ids_bt, valid_b=None) -> Batch:
+        """Returns a batch for the SFT objective (no reference log-probs or rewards)."""
+        b, t = tokens_bt.shape
+        return cls(
+            tokens_bt=tokens_bt,
+            mask_bt=mask_bt,
+            ref_logp_bt=np.zeros((b, t), np.float32),
+            reward_b=np.zeros((b,), np.float32),
+            segment_ids_bt=segment_ids_bt,
+            valid_b=np.ones((b,), np.float32) if valid_b is None else valid_b,
+        )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -50,8 +65,11 @@ class StepConfig:
     micro_batches: int = 1
     logprob_chunk: int | None = 1024
     normalize_by_length: bool = False
+    objective: str = "mirror_descent"  # or "sft": masked cross-entropy on the same batch type
 
     def __post_init__(self):
+        if self.objective not in ("mirror_descent", "sft"):
+            raise ValueError(f"objective={self.objective!r} must be 'mirror_descent' or 'sft'")
         if self.tau <= 0:
             raise ValueError(f"tau={self.tau} must be > 0")
         if self.group_size < 1 or self.micro_batches < 1:
@@ -103,7 +121,7 @@ def state_shardings(cfg: ModelConfig, optimizer: optax.GradientTransformation, m
 
 def batch_shardings(mesh: Mesh) -> Batch:
     bt, b = sharding.batch_sharding(mesh, 2), sharding.batch_sharding(mesh, 1)
-    return Batch(tokens_bt=bt, mask_bt=bt, ref_logp_bt=bt, reward_b=b, segment_ids_bt=bt)
+    return Batch(tokens_bt=bt, mask_bt=bt, ref_logp_bt=bt, reward_b=b, segment_ids_bt=bt, valid_b=b)
 
 
 def init_state(params, optimizer: optax.GradientTransformation, *, seed: int = 0) -> TrainState:

@@ -193,3 +193,15 @@ def test_dpo_loss_matches_formula():
     margin = 0.5 * ((np.array(c) - rc) - (np.array(r) - rr))
     np.testing.assert_allclose(loss, np.mean(np.log1p(np.exp(-margin))), rtol=1e-6)
     assert float(m["accuracy"]) == np.mean(margin > 0)
+
+
+def test_invalid_rows_do_not_count(problem):
+    theta, theta_ref, y, mask, r = problem
+    logp, ref = _policy_logp(theta, y), _policy_logp(theta_ref, y)
+    # The first group alone equals the first group plus an invalid (padding) second group.
+    alone = losses.mirror_descent_loss(logp[:K], ref[:K], mask[:K], r[:K], group_size=K, tau=0.3)
+    valid = np.array([1.0] * K + [0.0] * K)
+    padded = losses.mirror_descent_loss(logp, ref, mask, r, group_size=K, tau=0.3, valid_b=valid)
+    np.testing.assert_allclose(padded[0], alone[0], rtol=1e-6)
+    for k in alone[1]:
+        np.testing.assert_allclose(padded[1][k], alone[1][k], rtol=1e-6, err_msg=k)

@@ -43,6 +43,7 @@ def _batch(seed=0, b=16, t=12):
         ref_logp_bt=ref,
         reward_b=reward,
         segment_ids_bt=seg,
+        valid_b=np.ones(b, np.float32),
     )
 
 
@@ -229,7 +230,12 @@ def test_on_policy_loop_raises_reward():
         ref = np.asarray(logp_fn(state.params, tokens, seg))  # π_{θ_i}, recomputed by the trainer
         state = train_step.reset_optimizer(state, opt)
         batch = train_step.Batch(
-            tokens_bt=tokens, mask_bt=mask, ref_logp_bt=ref, reward_b=reward, segment_ids_bt=seg
+            tokens_bt=tokens,
+            mask_bt=mask,
+            ref_logp_bt=ref,
+            reward_b=reward,
+            segment_ids_bt=seg,
+            valid_b=np.ones(len(reward), np.float32),
         )
         for _ in range(4):
             state, m = step(state, batch)

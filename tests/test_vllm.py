@@ -72,8 +72,9 @@ def test_budget_cut_resume_equals_uninterrupted_greedy(vllm_engine, tiny_hf_dir)
     for i, c in enumerate(full):
         s = by_problem[i]
         assert s.response_ids == c.token_ids
-        np.testing.assert_allclose([lp for seg in s.segments for lp in seg.logprobs], c.logprobs,
-                                   atol=1e-4)
+        np.testing.assert_allclose(
+            [lp for seg in s.segments for lp in seg.logprobs], c.logprobs, atol=1e-4
+        )
         # segment i was generated at iteration i, 7 tokens at a time
         assert [seg.iteration for seg in s.segments] == list(range(len(s.segments)))
         assert all(len(seg.token_ids) == 7 for seg in s.segments[:-1])
