@@ -162,6 +162,8 @@ def make_train_step(
         logp = sequence_logprobs(
             cfg, params, mb.tokens_bt, mb.segment_ids_bt, chunk_size=step_cfg.logprob_chunk
         )
+        if step_cfg.objective == "sft":
+            return losses.sft_loss(logp, mb.mask_bt * mb.valid_b[:, None])
         return losses.mirror_descent_loss(
             logp,
             mb.ref_logp_bt,
@@ -170,6 +172,7 @@ def make_train_step(
             group_size=group,
             tau=tau,
             normalize_by_length=step_cfg.normalize_by_length,
+            valid_b=mb.valid_b,
         )
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)

@@ -242,3 +242,24 @@ def test_on_policy_loop_raises_reward():
     early, late = np.mean(rewards[:3]), np.mean(rewards[-3:])
     print(f"\nmean reward first 3 iterations {early:.2f}, last 3 {late:.2f}")
     assert late > early + 0.3
+
+
+def test_sft_objective_lowers_masked_nll():
+    mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+    opt = train_step.make_optimizer(1e-2)
+    step_cfg = train_step.StepConfig(objective="sft", group_size=1, logprob_chunk=None)
+    step = train_step.make_train_step(CFG, opt, step_cfg, mesh)
+    state = train_step.place_state(
+        train_step.init_state(model.init(CFG, jax.random.key(0)), opt), CFG, opt, mesh
+    )
+    b = _batch(0)
+    batch = train_step.Batch.for_sft(b.tokens_bt, b.mask_bt, b.segment_ids_bt)
+    logp = train_step.sequence_logprobs(
+        CFG, state.params, b.tokens_bt, b.segment_ids_bt, chunk_size=None
+    )
+    want = -np.sum(np.asarray(logp) * b.mask_bt) / b.mask_bt.sum()  # independent NLL
+    state, m = step(state, batch)
+    np.testing.assert_allclose(float(m["loss"]), want, rtol=1e-5)
+    for _ in range(5):
+        state, m2 = step(state, batch)
+    assert float(m2["loss"]) < 0.7 * float(m["loss"])
