@@ -42,6 +42,11 @@ class VllmConfig:
     # Run the engine core in this process (False) or a spawned one (True). In-process starts
     # faster on CPU and needs no `__main__` guard; a GPU deployment may prefer a separate process.
     multiprocessing: bool = False
+    enable_prefix_caching: bool = True
+    # Chunked prefill drops the token sampled for a partly prefilled prompt and rewinds its
+    # seeded generator, which the CPU backend cannot do ("CPU Generator does not use offset"):
+    # off by default so per-request seeds work on CPU.
+    enable_chunked_prefill: bool = False
 
     def __post_init__(self):
         if not 0 < self.gpu_memory_utilization <= 1:
@@ -168,8 +173,9 @@ class VllmEngine:
             enforce_eager=self.engine.enforce_eager,
             seed=self.engine.seed,
             max_num_seqs=self.engine.max_num_seqs,
-            enable_prefix_caching=True,
+            enable_prefix_caching=self.engine.enable_prefix_caching,
             kv_cache_memory_bytes=self.engine.kv_cache_memory_bytes,
+            enable_chunked_prefill=self.engine.enable_chunked_prefill,
         )
         log.info("vLLM started on %s in %.1fs", model_dir, time.perf_counter() - t0)
         return llm

@@ -1,0 +1,137 @@
+"""The main job: long-CoT SFT warm-up -> mirror-descent RL with vLLM rollouts -> evaluation.
+
+  python -m experiments.rl                       # built-in task and tiny model (`make run`)
+  python -m experiments.rl --out_dir=runs/x --iterations=60 --tau=0.05
+  python -m experiments.rl --model=/models/Qwen2.5-0.5B-Instruct \\
+      --data=../shared/data/gsm8k_train.jsonl --reward=math --sft_steps=0 \\
+      --samples_per_prompt=16 --budget=2048 --max_length=8192 --tau=0.01 --learning_rate=1e-6
+
+On 2 CPU cores the default finishes in about 10 minutes and writes runs/default/report.md with
+held-out pass@1 of the SFT and RL models (RL above SFT beyond the 95% intervals). Re-running the
+same command after an interruption resumes from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from absl import app, flags, logging
+
+from k15jax import loop, partial, sampler
+from k15jax.rewards import length as length_reward
+
+D = loop.RunConfig()
+_OUT = flags.DEFINE_string("out_dir", D.out_dir, "Run directory (checkpoints, report).")
+_SEED = flags.DEFINE_integer("seed", D.seed, "Seed of everything random in the run.")
+_MODEL = flags.DEFINE_string("model", None, "Hugging Face model directory (default: built-in).")
+_DATA = flags.DEFINE_string("data", None, "JSONL prompt set (default: built-in task).")
+_EVAL_DATA = flags.DEFINE_string("eval_data", None, "JSONL held-out set.")
+_REWARD = flags.DEFINE_enum("reward", D.task.reward, loop.REWARDS, "Reward function.")
+_TEMPLATE = flags.DEFINE_string("prompt_template", D.task.prompt_template, "Prompt format.")
+_SFT_STEPS = flags.DEFINE_integer("sft_steps", D.sft.steps, "Long-CoT SFT steps (0: skip).")
+_SFT_LR = flags.DEFINE_float("sft_learning_rate", D.sft.learning_rate, "SFT peak LR.")
+_ITERS = flags.DEFINE_integer("iterations", D.rl.iterations, "RL iterations.")
+_PROMPTS = flags.DEFINE_integer(
+    "prompts_per_iteration", D.rl.prompts_per_iteration, "Prompts drawn per RL iteration."
+)
+_K = flags.DEFINE_integer("samples_per_prompt", D.rl.samples_per_prompt, "k samples per prompt.")
+_TEMP = flags.DEFINE_float("temperature", D.rl.temperature, "Rollout temperature.")
+_LR = flags.DEFINE_float("learning_rate", D.rl.learning_rate, "RL learning rate (AdamW).")
+_TAU = flags.DEFINE_float("tau", D.rl.tau, "τ of the mirror-descent loss.")
+_GROUPS = flags.DEFINE_integer(
+    "groups_per_step", D.rl.groups_per_step, "Prompts (groups of k) per optimizer step."
+)
+_BUDGET = flags.DEFINE_integer("budget", D.partial.budget, "Partial-rollout tokens/iteration.")
+_MAXLEN = flags.DEFINE_integer("max_length", D.partial.max_length, "Maximum response tokens.")
+_SEGMENTS = flags.DEFINE_enum(
+    "loss_segments",
+    D.partial.loss_segments,
+    partial.LOSS_SEGMENTS,
+    "Which partial-rollout segments enter the loss.",
+)
+_LEN_W = flags.DEFINE_float("length_weight", D.length.weight, "Length-reward weight.")
+_LEN_WARM = flags.DEFINE_integer(
+    "length_warmup", D.length.warmup_iterations, "Iterations without the length reward."
+)
+_CURRICULUM = flags.DEFINE_integer(
+    "curriculum_iterations",
+    D.sampler.curriculum_iterations,
+    "Uniform sampling over all prompts for this many iterations.",
+)
+_HARD = flags.DEFINE_float(
+    "hard_threshold",
+    D.sampler.hard_threshold,
+    "After the curriculum switch: prompts with pass rate <= this.",
+)
+_EVAL_N = flags.DEFINE_integer("eval_problems", D.eval.problems, "Held-out problems.")
+_EVAL_K = flags.DEFINE_integer("eval_samples", D.eval.samples, "Samples per held-out problem.")
+_GPU_UTIL = flags.DEFINE_float(
+    "gpu_memory_utilization",
+    D.vllm.gpu_memory_utilization,
+    "vLLM KV-cache fraction (GPU hosts, with --kv_cache_bytes=0).",
+)
+_KV = flags.DEFINE_integer(
+    "kv_cache_bytes",
+    D.vllm.kv_cache_memory_bytes,
+    "vLLM KV-cache size in bytes (0: use --gpu_memory_utilization).",
+)
+
+
+def make_config() -> loop.RunConfig:
+    """Returns the RunConfig the flags describe (defaults: the built-in CPU demo)."""
+    r = dataclasses.replace
+    return r(
+        D,
+        out_dir=_OUT.value,
+        seed=_SEED.value,
+        model_dir=_MODEL.value,
+        task=r(
+            D.task,
+            data=_DATA.value,
+            eval_data=_EVAL_DATA.value,
+            reward=_REWARD.value,
+            prompt_template=_TEMPLATE.value,
+        ),
+        sft=r(D.sft, steps=_SFT_STEPS.value, learning_rate=_SFT_LR.value),
+        rl=r(
+            D.rl,
+            iterations=_ITERS.value,
+            prompts_per_iteration=_PROMPTS.value,
+            samples_per_prompt=_K.value,
+            temperature=_TEMP.value,
+            learning_rate=_LR.value,
+            tau=_TAU.value,
+            groups_per_step=_GROUPS.value,
+        ),
+        eval=r(D.eval, problems=_EVAL_N.value, samples=_EVAL_K.value),
+        partial=r(
+            D.partial, budget=_BUDGET.value, max_length=_MAXLEN.value, loss_segments=_SEGMENTS.value
+        ),
+        length=length_reward.LengthPenaltyConfig(
+            weight=_LEN_W.value, warmup_iterations=_LEN_WARM.value
+        ),
+        sampler=sampler.SamplerConfig(
+            curriculum_iterations=_CURRICULUM.value, hard_threshold=_HARD.value
+        ),
+        vllm=r(
+            D.vllm, gpu_memory_utilization=_GPU_UTIL.value, kv_cache_memory_bytes=_KV.value or None
+        ),
+    )
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)
+    cfg = make_config()
+    results = loop.run(cfg)
+    sft, rl = results["sft"], results["rl"]
+    print(
+        f"done in {results['wall_seconds']:.0f}s: held-out pass@1 SFT {sft['pass_at_1']:.3f} "
+        f"-> RL {rl['pass_at_1']:.3f}; mean length {sft['mean_length']:.0f} -> "
+        f"{rl['mean_length']:.0f}"
+    )
+
+
+if __name__ == "__main__":
+    app.run(main)

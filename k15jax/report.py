@@ -1,0 +1,130 @@
+"""The run report: TensorBoard events, PNG plots and report.md, all computed from the run."""
+
+from __future__ import annotations
+
+import json
+import os
+
+PLOTS = (
+    ("heldout_pass_at_1", "held-out pass@1"),
+    ("reward", "mean reward"),
+    ("accuracy", "train accuracy"),
+    ("response_length", "mean response length (tokens)"),
+    ("loss", "mirror-descent loss"),
+    ("delta_abs_mean", "mean |δ| (sequence log-ratio)"),
+    ("logprob_mismatch_max", "max |vLLM - JAX| log-prob"),
+    ("rollout_tokens_per_s", "rollout tokens/s"),
+    ("train_tokens_per_s", "training tokens/s"),
+)
+
+
+def iteration_line(m: dict) -> str:
+    """Returns the one-line console summary of an RL iteration."""
+    if "reward" not in m:
+        return f"it {m['iteration']:3d} | no group finished ({m['pending_samples']} pending)"
+    line = (
+        f"it {m['iteration']:3d} | reward {m['reward']:+.3f} acc {m['accuracy']:.3f} "
+        f"len {m['response_length']:5.1f} | loss {m['loss']:.4f} |δ| {m['delta_abs_mean']:.3f} "
+        f"| mismatch {m['logprob_mismatch_max']:.1e} | {m['rollout_tokens_per_s']:.0f} tok/s "
+        f"| {m['seconds']:.1f}s"
+    )
+    if "heldout_pass_at_1" in m:
+        line += f" | held-out {m['heldout_pass_at_1']:.3f}"
+    return line
+
+
+def _series(history: list[dict], key: str):
+    pts = [(m["iteration"], m[key]) for m in history if key in m]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def write_tensorboard(out_dir: str, sft_history: list[dict], rl_history: list[dict]) -> None:
+    from tensorboardX import SummaryWriter
+
+    with SummaryWriter(os.path.join(out_dir, "tensorboard")) as w:
+        for m in sft_history:
+            w.add_scalar("sft/loss", m["loss"], m["step"])
+            w.add_scalar("sft/train_tokens_per_s", m["train_tokens_per_s"], m["step"])
+        for m in rl_history:
+            for key, value in m.items():
+                if key != "iteration" and isinstance(value, int | float):
+                    w.add_scalar(f"rl/{key}", value, m["iteration"])
+
+
+def write_plots(out_dir: str, sft_history: list[dict], rl_history: list[dict]) -> list[str]:
+    """Writes one PNG per metric plus the SFT loss; returns the file names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = []
+    if sft_history:
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        ax.plot([m["step"] for m in sft_history], [m["loss"] for m in sft_history])
+        ax.set(xlabel="SFT step", ylabel="cross-entropy", yscale="log", title="SFT loss")
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, "sft_loss.png"), dpi=90)
+        plt.close(fig)
+        names.append("sft_loss.png")
+    for key, title in PLOTS:
+        x, y = _series(rl_history, key)
+        if not x:
+            continue
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        ax.plot(x, y, marker="o" if len(x) < 12 else None)
+        ax.set(xlabel="RL iteration", title=title)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, f"{key}.png"), dpi=90)
+        plt.close(fig)
+        names.append(f"{key}.png")
+    return names
+
+
+def write(out_dir: str, config: dict, sft_history, rl_history, results: dict) -> None:
+    """Writes tensorboard/, *.png, results.json and report.md into `out_dir`."""
+    write_tensorboard(out_dir, sft_history, rl_history)
+    plots = write_plots(out_dir, sft_history, rl_history)
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    sft, rl = results["sft"], results["rl"]
+    separated = rl["ci95"][0] > sft["ci95"][1]
+    lines = [
+        "# k15jax run report",
+        "",
+        f"Held-out set: {sft['problems']} problems x {sft['samples']} samples at temperature "
+        f"{config['eval']['temperature']}. pass@1 = mean correctness; 95% interval = mean ± 1.96 "
+        "standard errors over problems.",
+        "",
+        "| model | held-out pass@1 | 95% interval | mean response length |",
+        "|---|---|---|---|",
+        f"| SFT (long-CoT warm-up) | {sft['pass_at_1']:.3f} | [{sft['ci95'][0]:.3f}, "
+        f"{sft['ci95'][1]:.3f}] | {sft['mean_length']:.1f} |",
+        f"| RL (mirror descent) | {rl['pass_at_1']:.3f} | [{rl['ci95'][0]:.3f}, "
+        f"{rl['ci95'][1]:.3f}] | {rl['mean_length']:.1f} |",
+        "",
+        f"Gain: {rl['pass_at_1'] - sft['pass_at_1']:+.3f}; the intervals "
+        f"{'do not overlap (RL above SFT)' if separated else 'overlap'}.",
+        f"Wall time: {results['wall_seconds']:.0f} s; {results['parameters']:,} parameters; "
+        f"{len(rl_history)} RL iterations.",
+        "",
+        "## Per iteration",
+        "",
+        "| it | reward | train acc | length | loss | mean abs δ | zero-var groups | "
+        "max mismatch | rollout tok/s | train tok/s | held-out |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for m in rl_history:
+        if "reward" not in m:
+            continue
+        held = f"{m['heldout_pass_at_1']:.3f}" if "heldout_pass_at_1" in m else ""
+        lines.append(
+            f"| {m['iteration']} | {m['reward']:+.3f} | {m['accuracy']:.3f} | "
+            f"{m['response_length']:.1f} | {m['loss']:.4f} | {m['delta_abs_mean']:.3f} | "
+            f"{m['zero_variance_groups']:.2f} | {m['logprob_mismatch_max']:.1e} | "
+            f"{m['rollout_tokens_per_s']:.0f} | {m['train_tokens_per_s']:.0f} | {held} |"
+        )
+    lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
+    lines += ["", "## Configuration", "", "```json", json.dumps(config, indent=2), "```", ""]
+    with open(os.path.join(out_dir, "report.md"), "w") as f:
+        f.write("\n".join(lines))
