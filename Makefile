@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: $(STAMP)
-	$(PY) -m experiments.demo
+	$(PY) -m experiments.rl
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check k15jax kernels experiments tests

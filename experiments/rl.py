@@ -28,6 +28,19 @@ _DATA = flags.DEFINE_string("data", None, "JSONL prompt set (default: built-in t
 _EVAL_DATA = flags.DEFINE_string("eval_data", None, "JSONL held-out set.")
 _REWARD = flags.DEFINE_enum("reward", D.task.reward, loop.REWARDS, "Reward function.")
 _TEMPLATE = flags.DEFINE_string("prompt_template", D.task.prompt_template, "Prompt format.")
+_TRAIN_N = flags.DEFINE_integer(
+    "train_problems", D.task.train_problems, "Built-in task: problems in the RL pool."
+)
+_SFT_N = flags.DEFINE_integer(
+    "sft_examples", D.task.sft_examples, "Built-in task: long-CoT warm-up traces."
+)
+_MAX_TERMS = flags.DEFINE_integer(
+    "max_terms", D.task.max_terms, "Built-in task: most terms per problem (difficulty)."
+)
+_MAX_PROMPT = flags.DEFINE_integer(
+    "max_prompt_tokens", D.max_prompt_tokens, "Longest prompt in tokens (sets the training length)."
+)
+_SFT_BATCH = flags.DEFINE_integer("sft_batch_size", D.sft.batch_size, "SFT batch size.")
 _SFT_STEPS = flags.DEFINE_integer("sft_steps", D.sft.steps, "Long-CoT SFT steps (0: skip).")
 _SFT_LR = flags.DEFINE_float("sft_learning_rate", D.sft.learning_rate, "SFT peak LR.")
 _ITERS = flags.DEFINE_integer("iterations", D.rl.iterations, "RL iterations.")
@@ -38,6 +51,19 @@ _K = flags.DEFINE_integer("samples_per_prompt", D.rl.samples_per_prompt, "k samp
 _TEMP = flags.DEFINE_float("temperature", D.rl.temperature, "Rollout temperature.")
 _LR = flags.DEFINE_float("learning_rate", D.rl.learning_rate, "RL learning rate (AdamW).")
 _TAU = flags.DEFINE_float("tau", D.rl.tau, "τ of the mirror-descent loss.")
+_DIFF_N = flags.DEFINE_integer(
+    "difficulty_samples",
+    D.rl.difficulty_samples,
+    "Samples per prompt for the SFT pass-rate estimate.",
+)
+_CKPT = flags.DEFINE_integer(
+    "checkpoint_every", D.rl.checkpoint_every, "RL iterations between checkpoints."
+)
+_EVAL_EVERY = flags.DEFINE_integer(
+    "eval_every",
+    D.rl.eval_every,
+    "RL iterations between held-out evaluations (0: only at the end).",
+)
 _GROUPS = flags.DEFINE_integer(
     "groups_per_step", D.rl.groups_per_step, "Prompts (groups of k) per optimizer step."
 )

@@ -572,8 +572,16 @@ def _json_once(path: str, compute):
     return value
 
 
-def run(cfg: RunConfig, *, progress=None, console=print) -> dict:
-    """Runs SFT warm-up, evaluation, RL and evaluation; writes the report; returns results."""
+def run(cfg: RunConfig, *, engine=None, progress=None, console=print) -> dict:
+    """Runs SFT warm-up, evaluation, RL and evaluation; writes the report; returns results.
+
+    Args:
+      cfg: the run.
+      engine: a running `RolloutEngine` for this model shape to reuse (its weights are
+        replaced); by default a `VllmEngine` is started on the SFT model and closed at the end.
+      progress: tqdm-like progress-bar factory.
+      console: receives the one-line summaries.
+    """
     from tqdm import tqdm
 
     progress = progress or (lambda **kw: tqdm(**kw, leave=False))
@@ -589,12 +597,16 @@ def run(cfg: RunConfig, *, progress=None, console=print) -> dict:
     hf_dir = convert.save_hf(
         setup.model_cfg, params, os.path.join(cfg.out_dir, "sft_model"), tokenizer=setup.tok
     )
-    engine = rollout.VllmEngine(
-        hf_dir,
-        dataclasses.replace(
-            cfg.vllm, publish_dir=os.path.join(cfg.vllm.publish_dir, f"run-{os.getpid()}")
-        ),
-    )
+    own_engine = engine is None
+    if own_engine:
+        engine = rollout.VllmEngine(
+            hf_dir,
+            dataclasses.replace(
+                cfg.vllm, publish_dir=os.path.join(cfg.vllm.publish_dir, f"run-{os.getpid()}")
+            ),
+        )
+    else:
+        engine.load_weights(params)
     try:
         sft_eval = _json_once(
             os.path.join(cfg.out_dir, "eval_sft.json"),
@@ -612,7 +624,8 @@ def run(cfg: RunConfig, *, progress=None, console=print) -> dict:
             lambda: evaluate(setup, engine, seed=cfg.seed + 1),
         )
     finally:
-        engine.close()
+        if own_engine:
+            engine.close()
     console(
         f"RL  held-out pass@1 {rl_eval['pass_at_1']:.3f} "
         f"[{rl_eval['ci95'][0]:.3f}, {rl_eval['ci95'][1]:.3f}], "

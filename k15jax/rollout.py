@@ -102,6 +102,7 @@ class SamplingSpec:
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
     repeat: RepeatSpec | None = None
+    ignore_eos: bool = False  # generate exactly max_tokens (benchmarks)
 
     def __post_init__(self):
         if self.n < 1:
@@ -201,6 +202,7 @@ class VllmEngine:
                 stop_token_ids=list(spec.stop_token_ids),
                 detokenize=False,
                 repetition_detection=repeat,
+                ignore_eos=spec.ignore_eos,
             )
 
         inputs = [vllm.TokensPrompt(prompt_token_ids=[int(t) for t in p]) for p in prompts]

@@ -37,21 +37,24 @@ def is_held_out(prompt: str, fraction: float = 0.1) -> bool:
 
 
 def long_trace(terms: list[int], rng: random.Random, slip_prob: float) -> str:
-    """Returns a solver's long chain of thought over `terms`, with checked and repaired slips."""
-    lines = [f"plan: add {len(terms)} numbers left to right, check each step"]
+    """Returns a solver's long chain of thought over `terms`, with checked and repaired slips.
+
+    Each step restates the terms still to add, so the next one is always close at hand.
+    """
+    lines = [f"plan: add {len(terms)} numbers, check each"]
     total = terms[0]
-    for t in terms[1:]:
+    for i, t in enumerate(terms[1:], start=2):
+        rest = "+".join(map(str, terms[i:])) or "none"
         right = total + t
         if rng.random() < slip_prob:
             wrong = right + rng.choice([-2, -1, 1, 2])
-            lines.append(f"{total}+{t}={wrong}")
+            lines.append(f"{total}+{t}={wrong}, left {rest}")
             lines.append(f"check {wrong}-{t}={wrong - t} not {total}, wrong")
-            lines.append(f"redo {total}+{t}={right}")
+            lines.append(f"redo {total}+{t}={right}, left {rest}")
         else:
-            lines.append(f"{total}+{t}={right}")
+            lines.append(f"{total}+{t}={right}, left {rest}")
         lines.append(f"check {right}-{t}={total} ok")
         total = right
-    lines.append(f"verify sum {'+'.join(map(str, terms))}={total}")
     lines.append(f"answer: {total}")
     return "\n".join(lines)
 

@@ -1,0 +1,195 @@
+"""The RL loop end to end with the real vLLM engine (tiny budget), bad input, and resume after
+SIGKILL with identical final params."""
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from k15jax import convert, loop, partial
+
+pytestmark = pytest.mark.vllm
+
+TINY = dataclasses.replace(
+    loop.RunConfig(),
+    task=loop.TaskConfig(train_problems=24, sft_examples=200, max_terms=3),
+    sft=loop.SftConfig(steps=12, batch_size=8, checkpoint_every=5),
+    rl=loop.RlConfig(
+        iterations=3,
+        prompts_per_iteration=4,
+        samples_per_prompt=4,
+        groups_per_step=2,
+        difficulty_samples=2,
+        checkpoint_every=1,
+        eval_every=2,
+        learning_rate=1e-4,
+    ),
+    eval=loop.EvalConfig(problems=8, samples=2),
+    partial=partial.PartialConfig(budget=40, max_length=100),
+    length=dataclasses.replace(loop.RunConfig().length, warmup_iterations=1),
+    max_prompt_tokens=24,
+)
+
+
+def _quiet(**kw):
+    from tqdm import tqdm
+
+    return tqdm(**kw, disable=True)
+
+
+def test_rl_loop_end_to_end(vllm_engine, tmp_path):
+    cfg = dataclasses.replace(TINY, out_dir=str(tmp_path / "run"))
+    lines = []
+    result = loop.run(cfg, engine=vllm_engine, progress=_quiet, console=lines.append)
+    out = cfg.out_dir
+    hist = json.load(open(os.path.join(out, "results.json")))
+    assert hist["sft"]["problems"] == 8 and 0 <= hist["rl"]["pass_at_1"] <= 1
+    # Per-iteration metrics: budget 40 < trace length, so samples were resumed across iterations.
+    from k15jax import checkpoint
+
+    step = checkpoint.latest_step(os.path.join(out, "ckpt", "rl"))
+    assert step == 3
+    _, extra = checkpoint.restore(
+        os.path.join(out, "ckpt", "rl"),
+        step,
+        jax.eval_shape(lambda: result["params"]) and _state_target(cfg, result["params"]),
+    )
+    history = extra["history"]
+    assert [m["iteration"] for m in history] == [0, 1, 2]
+    assert sum(m["resumed"] for m in history) > 0
+    done = [m for m in history if "reward" in m]
+    assert done, "no group finished in three iterations"
+    for m in done:
+        assert np.isfinite(m["loss"]) and m["optimizer_steps"] >= 1
+        assert m["logprob_mismatch_max"] < 1e-3  # vLLM and JAX agree on the sampled tokens
+        assert -1.5 <= m["reward"] <= 1.5
+    # δ is exactly 0 on the first step of an iteration and moves afterwards.
+    assert any(m["delta_abs_mean"] > 0 for m in done)
+    # the length reward is off before its warm-up and on after
+    assert all(m["length_weight"] == 0 for m in done if m["iteration"] < 1)
+    assert all(m["length_weight"] > 0 for m in done if m["iteration"] >= 1)
+    assert any("heldout_pass_at_1" in m for m in history)
+    for name in (
+        "report.md",
+        "heldout_pass_at_1.png",
+        "reward.png",
+        "loss.png",
+        "logprob_mismatch_max.png",
+        "run_config.json",
+    ):
+        assert os.path.exists(os.path.join(out, name)), name
+    assert os.listdir(os.path.join(out, "tensorboard"))
+    # The published RL model loads back and is what the run returned.
+    _, params = convert.load_hf(os.path.join(out, "rl_model"))
+    jax.tree.map(np.testing.assert_array_equal, params, jax.device_get(result["params"]))
+    assert any(line.startswith("it   2 |") for line in lines)
+
+
+def _state_target(cfg, params):
+    from k15jax import train_step
+
+    opt = train_step.make_optimizer(cfg.rl.learning_rate, max_grad_norm=cfg.rl.max_grad_norm)
+    return train_step.init_state(params, opt, seed=cfg.seed)
+
+
+def test_bad_input_stops_with_a_clear_message(tmp_path):
+    cfg = dataclasses.replace(TINY, out_dir=str(tmp_path / "a"))
+    loop.check_out_dir(cfg)
+    other = dataclasses.replace(cfg, rl=dataclasses.replace(cfg.rl, tau=0.5))
+    with pytest.raises(ValueError, match=r"different run's checkpoints .*\['rl'\]"):
+        loop.check_out_dir(other)
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        loop.prepare(dataclasses.replace(cfg, model_dir=str(tmp_path / "missing")))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "1+1", "answer": "2"}\n{"prompt": 3}\n')
+    with pytest.raises(Exception, match=r"bad.jsonl:2: field 'prompt'"):
+        loop.prepare(dataclasses.replace(cfg, task=loop.TaskConfig(data=str(bad))))
+    with pytest.raises(ValueError, match="reward="):
+        loop.TaskConfig(reward="bleu")
+
+
+def test_flags_reject_unknown_values():
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.rl", "--reward=bleu"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "reward" in proc.stderr and "bleu" in proc.stderr
+
+
+RESUME_FLAGS = [
+    "--sft_steps=12",
+    "--iterations=4",
+    "--prompts_per_iteration=4",
+    "--samples_per_prompt=4",
+    "--groups_per_step=2",
+    "--budget=40",
+    "--max_length=100",
+    "--eval_problems=8",
+    "--eval_samples=2",
+    "--learning_rate=1e-4",
+    "--kv_cache_bytes=268435456",
+    "--train_problems=24",
+    "--sft_examples=200",
+    "--max_terms=3",
+    "--sft_batch_size=8",
+    "--difficulty_samples=2",
+    "--checkpoint_every=1",
+    "--eval_every=0",
+    "--max_prompt_tokens=24",
+]
+
+
+def _launch(out_dir, tiny_flags):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen(
+        [sys.executable, "-m", "experiments.rl", f"--out_dir={out_dir}", *tiny_flags],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_gives_identical_params(tmp_path):
+    out_a, out_b = str(tmp_path / "killed"), str(tmp_path / "straight")
+    proc = _launch(out_a, RESUME_FLAGS)
+    seen = []
+    deadline = time.time() + 600
+    for line in proc.stdout:  # kill during iteration 2 (iteration 1's line has just printed)
+        seen.append(line)
+        if "it   1 |" in line:
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+        assert time.time() < deadline, "".join(seen[-20:])
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "".join(seen[-20:])
+    assert not os.path.exists(os.path.join(out_a, "rl_model"))
+    resumed = subprocess.run(
+        [sys.executable, "-m", "experiments.rl", f"--out_dir={out_a}", *RESUME_FLAGS],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "it   0 |" not in resumed.stdout and "it   3 |" in resumed.stdout
+    straight = subprocess.run(
+        [sys.executable, "-m", "experiments.rl", f"--out_dir={out_b}", *RESUME_FLAGS],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    _, a = convert.load_hf(os.path.join(out_a, "rl_model"))
+    _, b = convert.load_hf(os.path.join(out_b, "rl_model"))
+    jax.tree.map(np.testing.assert_array_equal, a, b)
