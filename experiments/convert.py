@@ -25,12 +25,13 @@ _TOKENIZER = flags.DEFINE_string(
     "Directory with tokenizer.json to copy into a Hugging Face output; "
     "'builtin' for the built-in tokenizer.",
 )
-flags.mark_flags_as_required(["src", "dst"])
 
 
 def main(argv):
     del argv
     src, dst = _SRC.value, _DST.value
+    if not src or not dst:
+        raise app.UsageError("--src and --dst are required")
     if os.path.exists(os.path.join(src, "config.json")):
         cfg, params = convert.load_hf(src, dtype=_DTYPE.value)
         convert.save_orbax(cfg, params, dst)

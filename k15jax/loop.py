@@ -54,7 +54,7 @@ class TaskConfig:
     train_problems: int = 512  # built-in task: size of the RL pool
     sft_examples: int = 8000  # built-in task: long-CoT warm-up traces
     min_terms: int = 2
-    max_terms: int = 5
+    max_terms: int = 4
 
     def __post_init__(self):
         if self.reward not in REWARDS:
@@ -65,7 +65,7 @@ class TaskConfig:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SftConfig:
-    steps: int = 300
+    steps: int = 400
     batch_size: int = 32
     learning_rate: float = 3e-3
     warmup_steps: int = 30
@@ -123,7 +123,7 @@ class RunConfig:
     sft: SftConfig = SftConfig()
     rl: RlConfig = RlConfig()
     eval: EvalConfig = EvalConfig()
-    partial: partial.PartialConfig = partial.PartialConfig(budget=160, max_length=320)
+    partial: partial.PartialConfig = partial.PartialConfig(budget=192, max_length=256)
     sampler: sampler.SamplerConfig = sampler.SamplerConfig(
         curriculum_iterations=10, hard_threshold=0.75
     )
@@ -135,7 +135,7 @@ class RunConfig:
     )
     # No prefix caching: a resumed run must see the numerics of an uninterrupted one.
     vllm: rollout.VllmConfig = rollout.VllmConfig(max_model_len=512, enable_prefix_caching=False)
-    max_prompt_tokens: int = 64
+    max_prompt_tokens: int = 24
 
 
 def _asdict(cfg) -> dict:
@@ -198,7 +198,7 @@ def prepare(cfg: RunConfig) -> Setup:
     t = cfg.task
     if t.data is None:
         gen = dict(min_terms=t.min_terms, max_terms=t.max_terms)
-        sft_set = tasks.generate(t.sft_examples, seed=cfg.seed, **gen)
+        sft_set = tasks.generate(t.sft_examples, seed=cfg.seed, unique=False, **gen)
         pool = tasks.generate(t.train_problems, seed=cfg.seed + 1, **gen)
         held = tasks.generate(cfg.eval.problems, seed=cfg.seed, split="held_out", **gen)
         to_problem = lambda i, e: data.Problem(str(i), e.prompt, e.answer, e.difficulty)

@@ -79,10 +79,12 @@ def generate(
     min_terms: int = 2,
     max_terms: int = 6,
     slip_prob: float = 0.15,
+    unique: bool = True,
 ) -> list[Example]:
-    """Returns `n` distinct problems of `split` ("train" or "held_out"), deterministic per seed.
+    """Returns `n` problems of `split` ("train" or "held_out"), deterministic per seed.
 
-    Difficulty (number of terms) is uniform in [min_terms, max_terms].
+    Difficulty (number of terms) is uniform in [min_terms, max_terms]. With `unique=False`
+    a problem may repeat (with its own trace and slips), as warm-up data may.
     """
     if split not in ("train", "held_out"):
         raise ValueError(f"split={split!r} must be 'train' or 'held_out'")
@@ -98,7 +100,7 @@ def generate(
             raise ValueError(f"cannot find {n} distinct {split} problems with {max_terms=}")
         terms = [rng.randint(1, 9) for _ in range(rng.randint(min_terms, max_terms))]
         prompt = f"{PROMPT_PREFIX}{'+'.join(map(str, terms))}\n"
-        if prompt in seen or is_held_out(prompt) != want_held_out:
+        if (unique and prompt in seen) or is_held_out(prompt) != want_held_out:
             continue
         seen.add(prompt)
         out.append(make_example(terms, rng, slip_prob))
