@@ -34,6 +34,11 @@ _TRAIN_N = flags.DEFINE_integer(
 _SFT_N = flags.DEFINE_integer(
     "sft_examples", D.task.sft_examples, "Built-in task: long-CoT warm-up traces."
 )
+_SHORT = flags.DEFINE_float(
+    "short_fraction",
+    D.task.short_fraction,
+    "Built-in task: fraction of warm-up traces that answer directly.",
+)
 _MAX_TERMS = flags.DEFINE_integer(
     "max_terms", D.task.max_terms, "Built-in task: most terms per problem (difficulty)."
 )
@@ -111,14 +116,21 @@ def make_config() -> loop.RunConfig:
         out_dir=_OUT.value,
         seed=_SEED.value,
         model_dir=_MODEL.value,
+        max_prompt_tokens=_MAX_PROMPT.value,
         task=r(
             D.task,
             data=_DATA.value,
             eval_data=_EVAL_DATA.value,
             reward=_REWARD.value,
             prompt_template=_TEMPLATE.value,
+            train_problems=_TRAIN_N.value,
+            sft_examples=_SFT_N.value,
+            short_fraction=_SHORT.value,
+            max_terms=_MAX_TERMS.value,
         ),
-        sft=r(D.sft, steps=_SFT_STEPS.value, learning_rate=_SFT_LR.value),
+        sft=r(
+            D.sft, steps=_SFT_STEPS.value, learning_rate=_SFT_LR.value, batch_size=_SFT_BATCH.value
+        ),
         rl=r(
             D.rl,
             iterations=_ITERS.value,
@@ -128,6 +140,9 @@ def make_config() -> loop.RunConfig:
             learning_rate=_LR.value,
             tau=_TAU.value,
             groups_per_step=_GROUPS.value,
+            difficulty_samples=_DIFF_N.value,
+            checkpoint_every=_CKPT.value,
+            eval_every=_EVAL_EVERY.value,
         ),
         eval=r(D.eval, problems=_EVAL_N.value, samples=_EVAL_K.value),
         partial=r(

@@ -52,13 +52,18 @@ class TaskConfig:
     reward: str = "task"  # "task" (built-in checker) or "math" (math-verify)
     prompt_template: str = "{prompt}"
     train_problems: int = 512  # built-in task: size of the RL pool
-    sft_examples: int = 8000  # built-in task: long-CoT warm-up traces
+    sft_examples: int = 8000  # built-in task: warm-up traces
+    # Fraction of warm-up traces that answer directly (the solver's short trace) instead of
+    # reasoning step by step; RL then learns from reward when long reasoning pays off.
+    short_fraction: float = 0.3
     min_terms: int = 2
     max_terms: int = 4
 
     def __post_init__(self):
         if self.reward not in REWARDS:
             raise ValueError(f"reward={self.reward!r} must be one of {REWARDS}")
+        if not 0 <= self.short_fraction <= 1:
+            raise ValueError(f"short_fraction={self.short_fraction} must be in [0, 1]")
         if "{prompt}" not in self.prompt_template:
             raise ValueError(f"prompt_template={self.prompt_template!r} must contain {{prompt}}")
 
