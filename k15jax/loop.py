@@ -209,8 +209,10 @@ def prepare(cfg: RunConfig) -> Setup:
         to_problem = lambda i, e: data.Problem(str(i), e.prompt, e.answer, e.difficulty)
         train = [to_problem(i, e) for i, e in enumerate(pool)]
         held_out = [to_problem(i, e) for i, e in enumerate(held)]
+        short = np.random.default_rng([cfg.seed, 2]).random(len(sft_set)) < t.short_fraction
         sft_examples = [
-            (tok.encode(e.prompt), tok.encode(e.long_trace) + [tok.eos_id]) for e in sft_set
+            (tok.encode(e.prompt), tok.encode(e.short_trace if s else e.long_trace) + [tok.eos_id])
+            for e, s in zip(sft_set, short, strict=True)
         ]
         reward_fn = tasks.reward
     else:
