@@ -39,6 +39,9 @@ _SHORT = flags.DEFINE_float(
     D.task.short_fraction,
     "Built-in task: fraction of warm-up traces that answer directly.",
 )
+_MAX_TERM = flags.DEFINE_integer(
+    "max_term", D.task.max_term, "Built-in task: terms are 1..max_term."
+)
 _MAX_TERMS = flags.DEFINE_integer(
     "max_terms", D.task.max_terms, "Built-in task: most terms per problem (difficulty)."
 )
@@ -127,6 +130,7 @@ def make_config() -> loop.RunConfig:
             sft_examples=_SFT_N.value,
             short_fraction=_SHORT.value,
             max_terms=_MAX_TERMS.value,
+            max_term=_MAX_TERM.value,
         ),
         sft=r(
             D.sft, steps=_SFT_STEPS.value, learning_rate=_SFT_LR.value, batch_size=_SFT_BATCH.value

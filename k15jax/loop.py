@@ -58,6 +58,7 @@ class TaskConfig:
     short_fraction: float = 0.3
     min_terms: int = 2
     max_terms: int = 4
+    max_term: int = 9  # built-in task: terms are 1..max_term
 
     def __post_init__(self):
         if self.reward not in REWARDS:
@@ -202,7 +203,7 @@ def prepare(cfg: RunConfig) -> Setup:
         params = model.init(model_cfg, jax.random.key(cfg.seed))
     t = cfg.task
     if t.data is None:
-        gen = dict(min_terms=t.min_terms, max_terms=t.max_terms)
+        gen = dict(min_terms=t.min_terms, max_terms=t.max_terms, max_term=t.max_term)
         sft_set = tasks.generate(t.sft_examples, seed=cfg.seed, unique=False, **gen)
         pool = tasks.generate(t.train_problems, seed=cfg.seed + 1, **gen)
         held = tasks.generate(cfg.eval.problems, seed=cfg.seed, split="held_out", **gen)

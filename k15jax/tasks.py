@@ -80,6 +80,7 @@ def generate(
     max_terms: int = 6,
     slip_prob: float = 0.15,
     unique: bool = True,
+    max_term: int = 9,
 ) -> list[Example]:
     """Returns `n` problems of `split` ("train" or "held_out"), deterministic per seed.
 
@@ -88,6 +89,8 @@ def generate(
     """
     if split not in ("train", "held_out"):
         raise ValueError(f"split={split!r} must be 'train' or 'held_out'")
+    if not 1 <= max_term <= 9:
+        raise ValueError(f"max_term={max_term} must be a digit 1..9")
     if not 2 <= min_terms <= max_terms:
         raise ValueError(f"need 2 <= min_terms={min_terms} <= max_terms={max_terms}")
     rng = random.Random(f"{split}:{seed}")
@@ -98,7 +101,7 @@ def generate(
         attempts += 1
         if attempts > 200 * n + 10_000:
             raise ValueError(f"cannot find {n} distinct {split} problems with {max_terms=}")
-        terms = [rng.randint(1, 9) for _ in range(rng.randint(min_terms, max_terms))]
+        terms = [rng.randint(1, max_term) for _ in range(rng.randint(min_terms, max_terms))]
         prompt = f"{PROMPT_PREFIX}{'+'.join(map(str, terms))}\n"
         if (unique and prompt in seen) or is_held_out(prompt) != want_held_out:
             continue
