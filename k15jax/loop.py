@@ -55,7 +55,7 @@ class TaskConfig:
     sft_examples: int = 8000  # built-in task: warm-up traces
     # Fraction of warm-up traces that answer directly (the solver's short trace) instead of
     # reasoning step by step; RL then learns from reward when long reasoning pays off.
-    short_fraction: float = 0.3
+    short_fraction: float = 0.0
     min_terms: int = 2
     max_terms: int = 4
     max_term: int = 9  # built-in task: terms are 1..max_term
@@ -84,9 +84,9 @@ class RlConfig:
     prompts_per_iteration: int = 32
     samples_per_prompt: int = 8  # k
     temperature: float = 1.0
-    learning_rate: float = 1e-3
+    learning_rate: float = 1e-4
     tau: float = 0.1
-    groups_per_step: int = 8  # prompts per optimizer step; steps/iteration = finished / this
+    groups_per_step: int = 16  # prompts per optimizer step; steps/iteration = finished / this
     max_grad_norm: float = 1.0
     difficulty_samples: int = 8  # samples per prompt for the pass-rate estimate
     drop_solved: bool = True  # drop problems the SFT model always solves
@@ -253,8 +253,9 @@ def run_sft(setup: Setup, progress) -> tuple[model.Params, list[dict]]:
     ckpt_dir = os.path.join(cfg.out_dir, "ckpt", "sft")
     if sft.steps == 0 or not setup.sft_examples:
         return setup.params, []
+    warmup = min(sft.warmup_steps, sft.steps // 2)  # short runs keep a decay phase
     schedule = optax.warmup_cosine_decay_schedule(
-        0.0, sft.learning_rate, sft.warmup_steps, sft.steps, sft.learning_rate * 0.1
+        0.0, sft.learning_rate, warmup, max(sft.steps, warmup + 1), sft.learning_rate * 0.1
     )
     opt = train_step.make_optimizer(schedule)
     step_cfg = train_step.StepConfig(objective="sft", group_size=1, logprob_chunk=None)

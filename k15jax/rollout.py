@@ -16,6 +16,7 @@ import time
 from collections.abc import Sequence
 from typing import Protocol
 
+import jax
 import numpy as np
 
 from k15jax import convert, generation, model
@@ -225,6 +226,13 @@ class VllmEngine:
 
     def load_weights(self, params: model.Params) -> None:
         """Publishes `params` and reloads vLLM in place; restarts the engine if that fails."""
+        want = jax.tree.map(lambda x: x.shape, model.abstract_params(self.model_cfg))
+        got = jax.tree.map(lambda x: x.shape, params)
+        if want != got:
+            raise ValueError(
+                f"params do not fit the engine's model ({self.model_dir}): "
+                f"expected shapes {want}, got {got}"
+            )
         path = self.publish(params)
         try:
             self.llm.collective_rpc("reload_weights", kwargs={"weights_path": path})

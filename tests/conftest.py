@@ -1,5 +1,6 @@
 """Session-wide test set-up: 8 fake CPU devices for sharding tests, tiny Hugging Face models."""
 
+import dataclasses
 import os
 
 # Must precede any JAX import (STYLE.md §4: set once, here).
@@ -65,10 +66,12 @@ def tiny_hf_dir(tmp_path_factory):
     """A converted built-in-tokenizer Qwen2 with sharp logits (greedy has clear winners)."""
     import jax
 
-    from k15jax import convert, model, tokenizer
+    from k15jax import convert, loop, model, tokenizer
     from k15jax.config import ModelConfig
 
-    cfg = ModelConfig(attention_bias=True, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    # The shape of the RL loop's built-in model, so the loop test can reuse this engine.
+    cfg = dataclasses.replace(loop.RunConfig().model, vocab_size=tokenizer.builtin().vocab_size)
+    assert cfg == ModelConfig(**{**dataclasses.asdict(cfg)})
     params = model.init(cfg, jax.random.key(0))
     # Scale the matrices so logits have margins far above float32 noise across engines.
     params = jax.tree.map(lambda x: x * 10 if x.ndim == 2 else x, params)
