@@ -80,7 +80,7 @@ class SftConfig:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RlConfig:
-    iterations: int = 30
+    iterations: int = 45
     prompts_per_iteration: int = 32
     samples_per_prompt: int = 8  # k
     temperature: float = 1.0
@@ -91,7 +91,7 @@ class RlConfig:
     difficulty_samples: int = 8  # samples per prompt for the pass-rate estimate
     drop_solved: bool = True  # drop problems the SFT model always solves
     checkpoint_every: int = 5
-    eval_every: int = 10  # held-out evaluation every this many iterations (0: never)
+    eval_every: int = 15  # held-out evaluation every this many iterations (0: never)
 
     def __post_init__(self):
         if self.samples_per_prompt < 2:
