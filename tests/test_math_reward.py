@@ -60,3 +60,14 @@ def test_equivalent_forms_and_no_answer():
     assert math_reward.reward("", "\\boxed{(a+2)(a-2)}", "a^2-4")[0] == 1.0
     score, info = math_reward.reward("", "I do not know", "4")
     assert score == 0.0 and info["reason"] == "no answer found"
+
+
+def test_answers_with_surrounding_newlines():
+    # MATH train/precalculus/694: the gold answer is a pmatrix wrapped in newlines.
+    gold = "\n\\begin{pmatrix} 0 & 3 \\\\ 0 & -1 \\end{pmatrix}\n"
+    for response in (
+        f"The answer is {gold}.",
+        f"the final answer is ${gold}$.",
+        f"so \\boxed{{{gold}}}",
+    ):
+        assert math_reward.reward("", response, gold)[0] == 1.0, response

@@ -12,6 +12,7 @@ import threading
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
 _ANSWER_IS = re.compile(r"answer\s*(?:is|:)\s*:?\s*(.+?)(?:\.\s*$|\.\s+|\n|$)", re.I | re.S)
+_ANSWER_IS_MATH = re.compile(r"answer\s*(?:is|:)\s*:?\s*\$(.+?)\$", re.I | re.S)
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
 _CONFIG = (LatexExtractionConfig(), ExprExtractionConfig())
 
@@ -35,7 +36,7 @@ def extract_answer(response: str) -> tuple[str | None, str]:
     boxed = last_boxed(response)
     if boxed is not None:
         return boxed, "boxed"
-    matches = list(_ANSWER_IS.finditer(response))
+    matches = list(_ANSWER_IS_MATH.finditer(response)) or list(_ANSWER_IS.finditer(response))
     if matches:
         return matches[-1].group(1).strip().strip("$").strip(), "answer_is"
     numbers = _NUMBER.findall(response)
@@ -53,7 +54,10 @@ def _timeout(seconds: float | None) -> int | None:
 
 def parse_answer(text: str, *, timeout_s: float | None = 5):
     """Returns math-verify's parse of an answer string (LaTeX or plain), [] if unparseable."""
-    return parse(f"${text}$", extraction_config=_CONFIG, parsing_timeout=_timeout(timeout_s))
+    # Surrounding whitespace is not content, but math-verify parses "$\n...\n$" differently.
+    return parse(
+        f"${text.strip()}$", extraction_config=_CONFIG, parsing_timeout=_timeout(timeout_s)
+    )
 
 
 def reward(prompt: str, response: str, answer: str, *, timeout_s: float = 5) -> tuple[float, dict]:
