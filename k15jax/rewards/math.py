@@ -12,7 +12,8 @@ import threading
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
 _ANSWER_IS = re.compile(r"answer\s*(?:is|:)\s*:?\s*(.+?)(?:\.\s*$|\.\s+|\n|$)", re.I | re.S)
-_ANSWER_IS_MATH = re.compile(r"answer\s*(?:is|:)\s*:?\s*\$(.+?)\$", re.I | re.S)
+# "answer is $...$" whose math may span lines and contain escaped dollars (\$).
+_ANSWER_IS_MATH = re.compile(r"answer\s*(?:is|:)\s*:?\s*\$((?:\\\$|[^$])+?)\$(?!\w)", re.I | re.S)
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
 _CONFIG = (LatexExtractionConfig(), ExprExtractionConfig())
 
