@@ -51,8 +51,14 @@ def write_tensorboard(out_dir: str, sft_history: list[dict], rl_history: list[di
                     w.add_scalar(f"rl/{key}", value, m["iteration"])
 
 
-def write_plots(out_dir: str, sft_history: list[dict], rl_history: list[dict]) -> list[str]:
-    """Writes one PNG per metric plus the SFT loss; returns the file names."""
+def write_plots(
+    out_dir: str, sft_history: list[dict], rl_history: list[dict], results: dict
+) -> list[str]:
+    """Writes one PNG per metric plus the SFT loss; returns the file names.
+
+    Held-out pass@1 is plotted after the iteration that produced it, from the SFT model
+    (after 0 iterations, with its 95% interval) to the final RL model.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -69,10 +75,17 @@ def write_plots(out_dir: str, sft_history: list[dict], rl_history: list[dict]) -
         names.append("sft_loss.png")
     for key, title in PLOTS:
         x, y = _series(rl_history, key)
+        if key == "heldout_pass_at_1":
+            x = [0] + [i + 1 for i in x] + [len(rl_history)]
+            y = [results["sft"]["pass_at_1"], *y, results["rl"]["pass_at_1"]]
         if not x:
             continue
         fig, ax = plt.subplots(figsize=(5, 3.2))
         ax.plot(x, y, marker="o" if len(x) < 12 else None)
+        if key == "heldout_pass_at_1":
+            for i, name in ((0, "sft"), (-1, "rl")):
+                lo, hi = results[name]["ci95"]
+                ax.errorbar([x[i]], [y[i]], yerr=[[y[i] - lo], [hi - y[i]]], fmt="none", capsize=4)
         ax.set(xlabel="RL iteration", title=title)
         fig.tight_layout()
         fig.savefig(os.path.join(out_dir, f"{key}.png"), dpi=90)
@@ -84,7 +97,7 @@ def write_plots(out_dir: str, sft_history: list[dict], rl_history: list[dict]) -
 def write(out_dir: str, config: dict, sft_history, rl_history, results: dict) -> None:
     """Writes tensorboard/, *.png, results.json and report.md into `out_dir`."""
     write_tensorboard(out_dir, sft_history, rl_history)
-    plots = write_plots(out_dir, sft_history, rl_history)
+    plots = write_plots(out_dir, sft_history, rl_history, results)
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     sft, rl = results["sft"], results["rl"]
