@@ -345,8 +345,10 @@ def evaluate(setup: Setup, engine, *, seed: int) -> dict:
 # ---------------------------------------------------------------------------------- RL
 
 
-def score(setup: Setup, groups: list[partial.Group], iteration: int) -> tuple[np.ndarray, dict]:
-    """Returns total rewards of the samples of `groups` (row order) and reward statistics."""
+def score(
+    setup: Setup, groups: list[partial.Group], iteration: int
+) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Returns (total reward, correct or not, statistics) of the samples of `groups`, row order."""
     cfg = setup.cfg
     k = cfg.rl.samples_per_prompt
     task_r, correct, lengths = [], [], []
@@ -381,7 +383,7 @@ def score(setup: Setup, groups: list[partial.Group], iteration: int) -> tuple[np
             np.mean([s.finish_reason == "truncated" for g in groups for s in g.samples])
         ),
     }
-    return total.astype(np.float32), stats
+    return total.astype(np.float32), correct, stats
 
 
 def _minibatches(packed: partial.PackedGroups, rewards: np.ndarray, rows: int):
@@ -423,25 +425,10 @@ def rl_iteration(setup, engine, state, sampler_state, buffer, iteration, fns) ->
     }
     if not groups:
         return state, sampler_state, buffer, metrics
-    rewards, sstats = score(setup, groups, iteration)
+    rewards, correct, sstats = score(setup, groups, iteration)
     metrics.update(sstats)
-    correct_by_sample = [
-        float(
-            setup.reward_fn(
-                setup.train[g.samples[0].problem].prompt,
-                setup.tok.decode(s.response_ids),
-                setup.train[g.samples[0].problem].answer,
-            )[0]
-            >= 1.0
-        )
-        if s.finish_reason != "truncated"
-        else 0.0
-        for g in groups
-        for s in g.samples
-    ]
-    sampler_state = sampler.update(
-        sampler_state, [g.samples[0].problem for g in groups for _ in g.samples], correct_by_sample
-    )
+    problems = [g.samples[0].problem for g in groups for _ in g.samples]
+    sampler_state = sampler.update(sampler_state, problems, correct.astype(float))
     packed = partial.pack(
         groups, iteration=iteration, loss_segments=cfg.partial.loss_segments, pad_to=_seq_len(cfg)
     )
