@@ -159,6 +159,7 @@ class VllmEngine:
         self.engine = engine
         self.model_dir = model_dir
         self._publish_count = 0
+        self._restart_dir: str | None = None  # the directory the current engine was started on
         self.llm = self._start(model_dir)
 
     def _start(self, model_dir: str):
@@ -255,7 +256,7 @@ class VllmEngine:
             self.close()
             self.llm = self._start(os.path.join(staged, "model"))
         finally:
-            self._restart_dir, old = staged, getattr(self, "_restart_dir", None)
+            self._restart_dir, old = staged, self._restart_dir
             if old:
                 shutil.rmtree(old, ignore_errors=True)
 
