@@ -6,7 +6,7 @@ import dataclasses
 
 ARCHITECTURES = ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "LlamaForCausalLM")
 DTYPES = ("float32", "bfloat16")
-ATTENTION_IMPLS = ("xla",)
+ATTENTION_IMPLS = ("xla", "xla_chunked", "triton", "cudnn")  # kernels.attention.IMPLS
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -32,7 +32,8 @@ class ModelConfig:
     mlp_bias: bool = False
     qk_norm: bool = False  # per-head RMSNorm on q and k (Qwen3)
     dtype: str = "float32"  # parameter and activation dtype
-    attention_impl: str = "xla"
+    attention_impl: str = "xla"  # kernels.attention.IMPLS
+    attention_block: int = 512  # query and key tile of the blockwise implementations
     remat: bool = False  # recompute each layer's activations in the backward pass
     bos_token_id: int | None = None
     eos_token_id: int | None = None
@@ -60,6 +61,7 @@ class ModelConfig:
             "intermediate_size",
             "num_hidden_layers",
             "head_dim",
+            "attention_block",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be > 0")

@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
+from kernels import logprobs as kernel_logprobs
+
 Metrics = dict[str, jax.Array]
 
 
@@ -20,47 +22,35 @@ def _f32(x) -> jax.Array:
     return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
-def _chunk_logprobs(h_bce, w_ev, y_bc):
-    logits_bcv = jnp.einsum("bce,ev->bcv", h_bce, w_ev, preferred_element_type=jnp.float32)
-    lse_bc = jax.nn.logsumexp(logits_bcv, axis=-1)
-    picked_bc = jnp.take_along_axis(logits_bcv, y_bc[..., None], axis=-1)[..., 0]
-    return picked_bc - lse_bc
-
-
 def token_logprobs(
     hidden_bte: Float[Array, "b t e"],
     w_ev: Float[Array, "e v"],
     tokens_bt: Int[Array, "b t"],
     *,
     chunk_size: int | None = 1024,
+    impl: str = "xla_chunked",
 ) -> Float[Array, "b t"]:
     """Returns float32 log p(tokens[:, i] | tokens[:, :i]) for every i, with 0 at i = 0.
 
-    Logits are formed `chunk_size` positions at a time inside a rematerialized scan, so neither
-    the forward nor the backward pass holds more than [b, chunk_size, v] of them; `None`
-    computes all [b, t, v] logits at once (the reference).
+    `impl` picks the implementation in `kernels.logprobs` ("xla", "xla_chunked", "triton").
+    With "xla_chunked", logits are formed `chunk_size` rows at a time inside a rematerialized
+    scan, so neither pass holds more than [chunk_size, v] of them; `chunk_size=None` there
+    computes all logits at once (the same as "xla").
 
     Args:
       hidden_bte: final hidden states of the model for `tokens_bt`.
       w_ev: output embedding (`model.output_embedding`).
       tokens_bt: the token ids whose log-probs are wanted.
-      chunk_size: sequence positions per chunk.
+      chunk_size: rows (positions of all sequences) per chunk of "xla_chunked".
+      impl: log-prob implementation.
     """
     b, t, e = hidden_bte.shape
-    h = hidden_bte[:, :-1]  # position i predicts token i + 1
-    y = tokens_bt[:, 1:]
-    n = t - 1
-    if chunk_size is None or chunk_size >= n:
-        logp = _chunk_logprobs(h, w_ev, y)
-    else:
-        chunks = -(-n // chunk_size)
-        pad = chunks * chunk_size - n
-        h = jnp.pad(h, ((0, 0), (0, pad), (0, 0))).reshape(b, chunks, chunk_size, e)
-        y = jnp.pad(y, ((0, 0), (0, pad))).reshape(b, chunks, chunk_size)
-        body = jax.checkpoint(lambda _, xs: (None, _chunk_logprobs(xs[0], w_ev, xs[1])))
-        _, logp = jax.lax.scan(body, None, (h.swapaxes(0, 1), y.swapaxes(0, 1)))
-        logp = logp.swapaxes(0, 1).reshape(b, chunks * chunk_size)[:, :n]
-    return jnp.pad(logp, ((0, 0), (1, 0)))
+    h_ne = hidden_bte[:, :-1].reshape(b * (t - 1), e)  # position i predicts token i + 1
+    y_n = tokens_bt[:, 1:].reshape(b * (t - 1))
+    if impl == "xla_chunked" and chunk_size is None:
+        impl = "xla"
+    logp = kernel_logprobs.logprobs(h_ne, w_ev, y_n, impl=impl, chunk_size=chunk_size or 1)
+    return jnp.pad(logp.reshape(b, t - 1), ((0, 0), (1, 0)))
 
 
 def group_baseline(reward_b: Float[Array, " b"], *, group_size: int) -> Float[Array, " b"]:

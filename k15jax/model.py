@@ -98,7 +98,15 @@ class Attention(nnx.Module):
         q = rotary(q, positions_bt, cfg.rope_theta)
         k = rotary(k, positions_bt, cfg.rope_theta)
         out = attention_kernels.attention(
-            q, k, v, causal=True, segment_ids_bt=segment_ids_bt, impl=cfg.attention_impl
+            q,
+            k,
+            v,
+            causal=True,
+            segment_ids_bt=segment_ids_bt,
+            impl=cfg.attention_impl,
+            blocks=attention_kernels.BlockSizes(
+                block_q=cfg.attention_block, block_k=cfg.attention_block
+            ),
         )  # [b, t, h, d]
         return self.o_proj(out.reshape(b, t, cfg.num_attention_heads * cfg.head_dim))
 

@@ -21,6 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from k15jax import losses, model, sharding
 from k15jax.config import ModelConfig
+from kernels import logprobs as kernel_logprobs
 
 
 @flax.struct.dataclass
@@ -63,7 +64,8 @@ class StepConfig:
     tau: float = 0.1
     group_size: int = 4
     micro_batches: int = 1
-    logprob_chunk: int | None = 1024
+    logprob_chunk: int | None = 1024  # rows of logits per step of xla_chunked; None: all
+    logprob_impl: str = "xla_chunked"  # kernels.logprobs.IMPLS
     normalize_by_length: bool = False
     objective: str = "mirror_descent"  # or "sft": masked cross-entropy on the same batch type
 
@@ -72,6 +74,10 @@ class StepConfig:
             raise ValueError(f"objective={self.objective!r} must be 'mirror_descent' or 'sft'")
         if self.tau <= 0:
             raise ValueError(f"tau={self.tau} must be > 0")
+        if self.logprob_impl not in kernel_logprobs.IMPLS:
+            raise ValueError(
+                f"logprob_impl={self.logprob_impl!r} must be one of {kernel_logprobs.IMPLS}"
+            )
         if self.group_size < 1 or self.micro_batches < 1:
             raise ValueError(
                 f"group_size={self.group_size}, micro_batches={self.micro_batches} must be >= 1"
@@ -88,11 +94,13 @@ def make_optimizer(
     )
 
 
-def sequence_logprobs(cfg: ModelConfig, params, tokens_bt, segment_ids_bt, *, chunk_size):
+def sequence_logprobs(
+    cfg: ModelConfig, params, tokens_bt, segment_ids_bt, *, chunk_size, impl="xla_chunked"
+):
     """Returns per-token log-probs [b, t] of `tokens_bt` under `params` (chunked over t)."""
     hidden = model.hidden_states(cfg, params, tokens_bt, segment_ids=segment_ids_bt)
     return losses.token_logprobs(
-        hidden, model.output_embedding(cfg, params), tokens_bt, chunk_size=chunk_size
+        hidden, model.output_embedding(cfg, params), tokens_bt, chunk_size=chunk_size, impl=impl
     )
 
 
@@ -160,7 +168,12 @@ def make_train_step(
 
     def loss_fn(params, mb: Batch):
         logp = sequence_logprobs(
-            cfg, params, mb.tokens_bt, mb.segment_ids_bt, chunk_size=step_cfg.logprob_chunk
+            cfg,
+            params,
+            mb.tokens_bt,
+            mb.segment_ids_bt,
+            chunk_size=step_cfg.logprob_chunk,
+            impl=step_cfg.logprob_impl,
         )
         if step_cfg.objective == "sft":
             return losses.sft_loss(logp, mb.mask_bt * mb.valid_b[:, None])

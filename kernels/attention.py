@@ -1,12 +1,48 @@
-"""The one attention dispatch that the model calls; implementations are chosen by name."""
+"""The one attention dispatch that the model calls; implementations are chosen by name.
+
+| impl          | memory   | runs on | what it is                                                  |
+|---------------|----------|---------|-------------------------------------------------------------|
+| `xla`         | O(t^2)   | any     | `kernels.reference`: scores materialized, the reference     |
+| `xla_chunked` | O(t)     | any     | `kernels.chunked`: blockwise online softmax in plain JAX    |
+| `triton`      | O(t)     | GPU     | `kernels.triton_attention` through jax-triton               |
+| `cudnn`       | O(t)*    | GPU     | `jax.nn.dot_product_attention(implementation="cudnn")`      |
+
+*With `segment_ids_bt`, `cudnn` is given a [b, 1, t, t] boolean mask (O(t^2)); its packed
+sequence support is not public API in JAX.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+
+import jax
 from jaxtyping import Array, Float, Int
 
-from kernels import reference
+from kernels import chunked, reference
 
-IMPLS = ("xla",)
+IMPLS = ("xla", "xla_chunked", "triton", "cudnn")
+CPU_IMPLS = ("xla", "xla_chunked")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BlockSizes:
+    """Tile sizes of the blockwise implementations (static: each value compiles anew)."""
+
+    block_q: int = 512  # xla_chunked query tile
+    block_k: int = 512  # xla_chunked key tile
+    triton_block_m: int = 128  # Triton query tile
+    triton_block_n: int = 64  # Triton key tile
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            if getattr(self, f.name) < 1:
+                raise ValueError(f"{f.name}={getattr(self, f.name)} must be >= 1")
+        for name in ("triton_block_m", "triton_block_n"):
+            v = getattr(self, name)
+            if v < 16 or v & (v - 1):
+                raise ValueError(f"{name}={v} must be a power of two >= 16 (tl.dot tiles)")
 
 
 def attention(
@@ -17,6 +53,7 @@ def attention(
     causal: bool = True,
     segment_ids_bt: Int[Array, "b t"] | None = None,
     impl: str = "xla",
+    blocks: BlockSizes = BlockSizes(),
 ) -> Float[Array, "b t h d"]:
     """Returns multi-head attention output [b, t, h, d] computed by implementation `impl`.
 
@@ -30,5 +67,25 @@ def attention(
     if impl == "xla":
         return reference.attention(
             q_bthd, k_btkd, v_btkd, causal=causal, segment_ids_bt=segment_ids_bt
+        )
+    if impl == "xla_chunked":
+        return chunked.attention(
+            q_bthd, k_btkd, v_btkd, causal=causal, segment_ids_bt=segment_ids_bt,
+            block_q=blocks.block_q, block_k=blocks.block_k,
+        )  # fmt: skip
+    if impl == "triton":
+        from kernels import triton_attention  # imports triton; GPU path only
+
+        return triton_attention.attention(
+            q_bthd, k_btkd, v_btkd, causal=causal, segment_ids_bt=segment_ids_bt,
+            block_m=blocks.triton_block_m, block_n=blocks.triton_block_n,
+            num_warps=blocks.num_warps, num_stages=blocks.num_stages,
+        )  # fmt: skip
+    if impl == "cudnn":
+        mask = None
+        if segment_ids_bt is not None:
+            mask = (segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :])[:, None]
+        return jax.nn.dot_product_attention(
+            q_bthd, k_btkd, v_btkd, mask=mask, is_causal=causal, implementation="cudnn"
         )
     raise ValueError(f"attention impl={impl!r} is not available; choose one of {IMPLS}")

@@ -28,6 +28,16 @@ def attention_mask(
     return mask
 
 
+def logprobs(
+    h_ne: Float[Array, "n e"], w_ev: Float[Array, "e v"], y_n: Int[Array, " n"]
+) -> Float[Array, " n"]:
+    """Returns float32 log softmax(h w)[y] per row from all [n, v] logits at once."""
+    logits_nv = jnp.einsum("ne,ev->nv", h_ne, w_ev, preferred_element_type=jnp.float32)
+    lse_n = jax.nn.logsumexp(logits_nv, axis=-1)
+    picked_n = jnp.take_along_axis(logits_nv, y_n[:, None], axis=-1)[:, 0]
+    return picked_n - lse_n
+
+
 def attention(
     q_bthd: Float[Array, "b t h d"],
     k_btkd: Float[Array, "b t k d"],

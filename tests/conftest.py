@@ -6,6 +6,9 @@ import os
 # Must precede any JAX import (STYLE.md §4: set once, here).
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Triton kernels run in Triton's interpreter on CPU. The flag must be set before triton is first
+# imported (triton's own library functions are built for one mode), so it is set for the session.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 

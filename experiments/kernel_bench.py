@@ -1,0 +1,301 @@
+"""Kernel benchmarks: the long-context memory plan (any machine) and GPU kernel speed.
+
+  python -m experiments.kernel_bench --which=memory        # CPU is fine: compiles, runs nothing
+  python -m experiments.kernel_bench --which=speed         # on a GPU, about 6 minutes
+
+- memory: temporary memory of one full train step (log-probs + mirror-descent loss +
+  gradients + AdamW update, remat on) of a Qwen2.5-0.5B-shaped model (bf16, tied embeddings)
+  at t = 8k, 32k, 128k tokens, read from `jax.jit(step).lower(...).compile().memory_analysis()`
+  for (a) `xla` attention + full logits and (b) `xla_chunked` attention + chunked log-probs;
+  plus the state (params + optimizer moments) and whether it fits one 141 GB GPU.
+- speed: forward and forward+backward TFLOP/s of attention (`triton`, `cudnn`, `xla`,
+  `xla_chunked`; causal, d = 128) at t = 4k..32k, and the log-prob kernels (`triton`,
+  `xla_chunked`, `xla`) at Qwen2.5-0.5B's e and vocabulary, against the measured H200 ceilings
+  (~790 TFLOP/s bf16 matmul, ~4.3 TB/s copy). Each case first checks its values against the
+  reference on a small input; failures (out of memory, a broken cuDNN path) are recorded,
+  not fatal.
+
+Results are printed as tables and written as JSON to --out.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from absl import app, flags
+
+_WHICH = flags.DEFINE_list("which", ["memory"], "memory and/or speed.")
+_OUT = flags.DEFINE_string("out", "runs/kernel_bench.json", "Where to write the results.")
+_MEM_LENGTHS = flags.DEFINE_list("memory_lengths", ["8192", "32768", "131072"], "Tokens.")
+_SPEED_LENGTHS = flags.DEFINE_list("speed_lengths", ["4096", "8192", "16384", "32768"], "Tokens.")
+_IMPLS = flags.DEFINE_list("impls", ["triton", "cudnn", "xla", "xla_chunked"], "Attention impls.")
+_LOGPROB_IMPLS = flags.DEFINE_list("logprob_impls", ["triton", "xla_chunked", "xla"], "Impls.")
+_LOGPROB_ROWS = flags.DEFINE_list("logprob_rows", ["8192", "32768"], "Rows (tokens).")
+_HEADS = flags.DEFINE_integer("heads", 16, "Attention heads of the speed benchmark.")
+_HEAD_DIM = flags.DEFINE_integer("head_dim", 128, "Head dim of the speed benchmark.")
+_TOKENS_PER_BATCH = flags.DEFINE_integer("tokens_per_batch", 32768, "b = this // t (min 1).")
+_REPEATS = flags.DEFINE_integer("repeats", 10, "Timed calls per case (the median is reported).")
+
+H200_TFLOPS = 790.0  # measured bf16 matmul ceiling (docs/ENVIRONMENT.md)
+H200_TBPS = 4.3  # measured device-to-device copy ceiling
+GPU_BYTES = 141e9
+
+
+def qwen25_05b(**overrides):
+    """Returns the ModelConfig of Qwen2.5-0.5B's shape (random weights; no download)."""
+    from k15jax.config import ModelConfig
+
+    return ModelConfig(
+        vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+        num_attention_heads=14, num_key_value_heads=2, head_dim=64, rms_norm_eps=1e-6,
+        rope_theta=1e6, max_position_embeddings=131072, tie_word_embeddings=True,
+        attention_bias=True, dtype="bfloat16", remat=True, **overrides,
+    )  # fmt: skip
+
+
+def train_step_memory(t: int, plan: str) -> dict:
+    """Compiles one train step at t tokens and returns its memory analysis in bytes."""
+    import jax
+    import jax.numpy as jnp
+
+    from k15jax import model, sharding, train_step
+
+    impl = {"a": ("xla", "xla"), "b": ("xla_chunked", "xla_chunked")}[plan]
+    cfg = qwen25_05b(attention_impl=impl[0])
+    step_cfg = train_step.StepConfig(
+        tau=0.1, group_size=1, logprob_impl=impl[1], logprob_chunk=1024
+    )
+    mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    opt = train_step.make_optimizer(1e-6)
+    step = train_step.make_train_step(cfg, opt, step_cfg, mesh)
+    state = jax.eval_shape(lambda p: train_step.init_state(p, opt), model.abstract_params(cfg))
+    shape = lambda s, d: jax.ShapeDtypeStruct(s, d)
+    batch = train_step.Batch(
+        tokens_bt=shape((1, t), jnp.int32), mask_bt=shape((1, t), jnp.float32),
+        ref_logp_bt=shape((1, t), jnp.float32), reward_b=shape((1,), jnp.float32),
+        segment_ids_bt=shape((1, t), jnp.int32), valid_b=shape((1,), jnp.float32),
+    )  # fmt: skip
+    start = time.perf_counter()
+    ma = step.lower(state, batch).compile().memory_analysis()
+    state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+    return dict(
+        t=t, plan=plan, attention=impl[0], logprobs=impl[1],
+        temp_bytes=int(ma.temp_size_in_bytes), state_bytes=int(state_bytes),
+        argument_bytes=int(ma.argument_size_in_bytes), output_bytes=int(ma.output_size_in_bytes),
+        compile_s=time.perf_counter() - start,
+    )  # fmt: skip
+
+
+def run_memory() -> list[dict]:
+    rows = []
+    for t in (int(x) for x in _MEM_LENGTHS.value):
+        for plan in ("a", "b"):
+            r = train_step_memory(t, plan)
+            r["fits_141GB"] = r["temp_bytes"] + r["state_bytes"] <= GPU_BYTES
+            rows.append(r)
+            print(f"  t={t} plan ({plan}): temp {r['temp_bytes'] / 2**30:.2f} GiB "
+                  f"(compile {r['compile_s']:.0f} s)", flush=True)  # fmt: skip
+    print("\nMemory plan, one train step of a Qwen2.5-0.5B-shaped model (bf16, remat, b=1):")
+    print("| t | (a) xla + full logits | (b) chunked + chunked log-probs | (a)/(b) | fits 141 GB |")
+    print("|---|---|---|---|---|")
+    by = {(r["t"], r["plan"]): r for r in rows}
+    for t in sorted({r["t"] for r in rows}):
+        a, b = by[(t, "a")], by[(t, "b")]
+        gib = lambda r: f"{r['temp_bytes'] / 2**30:,.2f} GiB"
+        fit = f"(a) {'yes' if a['fits_141GB'] else 'no'}, (b) {'yes' if b['fits_141GB'] else 'no'}"
+        print(f"| {t:,} | {gib(a)} | {gib(b)} | {a['temp_bytes'] / b['temp_bytes']:.1f}x | {fit} |")
+    state = rows[0]["state_bytes"]
+    print(f"State (bf16 params + AdamW moments) {state / 2**30:.2f} GiB, counted in 'fits'.")
+    return rows
+
+
+# ------------------------------------------------------------------------------ speed
+
+
+def _time(f, *args) -> float:
+    import jax
+
+    jax.block_until_ready(f(*args))  # compile + warm up
+    jax.block_until_ready(f(*args))
+    times = []
+    for _ in range(_REPEATS.value):
+        start = time.perf_counter()
+        jax.block_until_ready(f(*args))
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def _attention_fn(impl: str, cudnn_mask: bool):
+    import jax.numpy as jnp
+
+    from kernels import attention
+
+    if impl == "cudnn" and cudnn_mask:
+        import jax
+
+        def f(q, k, v):
+            t = q.shape[1]
+            mask = jnp.tril(jnp.ones((t, t), bool))[None, None]
+            return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
+
+        return f
+    blocks = attention.BlockSizes(block_q=1024, block_k=1024)
+    return lambda q, k, v: attention.attention(q, k, v, causal=True, impl=impl, blocks=blocks)
+
+
+def _check_attention(impl: str, cudnn_mask: bool) -> float:
+    """Returns the max abs error of impl vs the reference (values and gradients), bf16, t=1000."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from kernels import reference
+
+    keys = jax.random.split(jax.random.key(0), 4)
+    q, k, v, do = (jax.random.normal(kk, (2, 1000, 8, 128), jnp.bfloat16) for kk in keys)
+    f = _attention_fn(impl, cudnn_mask)
+    ref = lambda q, k, v: reference.attention(q, k, v, causal=True)
+    got_out, got_vjp = jax.vjp(jax.jit(f), q, k, v)
+    want_out, want_vjp = jax.vjp(jax.jit(ref), q, k, v)
+    err = 0.0
+    for g, w in zip((got_out, *got_vjp(do)), (want_out, *want_vjp(do)), strict=True):
+        err = max(err, float(np.max(np.abs(np.asarray(g, np.float32) - np.asarray(w, np.float32)))))
+    return err
+
+
+def run_attention_speed() -> list[dict]:
+    import jax
+    import jax.numpy as jnp
+
+    h, d = _HEADS.value, _HEAD_DIM.value
+    rows = []
+    for impl in _IMPLS.value:
+        cudnn_mask = False
+        check = None
+        try:
+            check = _check_attention(impl, cudnn_mask)
+            if impl == "cudnn" and check > 0.1:
+                raise ValueError(f"is_causal=True gives wrong values (max err {check:.3g})")
+        except Exception as err:  # noqa: BLE001 (a broken backend is a result, not a crash)
+            if impl != "cudnn":
+                rows.append(dict(impl=impl, error=f"check: {type(err).__name__}: {err}"[:300]))
+                print(f"  {impl}: check failed: {err}"[:300], flush=True)
+                continue
+            print(f"  cudnn is_causal=True failed ({str(err)[:120]}); using a causal mask")
+            cudnn_mask = True
+            try:
+                check = _check_attention(impl, cudnn_mask)
+            except Exception as err2:  # noqa: BLE001
+                rows.append(dict(impl=impl, error=f"check: {type(err2).__name__}: {err2}"[:300]))
+                continue
+        for t in (int(x) for x in _SPEED_LENGTHS.value):
+            b = max(1, _TOKENS_PER_BATCH.value // t)
+            keys = jax.random.split(jax.random.key(t), 3)
+            q, k, v = (jax.random.normal(kk, (b, t, h, d), jnp.bfloat16) for kk in keys)
+            f = _attention_fn(impl, cudnn_mask)
+            fwd = jax.jit(f)
+            bwd = jax.jit(jax.grad(lambda q, k, v: f(q, k, v).astype(jnp.float32).sum(), (0, 1, 2)))
+            flops_fwd = 4 * b * h * t * t * d / 2  # causal: half the score matrix
+            row = dict(impl=impl, t=t, b=b, h=h, d=d, check_max_err=check, cudnn_mask=cudnn_mask)
+            try:
+                row["fwd_s"] = _time(fwd, q, k, v)
+                row["fwd_tflops"] = flops_fwd / row["fwd_s"] / 1e12
+                row["fwd_bwd_s"] = _time(bwd, q, k, v)  # the gradient includes a forward
+                row["fwd_bwd_tflops"] = 3.5 * flops_fwd / row["fwd_bwd_s"] / 1e12
+            except Exception as err:  # noqa: BLE001 (out of memory is a result here)
+                row["error"] = f"{type(err).__name__}: {err}"[:300]
+            rows.append(row)
+            tf = (row.get("fwd_tflops", float("nan")), row.get("fwd_bwd_tflops", float("nan")))
+            msg = f"  {impl} t={t}: {tf[0]:.1f} / {tf[1]:.1f} TFLOP/s {row.get('error', '')}"
+            print(msg[:200], flush=True)
+    print(
+        f"\nAttention, causal, bf16, h={h}, d={d}, b*t={_TOKENS_PER_BATCH.value} (FLOPs: fwd "
+        f"2*b*h*t^2*d, fwd+bwd 3.5x that; ceiling {H200_TFLOPS:.0f} TFLOP/s):"
+    )
+    print("| impl | t | fwd TFLOP/s | fwd+bwd TFLOP/s | fwd+bwd % of ceiling | note |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        if "fwd_bwd_tflops" in r:
+            pct = 100 * r["fwd_bwd_tflops"] / H200_TFLOPS
+            note = "causal mask" if r.get("cudnn_mask") else ""
+            print(f"| {r['impl']} | {r['t']:,} | {r['fwd_tflops']:.1f} | "
+                  f"{r['fwd_bwd_tflops']:.1f} | {pct:.0f}% | {note} |")  # fmt: skip
+        else:
+            print(f"| {r['impl']} | {r.get('t', '-')} | - | - | - | {r.get('error', '')[:80]} |")
+    return rows
+
+
+def run_logprob_speed() -> list[dict]:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from kernels import logprobs, reference
+
+    e, v = 896, 151936
+    rows = []
+    for impl in _LOGPROB_IMPLS.value:
+        kh, kw, ky = jax.random.split(jax.random.key(1), 3)
+        h = jax.random.normal(kh, (1000, e), jnp.bfloat16)
+        w = (jax.random.normal(kw, (e, v), jnp.float32) * e**-0.5).astype(jnp.bfloat16)
+        y = jax.random.randint(ky, (1000,), 0, v)
+        try:
+            got = jax.jit(lambda h, w: logprobs.logprobs(h, w, y, impl=impl))(h, w)
+            want = jax.jit(lambda h, w: reference.logprobs(h, w, y))(h, w)
+            check = float(np.max(np.abs(np.asarray(got) - np.asarray(want))))
+        except Exception as err:  # noqa: BLE001
+            rows.append(dict(impl=impl, error=f"check: {type(err).__name__}: {err}"[:300]))
+            continue
+        for n in (int(x) for x in _LOGPROB_ROWS.value):
+            h = jax.random.normal(kh, (n, e), jnp.bfloat16)
+            y = jax.random.randint(ky, (n,), 0, v)
+            f = lambda h, w, y: logprobs.logprobs(h, w, y, impl=impl)
+            fwd = jax.jit(f)
+            bwd = jax.jit(jax.grad(lambda h, w, y: f(h, w, y).sum(), (0, 1)))
+            row = dict(impl=impl, n=n, e=e, v=v, check_max_err=check)
+            # Unavoidable traffic: read h and w once, write the outputs (fwd: logp, lse).
+            bytes_fwd = 2 * (n * e + e * v) + 8 * n
+            try:
+                row["fwd_s"] = _time(fwd, h, w, y)
+                row["fwd_tflops"] = 2 * n * e * v / row["fwd_s"] / 1e12
+                row["fwd_gbps"] = bytes_fwd / row["fwd_s"] / 1e9
+                row["fwd_bwd_s"] = _time(bwd, h, w, y)
+                row["fwd_bwd_tflops"] = 6 * n * e * v / row["fwd_bwd_s"] / 1e12
+            except Exception as err:  # noqa: BLE001
+                row["error"] = f"{type(err).__name__}: {err}"[:300]
+            rows.append(row)
+            print(f"  logprobs {impl} n={n}: {row.get('fwd_tflops', float('nan')):.1f} TFLOP/s "
+                  f"{row.get('error', '')}"[:200], flush=True)  # fmt: skip
+    print(f"\nToken log-probs, bf16, e={e}, v={v} (FLOPs: fwd 2nev, fwd+bwd 6nev; "
+          f"ceilings {H200_TFLOPS:.0f} TFLOP/s, {H200_TBPS} TB/s):")  # fmt: skip
+    print("| impl | n | fwd TFLOP/s | fwd GB/s (h, w read once) | fwd+bwd TFLOP/s | note |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        if "fwd_bwd_tflops" in r:
+            print(f"| {r['impl']} | {r['n']:,} | {r['fwd_tflops']:.1f} | {r['fwd_gbps']:.0f} | "
+                  f"{r['fwd_bwd_tflops']:.1f} | |")  # fmt: skip
+        else:
+            print(f"| {r['impl']} | {r.get('n', '-')} | - | - | - | {r.get('error', '')[:80]} |")
+    return rows
+
+
+def main(argv):
+    del argv
+    import jax
+
+    results = dict(device=str(jax.devices()[0].device_kind), backend=jax.default_backend())
+    if "memory" in _WHICH.value:
+        results["memory"] = run_memory()
+    if "speed" in _WHICH.value:
+        results["attention"] = run_attention_speed()
+        results["logprobs"] = run_logprob_speed()
+    os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
+    with open(_OUT.value, "w") as f:
+        json.dump(results, f, indent=2, default=str)
+    print(f"\nwrote {_OUT.value}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,351 @@
+"""Flash attention forward and backward in `triton.language`, launched from JAX or torch.
+
+Layout: q [b, t, h, d], k and v [b, t, kv, d], contiguous; query head `h` reads key/value head
+`h // (h / kv)` (grouped-query attention); optional int32 segment ids [b, t] keep packed
+sequences apart. Softmax statistics and accumulators are float32 for bf16 and f32 inputs.
+
+- forward: one program per (query tile, batch x head); online softmax over key tiles (only
+  tiles at or below the diagonal when causal); writes out and the row log-sum-exp [b, h, t].
+- backward: `_attn_bwd_dq` (one program per query tile and head, loops over key tiles) and
+  `_attn_bwd_dkdv` (one program per key tile and key/value head, loops over its g query heads
+  and the query tiles), recomputing probabilities from the saved log-sum-exp; no atomics, so
+  the backward is deterministic. delta = rowsum(out * dout) is computed by the caller.
+
+`DOT_F32` upcasts the operands of every `tl.dot` to float32. The interpreter launcher sets it
+for bf16 inputs because Triton 3.9's interpreter multiplies the raw bf16 bit patterns in
+`tl.dot` (its `create_dot` calls `np.matmul` on the uint16 storage); bf16 -> f32 is exact, so
+the interpreter then computes what the GPU's bf16 x bf16 -> f32 tensor-core dot computes.
+The GPU launcher leaves it off.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import triton
+import triton.language as tl
+
+NEG = -1.0e30
+
+
+@triton.jit
+def _attn_fwd(
+    Q, K, V, SEG, OUT, LSE, scale,
+    T: tl.constexpr, H: tl.constexpr, KV: tl.constexpr, D: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, DOT_F32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    kvh = h // (H // KV)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < T
+    d_ok = offs_d < D
+    q = tl.load(
+        Q + ((b * T + offs_m[:, None]) * H + h) * D + offs_d[None, :],
+        mask=m_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )
+    if DOT_F32:
+        q = q.to(tl.float32)
+    seg_q = tl.load(SEG + b * T + offs_m, mask=m_ok, other=-1)
+    m_i = tl.full([BLOCK_M], NEG, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    hi = T
+    if CAUSAL:
+        hi = tl.minimum((pid_m + 1) * BLOCK_M, T)
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < T
+        kv_ptrs = ((b * T + offs_n[:, None]) * KV + kvh) * D + offs_d[None, :]
+        k = tl.load(K + kv_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        v = tl.load(V + kv_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        if DOT_F32:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k)) * scale
+        ok = m_ok[:, None] & n_ok[None, :]
+        if CAUSAL:
+            ok = ok & (offs_m[:, None] >= offs_n[None, :])
+        if HAS_SEG:
+            seg_k = tl.load(SEG + b * T + offs_n, mask=n_ok, other=-2)
+            ok = ok & (seg_q[:, None] == seg_k[None, :])
+        s = tl.where(ok, s, NEG)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.where(ok, tl.exp(s - m_new[:, None]), 0.0)
+        alpha = tl.exp(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    tl.store(
+        OUT + ((b * T + offs_m[:, None]) * H + h) * D + offs_d[None, :],
+        out.to(OUT.dtype.element_ty),
+        mask=m_ok[:, None] & d_ok[None, :],
+    )
+    tl.store(LSE + (b * H + h) * T + offs_m, m_i + tl.log(l_safe), mask=m_ok)
+
+
+@triton.jit
+def _attn_bwd_dq(
+    Q, K, V, SEG, DO, LSE, DELTA, DQ, scale,
+    T: tl.constexpr, H: tl.constexpr, KV: tl.constexpr, D: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, DOT_F32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    kvh = h // (H // KV)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < T
+    d_ok = offs_d < D
+    md_ok = m_ok[:, None] & d_ok[None, :]
+    q_ptrs = ((b * T + offs_m[:, None]) * H + h) * D + offs_d[None, :]
+    q = tl.load(Q + q_ptrs, mask=md_ok, other=0.0)
+    do = tl.load(DO + q_ptrs, mask=md_ok, other=0.0)
+    if DOT_F32:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    lse = tl.load(LSE + (b * H + h) * T + offs_m, mask=m_ok, other=0.0)
+    delta = tl.load(DELTA + (b * H + h) * T + offs_m, mask=m_ok, other=0.0)
+    seg_q = tl.load(SEG + b * T + offs_m, mask=m_ok, other=-1)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    hi = T
+    if CAUSAL:
+        hi = tl.minimum((pid_m + 1) * BLOCK_M, T)
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < T
+        kv_ptrs = ((b * T + offs_n[:, None]) * KV + kvh) * D + offs_d[None, :]
+        k = tl.load(K + kv_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        v = tl.load(V + kv_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        if DOT_F32:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        ok = m_ok[:, None] & n_ok[None, :]
+        if CAUSAL:
+            ok = ok & (offs_m[:, None] >= offs_n[None, :])
+        if HAS_SEG:
+            seg_k = tl.load(SEG + b * T + offs_n, mask=n_ok, other=-2)
+            ok = ok & (seg_q[:, None] == seg_k[None, :])
+        s = tl.dot(q, tl.trans(k)) * scale
+        p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k)
+    tl.store(DQ + q_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=md_ok)
+
+
+@triton.jit
+def _attn_bwd_dkdv(
+    Q, K, V, SEG, DO, LSE, DELTA, DK, DV, scale,
+    T: tl.constexpr, H: tl.constexpr, KV: tl.constexpr, D: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, DOT_F32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    pid_n = tl.program_id(0)
+    pid_bk = tl.program_id(1)
+    b = pid_bk // KV
+    kvh = pid_bk % KV
+    G: tl.constexpr = H // KV
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    n_ok = offs_n < T
+    d_ok = offs_d < D
+    nd_ok = n_ok[:, None] & d_ok[None, :]
+    kv_ptrs = ((b * T + offs_n[:, None]) * KV + kvh) * D + offs_d[None, :]
+    k = tl.load(K + kv_ptrs, mask=nd_ok, other=0.0)
+    v = tl.load(V + kv_ptrs, mask=nd_ok, other=0.0)
+    if DOT_F32:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    seg_k = tl.load(SEG + b * T + offs_n, mask=n_ok, other=-2)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    lo = 0
+    if CAUSAL:
+        lo = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M
+    for g in range(G):
+        h = kvh * G + g
+        for start_m in range(lo, T, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            m_ok = offs_m < T
+            md_ok = m_ok[:, None] & d_ok[None, :]
+            q_ptrs = ((b * T + offs_m[:, None]) * H + h) * D + offs_d[None, :]
+            q = tl.load(Q + q_ptrs, mask=md_ok, other=0.0)
+            do = tl.load(DO + q_ptrs, mask=md_ok, other=0.0)
+            if DOT_F32:
+                q = q.to(tl.float32)
+                do = do.to(tl.float32)
+            lse = tl.load(LSE + (b * H + h) * T + offs_m, mask=m_ok, other=0.0)
+            delta = tl.load(DELTA + (b * H + h) * T + offs_m, mask=m_ok, other=0.0)
+            ok = m_ok[:, None] & n_ok[None, :]
+            if CAUSAL:
+                ok = ok & (offs_m[:, None] >= offs_n[None, :])
+            if HAS_SEG:
+                seg_q = tl.load(SEG + b * T + offs_m, mask=m_ok, other=-1)
+                ok = ok & (seg_q[:, None] == seg_k[None, :])
+            s = tl.dot(q, tl.trans(k)) * scale
+            p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+            dp = tl.dot(do, tl.trans(v))
+            ds = p * (dp - delta[:, None])
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+    tl.store(DK + kv_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=nd_ok)
+    tl.store(DV + kv_ptrs, dv.to(DV.dtype.element_ty), mask=nd_ok)
+
+
+def check_shapes(q_shape, k_shape, v_shape) -> None:
+    """Raises ValueError unless q [b, t, h, d], k and v [b, t, kv, d] fit the kernels."""
+    if len(q_shape) != 4 or tuple(k_shape) != tuple(v_shape) or len(k_shape) != 4:
+        raise ValueError(f"q {q_shape}, k {k_shape}, v {v_shape}: want [b,t,h,d], [b,t,kv,d]")
+    (b, t, h, d), (bk, tk, kv, dk) = q_shape, k_shape
+    if (b, t, d) != (bk, tk, dk) or h % kv:
+        raise ValueError(
+            f"q {q_shape} and k {k_shape}: batch, length and head dim must agree and "
+            f"heads {h} must be a multiple of kv heads {kv}"
+        )
+
+
+def meta(t: int, h: int, kv: int, d: int, *, causal: bool, has_seg: bool, dot_f32: bool,
+         block_m: int, block_n: int) -> dict:  # fmt: skip
+    """Returns the constexpr arguments shared by the three kernels."""
+    return dict(
+        T=t, H=h, KV=kv, D=d, CAUSAL=causal, HAS_SEG=has_seg, DOT_F32=dot_f32,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(d)),
+    )  # fmt: skip
+
+
+# ---- torch launchers (Triton's interpreter on CPU, or a torch GPU) ----
+
+
+def forward_torch(q, k, v, seg, *, causal: bool, block_m: int = 64, block_n: int = 64):
+    """Returns (out [b, t, h, d], lse [b, h, t] float32) for torch tensors; seg may be None."""
+    import torch
+
+    check_shapes(q.shape, k.shape, v.shape)
+    b, t, h, d = q.shape
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    has_seg = seg is not None
+    seg = torch.zeros((b, t), dtype=torch.int32) if seg is None else seg.to(torch.int32)
+    out = torch.empty_like(q)
+    lse = torch.empty((b, h, t), dtype=torch.float32, device=q.device)
+    mp = meta(t, h, k.shape[2], d, causal=causal, has_seg=has_seg,
+              dot_f32=_dot_f32(q), block_m=block_m, block_n=block_n)  # fmt: skip
+    _attn_fwd[(triton.cdiv(t, block_m), b * h)](q, k, v, seg, out, lse, d**-0.5, **mp)
+    return out, lse
+
+
+def backward_torch(q, k, v, seg, out, lse, dout, *, causal: bool, block_m: int = 64,
+                   block_n: int = 64):  # fmt: skip
+    """Returns (dq, dk, dv) for torch tensors, from the forward's out and lse."""
+    import torch
+
+    b, t, h, d = q.shape
+    kv = k.shape[2]
+    q, k, v, dout = q.contiguous(), k.contiguous(), v.contiguous(), dout.contiguous()
+    has_seg = seg is not None
+    seg = torch.zeros((b, t), dtype=torch.int32) if seg is None else seg.to(torch.int32)
+    delta = (out.float() * dout.float()).sum(-1).permute(0, 2, 1).contiguous()  # [b, h, t]
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    mp = meta(t, h, kv, d, causal=causal, has_seg=has_seg,
+              dot_f32=_dot_f32(q), block_m=block_m, block_n=block_n)  # fmt: skip
+    scale = d**-0.5
+    _attn_bwd_dq[(triton.cdiv(t, block_m), b * h)](q, k, v, seg, dout, lse, delta, dq, scale, **mp)
+    _attn_bwd_dkdv[(triton.cdiv(t, block_n), b * kv)](
+        q, k, v, seg, dout, lse, delta, dk, dv, scale, **mp
+    )
+    return dq, dk, dv
+
+
+def _dot_f32(x) -> bool:
+    import torch
+
+    return x.device.type == "cpu" and x.dtype == torch.bfloat16
+
+
+# ---- JAX binding (GPU; jax-triton is imported only here) ----
+
+
+def _jax_triton():
+    try:
+        import jax_triton
+    except ImportError as err:
+        raise RuntimeError(
+            "impl='triton' runs the kernels through jax-triton, which needs a CUDA build of "
+            f"JAX and the [gpu] extra ({err}); on CPU use impl='xla_chunked'"
+        ) from err
+    return jax_triton
+
+
+def attention(q_bthd, k_btkd, v_btkd, *, causal: bool, segment_ids_bt=None,
+              block_m: int = 128, block_n: int = 64, num_warps: int = 4,
+              num_stages: int = 2):  # fmt: skip
+    """Returns flash attention [b, t, h, d] of JAX arrays on a GPU, differentiable."""
+    check_shapes(q_bthd.shape, k_btkd.shape, v_btkd.shape)
+    b, t = q_bthd.shape[:2]
+    has_seg = segment_ids_bt is not None
+    seg = jnp.zeros((b, t), jnp.int32) if segment_ids_bt is None else segment_ids_bt
+    static = (causal, has_seg, block_m, block_n, num_warps, num_stages)
+    return _attention_vjp(q_bthd, k_btkd, v_btkd, seg.astype(jnp.int32), static)
+
+
+def _jax_fwd(q, k, v, seg, static):
+    causal, has_seg, block_m, block_n, num_warps, num_stages = static
+    b, t, h, d = q.shape
+    mp = meta(t, h, k.shape[2], d, causal=causal, has_seg=has_seg, dot_f32=False,
+              block_m=block_m, block_n=block_n)  # fmt: skip
+    out, lse = _jax_triton().triton_call(
+        q, k, v, seg, d**-0.5,
+        kernel=_attn_fwd,
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
+                   jax.ShapeDtypeStruct((b, h, t), jnp.float32)],
+        grid=(triton.cdiv(t, block_m), b * h),
+        num_warps=num_warps, num_stages=num_stages, **mp,
+    )  # fmt: skip
+    return out, (q, k, v, seg, out, lse)
+
+
+def _jax_bwd(static, res, dout):
+    causal, has_seg, block_m, block_n, num_warps, num_stages = static
+    q, k, v, seg, out, lse = res
+    b, t, h, d = q.shape
+    kv = k.shape[2]
+    delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), dout.astype(jnp.float32))
+    mp = meta(t, h, kv, d, causal=causal, has_seg=has_seg, dot_f32=False,
+              block_m=block_m, block_n=block_n)  # fmt: skip
+    jt = _jax_triton()
+    dq = jt.triton_call(
+        q, k, v, seg, dout, lse, delta, d**-0.5,
+        kernel=_attn_bwd_dq,
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        grid=(triton.cdiv(t, block_m), b * h),
+        num_warps=num_warps, num_stages=num_stages, **mp,
+    )  # fmt: skip
+    dk, dv = jt.triton_call(
+        q, k, v, seg, dout, lse, delta, d**-0.5,
+        kernel=_attn_bwd_dkdv,
+        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype),
+                   jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        grid=(triton.cdiv(t, block_n), b * kv),
+        num_warps=num_warps, num_stages=num_stages, **mp,
+    )  # fmt: skip
+    return dq, dk, dv, None
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _attention_vjp(q, k, v, seg, static):
+    return _jax_fwd(q, k, v, seg, static)[0]
+
+
+_attention_vjp.defvjp(_jax_fwd, _jax_bwd)
