@@ -47,12 +47,13 @@ def qwen25_05b(**overrides):
     """Returns the ModelConfig of Qwen2.5-0.5B's shape (random weights; no download)."""
     from k15jax.config import ModelConfig
 
-    return ModelConfig(
+    shape = dict(
         vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
         num_attention_heads=14, num_key_value_heads=2, head_dim=64, rms_norm_eps=1e-6,
         rope_theta=1e6, max_position_embeddings=131072, tie_word_embeddings=True,
-        attention_bias=True, dtype="bfloat16", remat=True, **overrides,
+        attention_bias=True, dtype="bfloat16", remat=True,
     )  # fmt: skip
+    return ModelConfig(**{**shape, **overrides})
 
 
 def train_step_memory(t: int, plan: str) -> dict:

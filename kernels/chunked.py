@@ -81,11 +81,14 @@ def _flash_fwd(q, k, v, seg, static):
     nk = k_n.shape[0]
 
     def q_tile(args):
-        qi, q_t, sq = args
+        # The barrier ties the tile index and ids to q: under jax.checkpoint + scan (the
+        # model's remat), index-only values (masks) would otherwise count as "known" and be
+        # precomputed and stored for every tile pair, O(t^2) (seen in memory_analysis).
+        qi, q_t, sq = jax.lax.optimization_barrier(args)
         qpos = qi * bq + jnp.arange(bq)
 
         def k_step(carry, xs):
-            kj, k_t, v_t, sk = xs
+            kj, k_t, v_t, sk, _ = jax.lax.optimization_barrier((*xs, q_t))
 
             def update(carry):
                 m, l_sum, acc = carry

@@ -271,3 +271,22 @@ def test_gpu_impls_refuse_clearly_on_cpu():
         attention.attention(q, q, q, impl="flash")
     with pytest.raises(ValueError, match="power of two"):
         attention.BlockSizes(triton_block_m=48)
+
+
+def test_model_remat_with_chunked_attention_is_linear_in_length():
+    """The model's remat (scan over layers) keeps one layer's activations and no t^2 tiles."""
+
+    def temp(t, remat):
+        cfg = ModelConfig(
+            vocab_size=64, hidden_size=128, intermediate_size=512, num_hidden_layers=6,
+            attention_impl="xla_chunked", attention_block=128, remat=remat,
+        )  # fmt: skip
+        tokens = jax.ShapeDtypeStruct((1, t), jnp.int32)
+        loss = lambda p, tok: model.hidden_states(cfg, p, tok, segment_ids=tok).sum()
+        grad = jax.jit(jax.grad(loss))
+        ma = grad.lower(model.abstract_params(cfg), tokens).compile().memory_analysis()
+        return ma.temp_size_in_bytes
+
+    plain, remat_1k, remat_2k = temp(1024, False), temp(1024, True), temp(2048, True)
+    assert remat_1k < plain / 2
+    assert remat_2k / remat_1k < 2.3

@@ -79,7 +79,8 @@ def test_remat_gives_same_logits_and_grads():
     la, ga = jax.value_and_grad(lambda p: loss(cfg, p))(params)
     lb, gb = jax.value_and_grad(lambda p: loss(remat_cfg, p))(params)
     np.testing.assert_allclose(la, lb, rtol=1e-6)
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-8), ga, gb)
+    # atol 1e-7: the remat path scans over the layers, which reorders float32 sums (grads ~1e-2).
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7), ga, gb)
 
 
 def test_logical_axes_cover_every_param():
