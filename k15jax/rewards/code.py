@@ -1,0 +1,103 @@
+"""Code reward: extract the program from a response and judge it in the sandbox.
+
+`reward(prompt, response, answer_or_tests)` has the interface of `rewards.math.reward`. The
+third argument (a dict, or its JSON text as stored in a JSONL "answer" field) is either
+
+- stdin/stdout tests: {"tests": [{"input": "...", "output": "..."}, ...]}, or
+- a function test (HumanEval style): {"test": "def check(candidate): ...",
+  "entry_point": "f", "prompt": "def f(...):\\n    \\"\\"\\"...\\"\\"\\"\\n"} — the response may
+  complete `prompt` (body only) or give the whole function; or {"asserts": ["assert f(1) == 2"]}.
+
+Reward 1 if every test passes, else 0 (k1.5 §2.3.5: binary); partial credit is an option.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+
+from k15jax.rewards import sandbox as sandbox_lib
+
+_FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)```", re.S)
+_lock = threading.Lock()
+_shared: sandbox_lib.Sandbox | None = None
+
+
+def extract_code(response: str) -> str | None:
+    """Returns the last fenced code block tagged python (or untagged), else None."""
+    blocks = [(lang.lower(), body) for lang, body in _FENCE.findall(response)]
+    for lang, body in reversed(blocks):
+        if lang in ("python", "py", "python3", ""):
+            return body
+    return None
+
+
+def default_sandbox() -> sandbox_lib.Sandbox:
+    """Returns the process-wide sandbox pool, created on first use."""
+    global _shared
+    with _lock:
+        if _shared is None:
+            _shared = sandbox_lib.Sandbox()
+        return _shared
+
+
+def parse_tests(answer_or_tests) -> dict:
+    """Returns the tests as a dict, validating the fields named in the module docstring."""
+    tests = answer_or_tests
+    if isinstance(tests, str):
+        try:
+            tests = json.loads(tests)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"code tests are not valid JSON: {err} in {tests[:80]!r}") from err
+    if not isinstance(tests, dict):
+        raise ValueError(f"code tests must be a JSON object, got {type(tests).__name__}")
+    if "tests" in tests:
+        for i, t in enumerate(tests["tests"]):
+            if not isinstance(t, dict) or not {"input", "output"} <= set(t):
+                raise ValueError(f"tests[{i}] must have 'input' and 'output' fields: {t!r:.80}")
+    elif "test" in tests:
+        if "entry_point" not in tests:
+            raise ValueError("a function test needs 'entry_point' beside 'test'")
+    elif "asserts" not in tests:
+        raise ValueError(f"code tests need 'tests', 'test' or 'asserts'; got {sorted(tests)}")
+    return tests
+
+
+def judge(
+    program: str,
+    tests: dict,
+    *,
+    sandbox: sandbox_lib.Sandbox | None = None,
+    partial_credit: bool = False,
+) -> sandbox_lib.Judgement:
+    """Judges `program` against parsed `tests` (see `parse_tests`)."""
+    box = sandbox or default_sandbox()
+    if "tests" in tests:
+        return sandbox_lib.judge_stdio(box, program, tests["tests"], partial_credit=partial_credit)
+    if "test" in tests:
+        prompt = tests.get("prompt", "")
+        if prompt and f"def {tests['entry_point']}" not in program:
+            program = prompt + program  # the response completed the prompt's body
+        checks = [tests["test"] + f"\ncheck({tests['entry_point']})\n"]
+    else:
+        checks = list(tests["asserts"])
+    return sandbox_lib.judge_function(box, program, checks, partial_credit=partial_credit)
+
+
+def reward(
+    prompt: str,
+    response: str,
+    answer_or_tests,
+    *,
+    sandbox: sandbox_lib.Sandbox | None = None,
+    partial_credit: bool = False,
+) -> tuple[float, dict]:
+    """Returns (reward, info): 1.0 if the response's code passes every test, else 0.0."""
+    del prompt
+    tests = parse_tests(answer_or_tests)
+    program = extract_code(response)
+    if program is None:
+        return 0.0, {"verdicts": (), "reason": "no code block"}
+    j = judge(program, tests, sandbox=sandbox, partial_credit=partial_credit)
+    return j.reward, {"verdicts": j.verdicts, "passed": j.passed}
