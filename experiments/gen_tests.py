@@ -5,7 +5,8 @@
 
 Input lines: {"id": ..., "problem": "statement", "generator": "CYaRon program printing one
 input", "solutions": ["ground-truth program", ...]} (other fields are kept). Output lines: the
-kept problems (all with --keep_all) plus "tests": [{"input", "output"}] and "testgen" stats.
+kept problems (all with --keep_all) plus "tests": [{"input", "output"}], "testgen" stats, and
+"prompt" / "answer" (the tests as JSON) so the file is a prompt set for `--reward=code`.
 Prints a summary like k1.5 §2.3.5's: problems in, problems with >= min_valid_cases valid
 cases, problems kept. Every generator and solution runs in `k15jax.rewards.sandbox`.
 """
@@ -83,7 +84,10 @@ def main(argv):
         for row, r in zip(problems, results, strict=True):
             if r.kept or _KEEP_ALL.value:
                 stats = {k: v for k, v in dataclasses.asdict(r).items() if k != "tests"}
-                f.write(json.dumps({**row, "tests": r.tests, "testgen": stats}) + "\n")
+                # "prompt" and "answer" make the file a prompt set for `--reward=code`.
+                out = {"prompt": row.get("prompt", row.get("problem", "")), **row}
+                out.update(answer=json.dumps({"tests": r.tests}), tests=r.tests, testgen=stats)
+                f.write(json.dumps(out) + "\n")
     os.replace(tmp, _OUT.value)  # never a half-written output file
     enough = sum(len(r.tests) >= cfg.min_valid_cases for r in results)
     print(f"\nproblems in: {len(problems)}")

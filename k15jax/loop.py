@@ -35,12 +35,13 @@ from k15jax import (
     train_step,
 )
 from k15jax.config import ModelConfig
+from k15jax.rewards import code as code_reward
 from k15jax.rewards import length as length_reward
 from k15jax.rewards import math as math_reward
 
 log = logging.getLogger(__name__)
 
-REWARDS = ("task", "math")
+REWARDS = ("task", "math", "code")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -49,7 +50,7 @@ class TaskConfig:
 
     data: str | None = None  # JSONL prompt set; None: the built-in arithmetic task
     eval_data: str | None = None  # JSONL held-out set; None: the hashed split of `data`
-    reward: str = "task"  # "task" (built-in checker) or "math" (math-verify)
+    reward: str = "task"  # "task" (built-in checker), "math" (math-verify), "code" (sandbox)
     prompt_template: str = "{prompt}"
     train_problems: int = 512  # built-in task: size of the RL pool
     sft_examples: int = 8000  # built-in task: warm-up traces
@@ -225,7 +226,9 @@ def prepare(cfg: RunConfig) -> Setup:
             held_out = [p for p in problems if tasks.is_held_out(p.prompt)]
         held_out = held_out[: cfg.eval.problems]
         sft_examples = []
-        reward_fn = math_reward.reward if t.reward == "math" else tasks.reward
+        reward_fn = {"math": math_reward.reward, "code": code_reward.reward}.get(
+            t.reward, tasks.reward
+        )
     mesh = sharding.make_mesh((-1, 1, 1))
     return Setup(cfg, model_cfg, params, tok, train, held_out, sft_examples, reward_fn, mesh)
 

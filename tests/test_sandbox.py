@@ -15,6 +15,7 @@ import threading
 
 import pytest
 
+from k15jax import data, loop
 from k15jax.rewards import code, sandbox
 
 DATA = pathlib.Path(__file__).parent / "data"
@@ -75,7 +76,7 @@ def test_shipped_problems_get_the_right_verdicts(box, pid):
         "slow": sandbox.TIMEOUT,
     }
     for kind, program in problem["solutions"].items():
-        r, info = code.reward(problem["problem"], _fenced(program), problem["answer"], sandbox=box)
+        r, info = code.reward(problem["prompt"], _fenced(program), problem["answer"], sandbox=box)
         assert info["verdicts"] == (expect[kind],) * n, kind
         assert r == (1.0 if kind == "correct" else 0.0), kind
 
@@ -104,6 +105,18 @@ def test_function_tests_cannot_be_faked_by_exiting_early(box):
     ):
         j = code.judge(cheat, tests, sandbox=box)
         assert j.reward == 0.0 and sandbox.PASSED not in j.verdicts, cheat
+
+
+@needs_isolation
+def test_code_prompt_set_loads_and_scores_through_the_loop_reward(box, monkeypatch):
+    monkeypatch.setattr(code, "default_sandbox", lambda: box)
+    problems = {p.id: p for p in data.load_jsonl(str(DATA / "code_problems.jsonl"))}
+    raw = _problems()
+    assert "code" in loop.REWARDS
+    for pid, p in problems.items():
+        good = _fenced(raw[pid]["solutions"]["correct"])
+        assert code.reward(p.prompt, good, p.answer)[0] == 1.0
+        assert code.reward(p.prompt, _fenced(raw[pid]["solutions"]["wrong"]), p.answer)[0] == 0.0
 
 
 def test_extract_code_and_bad_tests():
@@ -140,7 +153,8 @@ def test_infinite_loop_and_sleep_time_out(box):
 
 @needs_isolation
 def test_fork_bomb_is_contained(box):
-    bomb = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
+    # every process forks until the per-uid process limit, then spins
+    bomb = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass"
     j = _judge(box, bomb, "1")
     assert j.reward == 0.0
     assert _sandbox_pids() == []
@@ -157,7 +171,7 @@ def test_huge_allocation_is_a_memory_verdict(box):
 @needs_isolation
 def test_huge_file_is_stopped_and_leaves_nothing(box):
     free = os.statvfs(tempfile.gettempdir()).f_bavail
-    program = "f = open('big', 'wb')\nfor _ in range(10 * 1024):\n    f.write(b'x' * 2**20)\nprint(1)\n"
+    program = "f = open('big', 'wb')\nfor _ in range(10240):\n    f.write(b'x' * 2**20)\nprint(1)\n"
     j = _judge(box, program, "1")
     assert j.verdicts == (sandbox.RUNTIME,) and j.reward == 0.0
     # Neither the file nor its blocks are left on the host (allow unrelated churn: 64 MB).

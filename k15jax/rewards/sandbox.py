@@ -227,11 +227,11 @@ class Sandbox:
                 json.dump(spec, f)
             launcher = [sys.executable, "-I", "-S", os.path.abspath(__file__), "--jail", spec_path]
             cmd = [*_UNSHARE, *launcher] if self.isolated else launcher
-            return self._wait(cmd, io_paths)
+            return self._wait(cmd, io_paths, _UID_BASE + slot)
         finally:
             shutil.rmtree(host_dir, ignore_errors=True)
 
-    def _wait(self, cmd, io_paths) -> RunResult:
+    def _wait(self, cmd, io_paths, uid: int) -> RunResult:
         cfg = self.cfg
         start = time.perf_counter()
         with (
@@ -250,6 +250,8 @@ class Sandbox:
                 timed_out = True
                 _kill_tree(proc)
                 code = proc.wait()
+                if self.isolated:  # the namespace dies asynchronously after unshare is killed
+                    _wait_uid_gone(uid)
         wall = time.perf_counter() - start
         stdout = _read_capped(io_paths["stdout"], cfg.max_output_mb)
         stderr = _read_capped(io_paths["stderr"], 1)
@@ -265,6 +267,31 @@ class Sandbox:
         if not self.isolated:  # the process group may still hold children of the program
             _kill_tree(proc)
         return RunResult(verdict, code, stdout, stderr, wall)
+
+
+def _uid_pids(uid: int) -> list[int]:
+    pids = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if entry.stat().st_uid == uid:
+                    pids.append(int(entry.name))
+    return pids
+
+
+def _wait_uid_gone(uid: int, timeout_s: float = 10.0) -> None:
+    """Waits until no process runs as `uid` (a slot's uid), SIGKILLing stragglers.
+
+    Leftovers would count against the next run's process limit on the same slot.
+    """
+    deadline = time.monotonic() + timeout_s
+    while pids := _uid_pids(uid):
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"sandbox processes of uid {uid} survive SIGKILL: {pids[:10]}")
+        time.sleep(0.01)
 
 
 def _kill_tree(proc: subprocess.Popen) -> None:
