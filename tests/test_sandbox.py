@@ -312,9 +312,11 @@ def test_runs_in_parallel_on_the_pool(box):
 
 def test_refuses_without_isolation_unless_opted_in(monkeypatch):
     monkeypatch.setattr(sandbox, "check_isolation", lambda: "test: no namespaces")
-    with pytest.raises(sandbox.SandboxUnavailable, match="allow_unsafe"):
+    with pytest.raises(sandbox.SandboxUnavailable, match="isolation='auto'"):
         sandbox.Sandbox(CFG)
-    with sandbox.Sandbox(sandbox.SandboxConfig(allow_unsafe=True, cpu_s=1, wall_s=3)) as weak:
+    with pytest.raises(ValueError, match="isolation='none'"):
+        sandbox.SandboxConfig(isolation="none")
+    with sandbox.Sandbox(sandbox.SandboxConfig(isolation="auto", cpu_s=1, wall_s=3)) as weak:
         assert not weak.isolated
         j = sandbox.judge_stdio(weak, "print(int(input()) * 2)\n", [{"input": "4", "output": "8"}])
         assert j.reward == 1.0

@@ -16,9 +16,12 @@ Every run is one process tree in fresh Linux namespaces, started with util-linux
 
 `check_isolation()` probes once whether the kernel allows this (root, or a user namespace
 with uid mapping is not enough: switching to another uid needs root in the host). If not,
-`run_*` refuse with `SandboxUnavailable` unless `SandboxConfig(allow_unsafe=True)` asks for the
-documented weaker mode: same rlimits, a temporary working directory, a scrubbed environment
-and a process-group kill, but no network, mount or PID isolation and no uid switch.
+`Sandbox()` refuses with `SandboxUnavailable`. Only an explicit
+`SandboxConfig(isolation="auto")` (fall back when unavailable) or `isolation="rlimits_only"`
+selects the documented weaker mode: the same rlimits except the process count, a temporary
+working directory, a scrubbed environment and a process-group kill, but no network, mount
+or PID isolation and no uid switch (a program can reach the network, read world-readable
+files, and escape the kill with setsid). Use it for trusted code only.
 
 This file also serves as the in-namespace launcher (`python -I sandbox.py --jail ...`), so its
 top level imports only the standard library.
@@ -51,6 +54,7 @@ PASSED, WRONG, RUNTIME, TIMEOUT, MEMORY = (
     "memory",
 )
 VERDICTS = (PASSED, WRONG, RUNTIME, TIMEOUT, MEMORY)
+ISOLATION_MODES = ("namespaces", "auto", "rlimits_only")
 _UID_BASE = 61000  # sandbox uids: _UID_BASE + worker slot (no such users need to exist)
 
 
@@ -70,7 +74,7 @@ class SandboxConfig:
     max_output_mb: int = 16  # any file the program writes, stdout and stderr included
     tmpfs_mb: int = 64  # size of each private tmpfs (/tmp and friends)
     workers: int = 0  # runs in parallel; 0: one per CPU core
-    allow_unsafe: bool = False  # run without namespaces if the kernel refuses them
+    isolation: str = "namespaces"  # or "auto" (weaker mode if unavailable), "rlimits_only"
     python: str = ""  # interpreter for the programs; "": see `program_python`
 
     def __post_init__(self):
@@ -78,6 +82,8 @@ class SandboxConfig:
                      "max_output_mb", "tmpfs_mb"):  # fmt: skip
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be > 0")
+        if self.isolation not in ISOLATION_MODES:
+            raise ValueError(f"isolation={self.isolation!r} must be one of {ISOLATION_MODES}")
         if self.workers < 0:
             raise ValueError(f"workers={self.workers} must be >= 0")
 
@@ -165,12 +171,15 @@ class Sandbox:
 
     def __init__(self, cfg: SandboxConfig = SandboxConfig()):
         self.cfg = cfg
-        self.reason = check_isolation()
-        if self.reason is not None and not cfg.allow_unsafe:
+        if cfg.isolation == "rlimits_only":
+            self.reason = "isolation='rlimits_only' was asked for"
+        else:
+            self.reason = check_isolation()
+        if self.reason is not None and cfg.isolation == "namespaces":
             raise SandboxUnavailable(
                 f"refusing to run untrusted code without isolation: {self.reason}. "
-                "SandboxConfig(allow_unsafe=True) runs with rlimits only (no network, PID or "
-                "mount isolation, same uid as this process)."
+                "SandboxConfig(isolation='auto' or 'rlimits_only') runs with rlimits only (no "
+                "network, PID or mount isolation, same uid as this process)."
             )
         self.python = program_python(cfg) if self.isolated else (cfg.python or sys.executable)
         self._slots: queue.Queue[int] = queue.Queue()
