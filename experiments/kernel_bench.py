@@ -13,7 +13,8 @@
   `xla_chunked`, `xla`) at Qwen2.5-0.5B's e and vocabulary, against the measured H200 ceilings
   (~790 TFLOP/s bf16 matmul, ~4.3 TB/s copy). Each case first checks its values against the
   reference on a small input; failures (out of memory, a broken cuDNN path) are recorded,
-  not fatal.
+  not fatal. `triton_torch` launches the same Triton kernels on torch CUDA tensors (timed with
+  CUDA synchronization): the kernels' own speed where jax-triton is not installed.
 
 Results are printed as tables and written as JSON to --out.
 """
@@ -30,8 +31,12 @@ _WHICH = flags.DEFINE_list("which", ["memory"], "memory and/or speed.")
 _OUT = flags.DEFINE_string("out", "runs/kernel_bench.json", "Where to write the results.")
 _MEM_LENGTHS = flags.DEFINE_list("memory_lengths", ["8192", "32768", "131072"], "Tokens.")
 _SPEED_LENGTHS = flags.DEFINE_list("speed_lengths", ["4096", "8192", "16384", "32768"], "Tokens.")
-_IMPLS = flags.DEFINE_list("impls", ["triton", "cudnn", "xla", "xla_chunked"], "Attention impls.")
-_LOGPROB_IMPLS = flags.DEFINE_list("logprob_impls", ["triton", "xla_chunked", "xla"], "Impls.")
+_IMPLS = flags.DEFINE_list(
+    "impls", ["triton", "triton_torch", "cudnn", "xla", "xla_chunked"], "Attention impls."
+)
+_LOGPROB_IMPLS = flags.DEFINE_list(
+    "logprob_impls", ["triton", "triton_torch", "xla_chunked", "xla"], "Log-prob impls."
+)
 _LOGPROB_ROWS = flags.DEFINE_list("logprob_rows", ["8192", "32768"], "Rows (tokens).")
 _HEADS = flags.DEFINE_integer("heads", 16, "Attention heads of the speed benchmark.")
 _HEAD_DIM = flags.DEFINE_integer("head_dim", 128, "Head dim of the speed benchmark.")
@@ -115,6 +120,59 @@ def run_memory() -> list[dict]:
 # ------------------------------------------------------------------------------ speed
 
 
+def _time_torch(f) -> float:
+    import torch
+
+    f()  # compile + warm up
+    f()
+    times = []
+    for _ in range(_REPEATS.value):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        f()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def _torch_attention(b, t, h, d, seed):
+    """Returns (fwd, fwd_bwd, tensors) closures over bf16 CUDA tensors for triton_torch."""
+    import torch
+
+    from kernels import triton_attention as ta
+
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    q, k, v, do = (torch.randn(b, t, h, d, device="cuda", generator=gen, dtype=torch.bfloat16)
+                   for _ in range(4))  # fmt: skip
+    kw = dict(causal=True, block_m=128, block_n=64, num_warps=8, num_stages=2)
+    fwd = lambda: ta.forward_torch(q, k, v, None, **kw)
+
+    def fwd_bwd():
+        out, lse = ta.forward_torch(q, k, v, None, **kw)
+        return ta.backward_torch(q, k, v, None, out, lse, do, **kw)
+
+    return fwd, fwd_bwd, (q, k, v, do)
+
+
+def _check_torch_attention() -> float:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from kernels import reference
+
+    fwd, fwd_bwd, (q, k, v, do) = _torch_attention(2, 1000, 8, 128, seed=0)
+    to_j = lambda x: jnp.asarray(x.float().cpu().numpy()).astype(jnp.bfloat16)
+    ref = lambda q, k, v: reference.attention(q, k, v, causal=True)
+    want_out, want_vjp = jax.vjp(ref, to_j(q), to_j(k), to_j(v))
+    got = (fwd()[0], *fwd_bwd())
+    err = 0.0
+    for g, w in zip(got, (want_out, *want_vjp(to_j(do))), strict=True):
+        diff = g.float().cpu().numpy() - np.asarray(w, np.float32)
+        err = max(err, float(np.max(np.abs(diff))))
+    return err
+
+
 def _time(f, *args) -> float:
     import jax
 
@@ -176,7 +234,11 @@ def run_attention_speed() -> list[dict]:
         cudnn_mask = False
         check = None
         try:
-            check = _check_attention(impl, cudnn_mask)
+            check = (
+                _check_torch_attention()
+                if impl == "triton_torch"
+                else _check_attention(impl, cudnn_mask)
+            )
             if impl == "cudnn" and check > 0.1:
                 raise ValueError(f"is_causal=True gives wrong values (max err {check:.3g})")
         except Exception as err:  # noqa: BLE001 (a broken backend is a result, not a crash)
@@ -201,9 +263,14 @@ def run_attention_speed() -> list[dict]:
             flops_fwd = 4 * b * h * t * t * d / 2  # causal: half the score matrix
             row = dict(impl=impl, t=t, b=b, h=h, d=d, check_max_err=check, cudnn_mask=cudnn_mask)
             try:
-                row["fwd_s"] = _time(fwd, q, k, v)
+                if impl == "triton_torch":
+                    tfwd, tbwd, _ = _torch_attention(b, t, h, d, seed=t)
+                    row["fwd_s"] = _time_torch(tfwd)
+                    row["fwd_bwd_s"] = _time_torch(tbwd)
+                else:
+                    row["fwd_s"] = _time(fwd, q, k, v)
+                    row["fwd_bwd_s"] = _time(bwd, q, k, v)  # the gradient includes a forward
                 row["fwd_tflops"] = flops_fwd / row["fwd_s"] / 1e12
-                row["fwd_bwd_s"] = _time(bwd, q, k, v)  # the gradient includes a forward
                 row["fwd_bwd_tflops"] = 3.5 * flops_fwd / row["fwd_bwd_s"] / 1e12
             except Exception as err:  # noqa: BLE001 (out of memory is a result here)
                 row["error"] = f"{type(err).__name__}: {err}"[:300]
@@ -228,12 +295,56 @@ def run_attention_speed() -> list[dict]:
     return rows
 
 
+class _Timer:
+    """A zero-argument call returning the result, and its median time over --repeats."""
+
+    def __init__(self, call, torch_sync: bool):
+        self.call, self.torch_sync = call, torch_sync
+
+    def __call__(self):
+        return self.call()
+
+    def median_s(self) -> float:
+        if self.torch_sync:
+            return _time_torch(self.call)
+        return _time(lambda: self.call())
+
+
+def _logprob_timers(impl: str, h, w, y) -> tuple[_Timer, _Timer]:
+    """Returns (forward, forward+backward) timers of log-prob implementation `impl`."""
+    import jax
+    import numpy as np
+
+    from kernels import logprobs
+
+    if impl == "triton_torch":
+        import torch
+
+        from kernels import triton_logprobs as tlp
+
+        to_t = lambda x: torch.from_numpy(np.asarray(x, np.float32)).to("cuda", torch.bfloat16)
+        th, tw = to_t(h), to_t(w)
+        ty = torch.from_numpy(np.asarray(y, np.int32)).cuda()
+        dl = torch.ones(th.shape[0], device="cuda")
+        kw = dict(block_m=64, block_v=128, block_e=64, num_warps=4, num_stages=2)
+        fwd = lambda: tlp.forward_torch(th, tw, ty, **kw)[0].cpu().numpy()
+
+        def fwd_bwd():
+            _, lse = tlp.forward_torch(th, tw, ty, **kw)
+            return tlp.backward_torch(th, tw, ty, lse, dl, **kw)
+
+        return _Timer(fwd, True), _Timer(fwd_bwd, True)
+    f = lambda h, w, y: logprobs.logprobs(h, w, y, impl=impl)
+    fwd, bwd = jax.jit(f), jax.jit(jax.grad(lambda h, w, y: f(h, w, y).sum(), (0, 1)))
+    return _Timer(lambda: fwd(h, w, y), False), _Timer(lambda: bwd(h, w, y), False)
+
+
 def run_logprob_speed() -> list[dict]:
     import jax
     import jax.numpy as jnp
     import numpy as np
 
-    from kernels import logprobs, reference
+    from kernels import reference
 
     e, v = 896, 151936
     rows = []
@@ -243,26 +354,24 @@ def run_logprob_speed() -> list[dict]:
         w = (jax.random.normal(kw, (e, v), jnp.float32) * e**-0.5).astype(jnp.bfloat16)
         y = jax.random.randint(ky, (1000,), 0, v)
         try:
-            got = jax.jit(lambda h, w: logprobs.logprobs(h, w, y, impl=impl))(h, w)
+            fwd, _ = _logprob_timers(impl, h, w, y)
             want = jax.jit(lambda h, w: reference.logprobs(h, w, y))(h, w)
-            check = float(np.max(np.abs(np.asarray(got) - np.asarray(want))))
+            check = float(np.max(np.abs(np.asarray(fwd()) - np.asarray(want))))
         except Exception as err:  # noqa: BLE001
             rows.append(dict(impl=impl, error=f"check: {type(err).__name__}: {err}"[:300]))
             continue
         for n in (int(x) for x in _LOGPROB_ROWS.value):
             h = jax.random.normal(kh, (n, e), jnp.bfloat16)
             y = jax.random.randint(ky, (n,), 0, v)
-            f = lambda h, w, y: logprobs.logprobs(h, w, y, impl=impl)
-            fwd = jax.jit(f)
-            bwd = jax.jit(jax.grad(lambda h, w, y: f(h, w, y).sum(), (0, 1)))
             row = dict(impl=impl, n=n, e=e, v=v, check_max_err=check)
             # Unavoidable traffic: read h and w once, write the outputs (fwd: logp, lse).
             bytes_fwd = 2 * (n * e + e * v) + 8 * n
             try:
-                row["fwd_s"] = _time(fwd, h, w, y)
+                fwd, fwd_bwd = _logprob_timers(impl, h, w, y)
+                row["fwd_s"] = fwd.median_s()
                 row["fwd_tflops"] = 2 * n * e * v / row["fwd_s"] / 1e12
                 row["fwd_gbps"] = bytes_fwd / row["fwd_s"] / 1e9
-                row["fwd_bwd_s"] = _time(bwd, h, w, y)
+                row["fwd_bwd_s"] = fwd_bwd.median_s()
                 row["fwd_bwd_tflops"] = 6 * n * e * v / row["fwd_bwd_s"] / 1e12
             except Exception as err:  # noqa: BLE001
                 row["error"] = f"{type(err).__name__}: {err}"[:300]
@@ -284,6 +393,8 @@ def run_logprob_speed() -> list[dict]:
 
 def main(argv):
     del argv
+    # JAX would otherwise take 75% of the GPU and leave torch (triton_torch) too little.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     import jax
 
     results = dict(device=str(jax.devices()[0].device_kind), backend=jax.default_backend())

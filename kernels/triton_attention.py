@@ -229,7 +229,8 @@ def meta(t: int, h: int, kv: int, d: int, *, causal: bool, has_seg: bool, dot_f3
 # ---- torch launchers (Triton's interpreter on CPU, or a torch GPU) ----
 
 
-def forward_torch(q, k, v, seg, *, causal: bool, block_m: int = 64, block_n: int = 64):
+def forward_torch(q, k, v, seg, *, causal: bool, block_m: int = 64, block_n: int = 64,
+                  num_warps: int = 4, num_stages: int = 2):  # fmt: skip
     """Returns (out [b, t, h, d], lse [b, h, t] float32) for torch tensors; seg may be None."""
     import torch
 
@@ -237,17 +238,19 @@ def forward_torch(q, k, v, seg, *, causal: bool, block_m: int = 64, block_n: int
     b, t, h, d = q.shape
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     has_seg = seg is not None
-    seg = torch.zeros((b, t), dtype=torch.int32) if seg is None else seg.to(torch.int32)
+    seg = torch.zeros((b, t), dtype=torch.int32, device=q.device) if seg is None else seg.int()
     out = torch.empty_like(q)
     lse = torch.empty((b, h, t), dtype=torch.float32, device=q.device)
     mp = meta(t, h, k.shape[2], d, causal=causal, has_seg=has_seg,
               dot_f32=_dot_f32(q), block_m=block_m, block_n=block_n)  # fmt: skip
-    _attn_fwd[(triton.cdiv(t, block_m), b * h)](q, k, v, seg, out, lse, d**-0.5, **mp)
+    _attn_fwd[(triton.cdiv(t, block_m), b * h)](
+        q, k, v, seg, out, lse, d**-0.5, num_warps=num_warps, num_stages=num_stages, **mp
+    )
     return out, lse
 
 
 def backward_torch(q, k, v, seg, out, lse, dout, *, causal: bool, block_m: int = 64,
-                   block_n: int = 64):  # fmt: skip
+                   block_n: int = 64, num_warps: int = 4, num_stages: int = 2):  # fmt: skip
     """Returns (dq, dk, dv) for torch tensors, from the forward's out and lse."""
     import torch
 
@@ -255,15 +258,18 @@ def backward_torch(q, k, v, seg, out, lse, dout, *, causal: bool, block_m: int =
     kv = k.shape[2]
     q, k, v, dout = q.contiguous(), k.contiguous(), v.contiguous(), dout.contiguous()
     has_seg = seg is not None
-    seg = torch.zeros((b, t), dtype=torch.int32) if seg is None else seg.to(torch.int32)
+    seg = torch.zeros((b, t), dtype=torch.int32, device=q.device) if seg is None else seg.int()
     delta = (out.float() * dout.float()).sum(-1).permute(0, 2, 1).contiguous()  # [b, h, t]
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     mp = meta(t, h, kv, d, causal=causal, has_seg=has_seg,
               dot_f32=_dot_f32(q), block_m=block_m, block_n=block_n)  # fmt: skip
     scale = d**-0.5
-    _attn_bwd_dq[(triton.cdiv(t, block_m), b * h)](q, k, v, seg, dout, lse, delta, dq, scale, **mp)
+    launch = dict(num_warps=num_warps, num_stages=num_stages)
+    _attn_bwd_dq[(triton.cdiv(t, block_m), b * h)](
+        q, k, v, seg, dout, lse, delta, dq, scale, **launch, **mp
+    )
     _attn_bwd_dkdv[(triton.cdiv(t, block_n), b * kv)](
-        q, k, v, seg, dout, lse, delta, dk, dv, scale, **mp
+        q, k, v, seg, dout, lse, delta, dk, dv, scale, **launch, **mp
     )
     return dq, dk, dv
 

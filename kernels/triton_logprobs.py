@@ -128,7 +128,8 @@ def meta(n: int, e: int, v: int, *, dot_f32: bool, block_m: int, block_v: int,
 # ---- torch launchers (Triton's interpreter on CPU, or a torch GPU) ----
 
 
-def forward_torch(h, w, y, *, block_m: int = 64, block_v: int = 128, block_e: int = 64):
+def forward_torch(h, w, y, *, block_m: int = 64, block_v: int = 128, block_e: int = 64,
+                  num_warps: int = 4, num_stages: int = 2):  # fmt: skip
     """Returns (logp [n], lse [n]) float32 for torch tensors."""
     import torch
 
@@ -139,13 +140,20 @@ def forward_torch(h, w, y, *, block_m: int = 64, block_v: int = 128, block_e: in
     lse = torch.empty(n, dtype=torch.float32, device=h.device)
     mp = meta(n, e, v, dot_f32=_dot_f32(h), block_m=block_m, block_v=block_v, block_e=block_e)
     _logprob_fwd[(triton.cdiv(n, block_m),)](
-        h.contiguous(), w.contiguous(), y.to(torch.int32).contiguous(), logp, lse, **mp
+        h.contiguous(),
+        w.contiguous(),
+        y.to(torch.int32).contiguous(),
+        logp,
+        lse,
+        num_warps=num_warps,
+        num_stages=num_stages,
+        **mp,
     )
     return logp, lse
 
 
 def backward_torch(h, w, y, lse, dlogp, *, block_m: int = 64, block_v: int = 128,
-                   block_e: int = 64):  # fmt: skip
+                   block_e: int = 64, num_warps: int = 4, num_stages: int = 2):  # fmt: skip
     """Returns (dh [n, e], dw [e, v]) in the dtypes of h and w."""
     import torch
 
@@ -156,7 +164,7 @@ def backward_torch(h, w, y, lse, dlogp, *, block_m: int = 64, block_v: int = 128
     mp = meta(n, e, v, dot_f32=_dot_f32(h), block_m=block_m, block_v=block_v, block_e=block_e)
     _logprob_bwd[(triton.cdiv(n, block_m), triton.cdiv(v, block_v))](
         h.contiguous(), w.contiguous(), y.to(torch.int32).contiguous(), lse,
-        dlogp.float().contiguous(), dh, dw, **mp,
+        dlogp.float().contiguous(), dh, dw, num_warps=num_warps, num_stages=num_stages, **mp,
     )  # fmt: skip
     return dh.to(h.dtype), dw.to(w.dtype)
 
