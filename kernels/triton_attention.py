@@ -31,6 +31,44 @@ NEG = -1.0e30
 
 
 @triton.jit
+def _load_tile(X, b, rows, rows_ok, head, NH: tl.constexpr, T: tl.constexpr, D: tl.constexpr,
+               offs_d, d_ok, DOT_F32: tl.constexpr):  # fmt: skip
+    """Loads X[b, rows, head, :] of a contiguous [b, T, NH, D] array as a [rows, BLOCK_D] tile."""
+    x = tl.load(
+        X + ((b * T + rows[:, None]) * NH + head) * D + offs_d[None, :],
+        mask=rows_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )
+    if DOT_F32:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _store_tile(X, value, b, rows, rows_ok, head, NH: tl.constexpr, T: tl.constexpr,
+                D: tl.constexpr, offs_d, d_ok):  # fmt: skip
+    tl.store(
+        X + ((b * T + rows[:, None]) * NH + head) * D + offs_d[None, :],
+        value.to(X.dtype.element_ty),
+        mask=rows_ok[:, None] & d_ok[None, :],
+    )
+
+
+@triton.jit
+def _visible(SEG, b, offs_m, m_ok, offs_n, n_ok, T: tl.constexpr, CAUSAL: tl.constexpr,
+             HAS_SEG: tl.constexpr):  # fmt: skip
+    """Returns the [m, n] mask of keys each query may attend to (bounds, causal, segments)."""
+    ok = m_ok[:, None] & n_ok[None, :]
+    if CAUSAL:
+        ok = ok & (offs_m[:, None] >= offs_n[None, :])
+    if HAS_SEG:
+        seg_q = tl.load(SEG + b * T + offs_m, mask=m_ok, other=-1)
+        seg_k = tl.load(SEG + b * T + offs_n, mask=n_ok, other=-2)
+        ok = ok & (seg_q[:, None] == seg_k[None, :])
+    return ok
+
+
+@triton.jit
 def _attn_fwd(
     Q, K, V, SEG, OUT, LSE, scale,
     T: tl.constexpr, H: tl.constexpr, KV: tl.constexpr, D: tl.constexpr,
@@ -38,22 +76,14 @@ def _attn_fwd(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
+    b = tl.program_id(1) // H
+    h = tl.program_id(1) % H
     kvh = h // (H // KV)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < T
     d_ok = offs_d < D
-    q = tl.load(
-        Q + ((b * T + offs_m[:, None]) * H + h) * D + offs_d[None, :],
-        mask=m_ok[:, None] & d_ok[None, :],
-        other=0.0,
-    )
-    if DOT_F32:
-        q = q.to(tl.float32)
-    seg_q = tl.load(SEG + b * T + offs_m, mask=m_ok, other=-1)
+    q = _load_tile(Q, b, offs_m, m_ok, h, H, T, D, offs_d, d_ok, DOT_F32)
     m_i = tl.full([BLOCK_M], NEG, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -63,20 +93,10 @@ def _attn_fwd(
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < T
-        kv_ptrs = ((b * T + offs_n[:, None]) * KV + kvh) * D + offs_d[None, :]
-        k = tl.load(K + kv_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        v = tl.load(V + kv_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        if DOT_F32:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k)) * scale
-        ok = m_ok[:, None] & n_ok[None, :]
-        if CAUSAL:
-            ok = ok & (offs_m[:, None] >= offs_n[None, :])
-        if HAS_SEG:
-            seg_k = tl.load(SEG + b * T + offs_n, mask=n_ok, other=-2)
-            ok = ok & (seg_q[:, None] == seg_k[None, :])
-        s = tl.where(ok, s, NEG)
+        k = _load_tile(K, b, offs_n, n_ok, kvh, KV, T, D, offs_d, d_ok, DOT_F32)
+        v = _load_tile(V, b, offs_n, n_ok, kvh, KV, T, D, offs_d, d_ok, DOT_F32)
+        ok = _visible(SEG, b, offs_m, m_ok, offs_n, n_ok, T, CAUSAL, HAS_SEG)
+        s = tl.where(ok, tl.dot(q, tl.trans(k)) * scale, NEG)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.where(ok, tl.exp(s - m_new[:, None]), 0.0)
         alpha = tl.exp(m_i - m_new)
@@ -84,13 +104,16 @@ def _attn_fwd(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
     l_safe = tl.where(l_i > 0, l_i, 1.0)
-    out = acc / l_safe[:, None]
-    tl.store(
-        OUT + ((b * T + offs_m[:, None]) * H + h) * D + offs_d[None, :],
-        out.to(OUT.dtype.element_ty),
-        mask=m_ok[:, None] & d_ok[None, :],
-    )
+    _store_tile(OUT, acc / l_safe[:, None], b, offs_m, m_ok, h, H, T, D, offs_d, d_ok)
     tl.store(LSE + (b * H + h) * T + offs_m, m_i + tl.log(l_safe), mask=m_ok)
+
+
+@triton.jit
+def _probs_and_ds(q, k, v, do, lse, delta, ok, scale):
+    """Recomputes a tile's probabilities p and the score gradient ds = p (do v^T - delta)."""
+    p = tl.where(ok, tl.exp(tl.dot(q, tl.trans(k)) * scale - lse[:, None]), 0.0)
+    ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
+    return p, ds
 
 
 @triton.jit
@@ -101,24 +124,17 @@ def _attn_bwd_dq(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
+    b = tl.program_id(1) // H
+    h = tl.program_id(1) % H
     kvh = h // (H // KV)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < T
     d_ok = offs_d < D
-    md_ok = m_ok[:, None] & d_ok[None, :]
-    q_ptrs = ((b * T + offs_m[:, None]) * H + h) * D + offs_d[None, :]
-    q = tl.load(Q + q_ptrs, mask=md_ok, other=0.0)
-    do = tl.load(DO + q_ptrs, mask=md_ok, other=0.0)
-    if DOT_F32:
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
+    q = _load_tile(Q, b, offs_m, m_ok, h, H, T, D, offs_d, d_ok, DOT_F32)
+    do = _load_tile(DO, b, offs_m, m_ok, h, H, T, D, offs_d, d_ok, DOT_F32)
     lse = tl.load(LSE + (b * H + h) * T + offs_m, mask=m_ok, other=0.0)
     delta = tl.load(DELTA + (b * H + h) * T + offs_m, mask=m_ok, other=0.0)
-    seg_q = tl.load(SEG + b * T + offs_m, mask=m_ok, other=-1)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     hi = T
     if CAUSAL:
@@ -126,24 +142,12 @@ def _attn_bwd_dq(
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < T
-        kv_ptrs = ((b * T + offs_n[:, None]) * KV + kvh) * D + offs_d[None, :]
-        k = tl.load(K + kv_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        v = tl.load(V + kv_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        if DOT_F32:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        ok = m_ok[:, None] & n_ok[None, :]
-        if CAUSAL:
-            ok = ok & (offs_m[:, None] >= offs_n[None, :])
-        if HAS_SEG:
-            seg_k = tl.load(SEG + b * T + offs_n, mask=n_ok, other=-2)
-            ok = ok & (seg_q[:, None] == seg_k[None, :])
-        s = tl.dot(q, tl.trans(k)) * scale
-        p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v))
-        ds = p * (dp - delta[:, None])
+        k = _load_tile(K, b, offs_n, n_ok, kvh, KV, T, D, offs_d, d_ok, DOT_F32)
+        v = _load_tile(V, b, offs_n, n_ok, kvh, KV, T, D, offs_d, d_ok, DOT_F32)
+        ok = _visible(SEG, b, offs_m, m_ok, offs_n, n_ok, T, CAUSAL, HAS_SEG)
+        _, ds = _probs_and_ds(q, k, v, do, lse, delta, ok, scale)
         dq += tl.dot(ds.to(k.dtype), k)
-    tl.store(DQ + q_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=md_ok)
+    _store_tile(DQ, dq * scale, b, offs_m, m_ok, h, H, T, D, offs_d, d_ok)
 
 
 @triton.jit
@@ -154,22 +158,15 @@ def _attn_bwd_dkdv(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
-    pid_bk = tl.program_id(1)
-    b = pid_bk // KV
-    kvh = pid_bk % KV
+    b = tl.program_id(1) // KV
+    kvh = tl.program_id(1) % KV
     G: tl.constexpr = H // KV
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     n_ok = offs_n < T
     d_ok = offs_d < D
-    nd_ok = n_ok[:, None] & d_ok[None, :]
-    kv_ptrs = ((b * T + offs_n[:, None]) * KV + kvh) * D + offs_d[None, :]
-    k = tl.load(K + kv_ptrs, mask=nd_ok, other=0.0)
-    v = tl.load(V + kv_ptrs, mask=nd_ok, other=0.0)
-    if DOT_F32:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
-    seg_k = tl.load(SEG + b * T + offs_n, mask=n_ok, other=-2)
+    k = _load_tile(K, b, offs_n, n_ok, kvh, KV, T, D, offs_d, d_ok, DOT_F32)
+    v = _load_tile(V, b, offs_n, n_ok, kvh, KV, T, D, offs_d, d_ok, DOT_F32)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     lo = 0
@@ -180,29 +177,16 @@ def _attn_bwd_dkdv(
         for start_m in range(lo, T, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             m_ok = offs_m < T
-            md_ok = m_ok[:, None] & d_ok[None, :]
-            q_ptrs = ((b * T + offs_m[:, None]) * H + h) * D + offs_d[None, :]
-            q = tl.load(Q + q_ptrs, mask=md_ok, other=0.0)
-            do = tl.load(DO + q_ptrs, mask=md_ok, other=0.0)
-            if DOT_F32:
-                q = q.to(tl.float32)
-                do = do.to(tl.float32)
+            q = _load_tile(Q, b, offs_m, m_ok, h, H, T, D, offs_d, d_ok, DOT_F32)
+            do = _load_tile(DO, b, offs_m, m_ok, h, H, T, D, offs_d, d_ok, DOT_F32)
             lse = tl.load(LSE + (b * H + h) * T + offs_m, mask=m_ok, other=0.0)
             delta = tl.load(DELTA + (b * H + h) * T + offs_m, mask=m_ok, other=0.0)
-            ok = m_ok[:, None] & n_ok[None, :]
-            if CAUSAL:
-                ok = ok & (offs_m[:, None] >= offs_n[None, :])
-            if HAS_SEG:
-                seg_q = tl.load(SEG + b * T + offs_m, mask=m_ok, other=-1)
-                ok = ok & (seg_q[:, None] == seg_k[None, :])
-            s = tl.dot(q, tl.trans(k)) * scale
-            p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)
+            ok = _visible(SEG, b, offs_m, m_ok, offs_n, n_ok, T, CAUSAL, HAS_SEG)
+            p, ds = _probs_and_ds(q, k, v, do, lse, delta, ok, scale)
             dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-            dp = tl.dot(do, tl.trans(v))
-            ds = p * (dp - delta[:, None])
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
-    tl.store(DK + kv_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=nd_ok)
-    tl.store(DV + kv_ptrs, dv.to(DV.dtype.element_ty), mask=nd_ok)
+    _store_tile(DK, dk * scale, b, offs_n, n_ok, kvh, KV, T, D, offs_d, d_ok)
+    _store_tile(DV, dv, b, offs_n, n_ok, kvh, KV, T, D, offs_d, d_ok)
 
 
 def check_shapes(q_shape, k_shape, v_shape) -> None:

@@ -29,20 +29,27 @@ NEG = -1.0e30
 
 
 @triton.jit
+def _load_hw(H, W, offs_m, m_ok, offs_e, e_ok, offs_v, v_ok, E: tl.constexpr, V: tl.constexpr,
+             DOT_F32: tl.constexpr):  # fmt: skip
+    """Loads the [m, e] tile of h and the [e, v] tile of w."""
+    h = tl.load(H + offs_m[:, None] * E + offs_e[None, :],
+                mask=m_ok[:, None] & e_ok[None, :], other=0.0)  # fmt: skip
+    w = tl.load(W + offs_e[:, None] * V + offs_v[None, :],
+                mask=e_ok[:, None] & v_ok[None, :], other=0.0)  # fmt: skip
+    if DOT_F32:
+        h = h.to(tl.float32)
+        w = w.to(tl.float32)
+    return h, w
+
+
+@triton.jit
 def _logits_tile(H, W, offs_m, m_ok, offs_v, v_ok,
                  E: tl.constexpr, V: tl.constexpr, DOT_F32: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_E: tl.constexpr):  # fmt: skip
     logits = tl.zeros([BLOCK_M, BLOCK_V], tl.float32)
     for start_e in range(0, E, BLOCK_E):
         offs_e = start_e + tl.arange(0, BLOCK_E)
-        e_ok = offs_e < E
-        h = tl.load(H + offs_m[:, None] * E + offs_e[None, :],
-                    mask=m_ok[:, None] & e_ok[None, :], other=0.0)  # fmt: skip
-        w = tl.load(W + offs_e[:, None] * V + offs_v[None, :],
-                    mask=e_ok[:, None] & v_ok[None, :], other=0.0)  # fmt: skip
-        if DOT_F32:
-            h = h.to(tl.float32)
-            w = w.to(tl.float32)
+        h, w = _load_hw(H, W, offs_m, m_ok, offs_e, offs_e < E, offs_v, v_ok, E, V, DOT_F32)
         logits += tl.dot(h, w)
     return logits
 
@@ -96,13 +103,7 @@ def _logprob_bwd(
     for start_e in range(0, E, BLOCK_E):
         offs_e = start_e + tl.arange(0, BLOCK_E)
         e_ok = offs_e < E
-        h = tl.load(H + offs_m[:, None] * E + offs_e[None, :],
-                    mask=m_ok[:, None] & e_ok[None, :], other=0.0)  # fmt: skip
-        w = tl.load(W + offs_e[:, None] * V + offs_v[None, :],
-                    mask=e_ok[:, None] & v_ok[None, :], other=0.0)  # fmt: skip
-        if DOT_F32:
-            h = h.to(tl.float32)
-            w = w.to(tl.float32)
+        h, w = _load_hw(H, W, offs_m, m_ok, offs_e, e_ok, offs_v, v_ok, E, V, DOT_F32)
         g_in = g.to(h.dtype)
         tl.atomic_add(DH + offs_m[:, None] * E + offs_e[None, :], tl.dot(g_in, tl.trans(w)),
                       mask=m_ok[:, None] & e_ok[None, :])  # fmt: skip
