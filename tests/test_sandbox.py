@@ -322,3 +322,24 @@ def test_refuses_without_isolation_unless_opted_in(monkeypatch):
         assert j.reward == 1.0
         loop = sandbox.judge_stdio(weak, "while True:\n    pass\n", [{"input": "", "output": ""}])
         assert loop.verdicts == (sandbox.TIMEOUT,)
+
+
+@needs_isolation
+def test_libraries_under_tmp_are_readable_not_writable(box, tmp_path):
+    lib = tmp_path / "mylib"  # under /tmp, which the sandbox covers with its own tmpfs
+    lib.mkdir()
+    lib.chmod(0o755)
+    tmp_path.chmod(0o700)  # not even traversable by other uids on the host
+    (lib / "helper.py").write_text("def triple(x):\n    return 3 * x\n")
+    (lib / "helper.py").chmod(0o644)
+    seen = box.library_path("mylib", str(lib))
+    program = (
+        f"import sys\nsys.path.append({seen!r})\nimport helper\n"
+        "print(helper.triple(int(input())))\n"
+        f"try:\n    open({seen!r} + '/x', 'w')\n    print('wrote')\nexcept OSError:\n    pass\n"
+    )
+    r = box.run({"main.py": program}, ["python", "main.py"], "5", libraries={"mylib": str(lib)})
+    assert r.stdout.split() == ["15"], r.stderr
+    assert not (lib / "x").exists()
+    with pytest.raises(ValueError, match="identifier"):
+        box.run({"main.py": ""}, ["python", "main.py"], libraries={"a/b": str(lib)})

@@ -204,18 +204,34 @@ class Sandbox:
         """Returns [fn(item) for item in items], run on the pool's threads."""
         return list(self._pool.map(fn, items))
 
-    def run(self, files: dict[str, str], argv: list[str], stdin: str = "") -> RunResult:
+    def library_path(self, name: str, host_dir: str) -> str:
+        """Returns where a program sees `host_dir` when it is passed as `libraries[name]`."""
+        return f"/tmp/lib/{name}" if self.isolated else os.path.realpath(host_dir)
+
+    def run(
+        self,
+        files: dict[str, str],
+        argv: list[str],
+        stdin: str = "",
+        *,
+        libraries: dict[str, str] | None = None,
+    ) -> RunResult:
         """Runs `argv` (e.g. ["python", "main.py"]) in a fresh sandbox holding `files`.
 
-        "python" as argv[0] means `program_python` in isolated mode (-I).
+        "python" as argv[0] means `program_python` in isolated mode (-I). `libraries` maps a
+        name to a host directory the program may read, at `library_path(name, dir)`
+        (bind-mounted read-only: a host path under /tmp would otherwise be hidden).
         """
+        for name in libraries or {}:
+            if not name.isidentifier():
+                raise ValueError(f"library name {name!r} must be an identifier")
         slot = self._slots.get()
         try:
-            return self._run(slot, files, argv, stdin)
+            return self._run(slot, files, argv, stdin, libraries or {})
         finally:
             self._slots.put(slot)
 
-    def _run(self, slot: int, files: dict[str, str], argv: list[str], stdin: str) -> RunResult:
+    def _run(self, slot, files, argv, stdin, libraries) -> RunResult:
         cfg = self.cfg
         if argv and argv[0] == "python":
             argv = [self.python, "-I", *argv[1:]]
@@ -229,6 +245,8 @@ class Sandbox:
                 cpu_s=cfg.cpu_s, memory_mb=cfg.memory_mb, max_processes=cfg.max_processes,
                 max_open_files=cfg.max_open_files, max_output_mb=cfg.max_output_mb,
                 tmpfs_mb=cfg.tmpfs_mb,
+                libraries={self.library_path(n, d): os.path.realpath(d)
+                           for n, d in libraries.items()},
                 workdir="/tmp/work" if self.isolated else os.path.join(host_dir, "work"),
             )  # fmt: skip
             spec_path = os.path.join(host_dir, "spec.json")
@@ -449,6 +467,10 @@ def _jail(spec_path: str) -> None:
     with open(spec_path) as f:
         spec = json.load(f)
     if spec["isolated"]:
+        # Library directories are opened before /tmp is covered: they may live under it.
+        libs = {
+            dst: os.open(src, os.O_PATH | os.O_DIRECTORY) for dst, src in spec["libraries"].items()
+        }
         _mount(None, "/", None, _MS_REC | _MS_PRIVATE)
         _mount("/", "/", None, _MS_BIND)
         _mount(None, "/", None, _MS_REMOUNT | _MS_BIND | _MS_RDONLY)
@@ -456,6 +478,11 @@ def _jail(spec_path: str) -> None:
             if os.path.isdir(d):
                 size = f"size={spec['tmpfs_mb']}m,mode=1777"
                 _mount("tmpfs", d, "tmpfs", _MS_NOSUID | _MS_NODEV, size)
+        for dst, fd in libs.items():
+            os.makedirs(dst)
+            _mount(f"/proc/self/fd/{fd}", dst, None, _MS_BIND | _MS_REC)
+            _mount(None, dst, None, _MS_REMOUNT | _MS_BIND | _MS_RDONLY)
+            os.close(fd)
     work = spec["workdir"]
     os.makedirs(work, exist_ok=True)
     for name, text in spec["files"].items():

@@ -68,10 +68,10 @@ def _cyaron_path() -> str:
     return os.path.dirname(os.path.dirname(spec.origin))
 
 
-def _generator_harness(seed: int) -> str:
+def _generator_harness(seed: int, cyaron_dir: str) -> str:
     return (
         "import random, sys\n"
-        f"sys.path.append({_cyaron_path()!r})\n"
+        f"sys.path.append({cyaron_dir!r})\n"
         f"random.seed({seed})\n"
         "exec(compile(open('generator.py').read(), 'generator.py', 'exec'), "
         "{'__name__': '__main__'})\n"
@@ -80,8 +80,11 @@ def _generator_harness(seed: int) -> str:
 
 def generate_inputs(box: sandbox_lib.Sandbox, generator: str, num_cases: int, seed: int):
     """Returns the inputs of `num_cases` generator runs (failed runs are dropped)."""
-    files = lambda i: {"generator.py": generator, "harness.py": _generator_harness(seed + i)}
-    runs = box.map(lambda i: box.run(files(i), ["python", "harness.py"]), range(num_cases))
+    libs = {"cyaron": _cyaron_path()}
+    seen = box.library_path("cyaron", libs["cyaron"])
+    files = lambda i: {"generator.py": generator, "harness.py": _generator_harness(seed + i, seen)}
+    run = lambda i: box.run(files(i), ["python", "harness.py"], libraries=libs)
+    runs = box.map(run, range(num_cases))
     return [r.stdout for r in runs if r.verdict == sandbox_lib.PASSED and r.stdout.strip()]
 
 
