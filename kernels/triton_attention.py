@@ -11,6 +11,9 @@ sequences apart. Softmax statistics and accumulators are float32 for bf16 and f3
   and the query tiles), recomputing probabilities from the saved log-sum-exp; no atomics, so
   the backward is deterministic. delta = rowsum(out * dout) is computed by the caller.
 
+Argument order is inputs (scalars included) then outputs: jax-triton appends the output
+buffers after every positional argument.
+
 `DOT_F32` upcasts the operands of every `tl.dot` to float32. The interpreter launcher sets it
 for bf16 inputs because Triton 3.9's interpreter multiplies the raw bf16 bit patterns in
 `tl.dot` (its `create_dot` calls `np.matmul` on the uint16 storage); bf16 -> f32 is exact, so
@@ -70,7 +73,7 @@ def _visible(SEG, b, offs_m, m_ok, offs_n, n_ok, T: tl.constexpr, CAUSAL: tl.con
 
 @triton.jit
 def _attn_fwd(
-    Q, K, V, SEG, OUT, LSE, scale,
+    Q, K, V, SEG, scale, OUT, LSE,
     T: tl.constexpr, H: tl.constexpr, KV: tl.constexpr, D: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, DOT_F32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -118,7 +121,7 @@ def _probs_and_ds(q, k, v, do, lse, delta, ok, scale):
 
 @triton.jit
 def _attn_bwd_dq(
-    Q, K, V, SEG, DO, LSE, DELTA, DQ, scale,
+    Q, K, V, SEG, DO, LSE, DELTA, scale, DQ,
     T: tl.constexpr, H: tl.constexpr, KV: tl.constexpr, D: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, DOT_F32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -152,7 +155,7 @@ def _attn_bwd_dq(
 
 @triton.jit
 def _attn_bwd_dkdv(
-    Q, K, V, SEG, DO, LSE, DELTA, DK, DV, scale,
+    Q, K, V, SEG, DO, LSE, DELTA, scale, DK, DV,
     T: tl.constexpr, H: tl.constexpr, KV: tl.constexpr, D: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, DOT_F32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -228,7 +231,7 @@ def forward_torch(q, k, v, seg, *, causal: bool, block_m: int = 64, block_n: int
     mp = meta(t, h, k.shape[2], d, causal=causal, has_seg=has_seg,
               dot_f32=_dot_f32(q), block_m=block_m, block_n=block_n)  # fmt: skip
     _attn_fwd[(triton.cdiv(t, block_m), b * h)](
-        q, k, v, seg, out, lse, d**-0.5, num_warps=num_warps, num_stages=num_stages, **mp
+        q, k, v, seg, d**-0.5, out, lse, num_warps=num_warps, num_stages=num_stages, **mp
     )
     return out, lse
 
@@ -250,10 +253,10 @@ def backward_torch(q, k, v, seg, out, lse, dout, *, causal: bool, block_m: int =
     scale = d**-0.5
     launch = dict(num_warps=num_warps, num_stages=num_stages)
     _attn_bwd_dq[(triton.cdiv(t, block_m), b * h)](
-        q, k, v, seg, dout, lse, delta, dq, scale, **launch, **mp
+        q, k, v, seg, dout, lse, delta, scale, dq, **launch, **mp
     )
     _attn_bwd_dkdv[(triton.cdiv(t, block_n), b * kv)](
-        q, k, v, seg, dout, lse, delta, dk, dv, scale, **launch, **mp
+        q, k, v, seg, dout, lse, delta, scale, dk, dv, **launch, **mp
     )
     return dq, dk, dv
 
