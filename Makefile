@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint install clean
+.PHONY: run test lint install clean gpu-wheels
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,11 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check k15jax kernels experiments tests
+
+# Pure-Python wheels a bare GPU image may lack, for an offline `pip install --no-deps wheels/*.whl`
+# there (BUILD.md, "Kernels and long contexts").
+gpu-wheels: $(STAMP)
+	$(PY) -m pip download -q --no-deps -d wheels jax-triton==0.3.1 jaxtyping==0.3.11 wadler-lindig==0.1.8
 
 clean:
 	rm -rf $(VENV) runs
