@@ -4,7 +4,8 @@
   python -m experiments.rl --out_dir=runs/x --iterations=60 --tau=0.05
   python -m experiments.rl --model=/models/Qwen2.5-0.5B-Instruct \\
       --data=../shared/data/gsm8k_train.jsonl --reward=math --sft_steps=0 \\
-      --samples_per_prompt=16 --budget=2048 --max_length=8192 --tau=0.01 --learning_rate=1e-6
+      --samples_per_prompt=16 --budget=2048 --max_length=8192 --tau=0.01 --learning_rate=1e-6 \\
+      --attention_impl=xla_chunked --logprob_impl=xla_chunked --remat   # O(t) trainer memory
 
 On 2 CPU cores the default finishes in about 10 minutes and writes runs/default/report.md with
 held-out pass@1 of the SFT and RL models (RL above SFT beyond the 95% intervals). Re-running the
@@ -18,7 +19,9 @@ import dataclasses
 from absl import app, flags, logging
 
 from k15jax import loop, partial, sampler
+from k15jax.config import ATTENTION_IMPLS
 from k15jax.rewards import length as length_reward
+from kernels import logprobs as kernel_logprobs
 
 D = loop.RunConfig()
 _OUT = flags.DEFINE_string("out_dir", D.out_dir, "Run directory (checkpoints, report).")
@@ -111,6 +114,21 @@ _KV = flags.DEFINE_integer(
 )
 
 
+_ATTN = flags.DEFINE_enum(
+    "attention_impl", D.kernels.attention_impl, list(ATTENTION_IMPLS), "Attention implementation."
+)
+_LOGP = flags.DEFINE_enum(
+    "logprob_impl", D.kernels.logprob_impl, list(kernel_logprobs.IMPLS), "Log-prob implementation."
+)
+_LOGP_CHUNK = flags.DEFINE_integer(
+    "logprob_chunk", D.kernels.logprob_chunk, "Rows of logits per step of xla_chunked."
+)
+_BLOCK = flags.DEFINE_integer(
+    "attention_block", D.kernels.attention_block, "Tile of the blockwise attention."
+)
+_REMAT = flags.DEFINE_bool("remat", D.kernels.remat, "Recompute each layer in the backward pass.")
+
+
 def make_config() -> loop.RunConfig:
     """Returns the RunConfig the flags describe (defaults: the built-in CPU demo)."""
     r = dataclasses.replace
@@ -149,6 +167,13 @@ def make_config() -> loop.RunConfig:
             eval_every=_EVAL_EVERY.value,
         ),
         eval=r(D.eval, problems=_EVAL_N.value, samples=_EVAL_K.value),
+        kernels=loop.KernelConfig(
+            attention_impl=_ATTN.value,
+            attention_block=_BLOCK.value,
+            logprob_impl=_LOGP.value,
+            logprob_chunk=_LOGP_CHUNK.value,
+            remat=_REMAT.value,
+        ),
         partial=r(
             D.partial, budget=_BUDGET.value, max_length=_MAXLEN.value, loss_segments=_SEGMENTS.value
         ),

@@ -34,10 +34,11 @@ from k15jax import (
     tokenizer,
     train_step,
 )
-from k15jax.config import ModelConfig
+from k15jax.config import ATTENTION_IMPLS, ModelConfig
 from k15jax.rewards import code as code_reward
 from k15jax.rewards import length as length_reward
 from k15jax.rewards import math as math_reward
+from kernels import logprobs as kernel_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,43 @@ class RlConfig:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class KernelConfig:
+    """Which attention and log-prob implementations the trainer uses (kernels/)."""
+
+    attention_impl: str = "xla"  # kernels.attention.IMPLS; "xla_chunked" for long sequences
+    attention_block: int = 512  # tile of the blockwise implementations
+    logprob_impl: str = "xla"  # kernels.logprobs.IMPLS; "xla": all logits at once
+    logprob_chunk: int = 1024  # rows of logits per step of "xla_chunked"
+    remat: bool = False  # recompute each layer in the backward pass (scan over layers)
+
+    def __post_init__(self):
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl={self.attention_impl!r} not in {ATTENTION_IMPLS}")
+        if self.logprob_impl not in kernel_logprobs.IMPLS:
+            raise ValueError(f"logprob_impl={self.logprob_impl!r} not in {kernel_logprobs.IMPLS}")
+        if self.attention_block < 1 or self.logprob_chunk < 1:
+            raise ValueError(
+                f"attention_block={self.attention_block}, logprob_chunk={self.logprob_chunk} "
+                "must be >= 1"
+            )
+
+    def model(self, cfg: ModelConfig) -> ModelConfig:
+        """Returns `cfg` with these kernel choices."""
+        return dataclasses.replace(
+            cfg,
+            attention_impl=self.attention_impl,
+            attention_block=self.attention_block,
+            remat=self.remat,
+        )
+
+    def step(self, **kwargs) -> train_step.StepConfig:
+        """Returns a StepConfig with these log-prob choices and `kwargs`."""
+        return train_step.StepConfig(
+            logprob_impl=self.logprob_impl, logprob_chunk=self.logprob_chunk, **kwargs
+        )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class EvalConfig:
     problems: int = 256
     samples: int = 4
@@ -130,6 +168,7 @@ class RunConfig:
     sft: SftConfig = SftConfig()
     rl: RlConfig = RlConfig()
     eval: EvalConfig = EvalConfig()
+    kernels: KernelConfig = KernelConfig()
     partial: partial.PartialConfig = partial.PartialConfig(budget=192, max_length=256)
     sampler: sampler.SamplerConfig = sampler.SamplerConfig(
         curriculum_iterations=10, hard_threshold=0.75
@@ -195,11 +234,15 @@ def prepare(cfg: RunConfig) -> Setup:
         if not os.path.isdir(cfg.model_dir):
             raise FileNotFoundError(f"--model={cfg.model_dir}: no such directory")
         model_cfg, params = convert.load_hf(cfg.model_dir, dtype=cfg.vllm.dtype)
+        model_cfg = cfg.kernels.model(model_cfg)
         tok = tokenizer.load(cfg.model_dir)
     else:
         tok = tokenizer.builtin()
         model_cfg = dataclasses.replace(
-            cfg.model, vocab_size=tok.vocab_size, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id
+            cfg.kernels.model(cfg.model),
+            vocab_size=tok.vocab_size,
+            eos_token_id=tok.eos_id,
+            pad_token_id=tok.pad_id,
         )
         params = model.init(model_cfg, jax.random.key(cfg.seed))
     t = cfg.task
@@ -261,7 +304,7 @@ def run_sft(setup: Setup, progress) -> tuple[model.Params, list[dict]]:
         0.0, sft.learning_rate, warmup, max(sft.steps, warmup + 1), sft.learning_rate * 0.1
     )
     opt = train_step.make_optimizer(schedule)
-    step_cfg = train_step.StepConfig(objective="sft", group_size=1, logprob_chunk=None)
+    step_cfg = cfg.kernels.step(objective="sft", group_size=1)
     step = train_step.make_train_step(setup.model_cfg, opt, step_cfg, setup.mesh)
     state = train_step.init_state(setup.params, opt, seed=cfg.seed)
     history, start = [], 0
@@ -482,15 +525,18 @@ def run_rl(setup: Setup, engine, params, progress, console) -> tuple[model.Param
     cfg, rl = setup.cfg, setup.cfg.rl
     ckpt_dir = os.path.join(cfg.out_dir, "ckpt", "rl")
     opt = train_step.make_optimizer(rl.learning_rate, max_grad_norm=rl.max_grad_norm)
-    step_cfg = train_step.StepConfig(
-        tau=rl.tau, group_size=rl.samples_per_prompt, logprob_chunk=None
-    )
+    step_cfg = cfg.kernels.step(tau=rl.tau, group_size=rl.samples_per_prompt)
     fns = {
         "opt": opt,
         "step": train_step.make_train_step(setup.model_cfg, opt, step_cfg, setup.mesh),
         "logp": jax.jit(
             lambda p, tok, seg: train_step.sequence_logprobs(
-                setup.model_cfg, p, tok, seg, chunk_size=None
+                setup.model_cfg,
+                p,
+                tok,
+                seg,
+                chunk_size=step_cfg.logprob_chunk,
+                impl=step_cfg.logprob_impl,
             )
         ),
     }

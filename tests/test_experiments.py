@@ -30,8 +30,14 @@ def test_flags_reach_the_config():
         "--kv_cache_bytes=0",
         "--data=x.jsonl",
         "--reward=math",
+        "--attention_impl=xla_chunked",
+        "--logprob_impl=xla_chunked",
+        "--remat",
     )
     cfg = rl.make_config()
+    assert cfg.kernels == loop.KernelConfig(
+        attention_impl="xla_chunked", logprob_impl="xla_chunked", remat=True
+    )
     assert cfg.rl.tau == 0.05 and cfg.rl.samples_per_prompt == 16
     assert (cfg.partial.budget, cfg.partial.max_length) == (100, 200)
     assert cfg.length.weight == 0.3 and cfg.sampler.curriculum_iterations == 4

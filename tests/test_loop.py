@@ -45,7 +45,16 @@ def _quiet(**kw):
 
 
 def test_rl_loop_end_to_end(vllm_engine, tiny_hf_dir, tmp_path):
-    cfg = dataclasses.replace(TINY, out_dir=str(tmp_path / "run"))
+    # The trainer runs the O(t) paths here (blockwise attention over several tiles, chunked
+    # log-probs, remat): vLLM's log-probs must still agree with them.
+    kernels = loop.KernelConfig(
+        attention_impl="xla_chunked",
+        attention_block=32,
+        logprob_impl="xla_chunked",
+        logprob_chunk=64,
+        remat=True,
+    )
+    cfg = dataclasses.replace(TINY, out_dir=str(tmp_path / "run"), kernels=kernels)
     lines = []
     try:
         result = loop.run(cfg, engine=vllm_engine, progress=_quiet, console=lines.append)
