@@ -12,22 +12,16 @@ from __future__ import annotations
 import dataclasses
 import json
 
-from absl import app, flags, logging
+from absl import app, flags
 
-from experiments import rl as rl_flags
+from experiments import rl as rl_script  # its flags are this script's flags too
 from k15jax import loop, rollout
 
-del rl_flags
 FLAGS = flags.FLAGS
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.set_verbosity(logging.WARNING)
-    from experiments.rl import make_config
-
-    cfg = make_config()
+    cfg = rl_script.config_from_argv(argv)
     if cfg.model_dir is None:
         raise app.UsageError("--model is required (a Hugging Face model directory)")
     setup = loop.prepare(cfg)

@@ -189,11 +189,16 @@ def make_config() -> loop.RunConfig:
     )
 
 
-def main(argv):
+def config_from_argv(argv) -> loop.RunConfig:
+    """Returns `make_config()` after refusing positional arguments (rl, sft and eval share it)."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
-    cfg = make_config()
+    return make_config()
+
+
+def main(argv):
+    cfg = config_from_argv(argv)
     results = loop.run(cfg)
     sft, rl = results["sft"], results["rl"]
     print(

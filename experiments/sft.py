@@ -10,22 +10,16 @@ from __future__ import annotations
 
 import os
 
-from absl import app, flags, logging
+from absl import app, flags
 
-from experiments import rl as rl_flags
+from experiments import rl as rl_script  # its flags are this script's flags too
 from k15jax import convert, loop
 
-del rl_flags  # the flags of experiments.rl are the flags of this script too
 FLAGS = flags.FLAGS
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.set_verbosity(logging.WARNING)
-    from experiments.rl import make_config
-
-    cfg = make_config()
+    cfg = rl_script.config_from_argv(argv)
     loop.check_out_dir(cfg)
     setup = loop.prepare(cfg)
     params, history = loop.run_sft(setup, progress=_progress)
