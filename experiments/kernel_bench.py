@@ -255,11 +255,6 @@ def run_attention_speed() -> list[dict]:
                 continue
         for t in (int(x) for x in _SPEED_LENGTHS.value):
             b = max(1, _TOKENS_PER_BATCH.value // t)
-            keys = jax.random.split(jax.random.key(t), 3)
-            q, k, v = (jax.random.normal(kk, (b, t, h, d), jnp.bfloat16) for kk in keys)
-            f = _attention_fn(impl, cudnn_mask)
-            fwd = jax.jit(f)
-            bwd = jax.jit(jax.grad(lambda q, k, v: f(q, k, v).astype(jnp.float32).sum(), (0, 1, 2)))
             flops_fwd = 4 * b * h * t * t * d / 2  # causal: half the score matrix
             row = dict(impl=impl, t=t, b=b, h=h, d=d, check_max_err=check, cudnn_mask=cudnn_mask)
             try:
@@ -268,8 +263,13 @@ def run_attention_speed() -> list[dict]:
                     row["fwd_s"] = _time_torch(tfwd)
                     row["fwd_bwd_s"] = _time_torch(tbwd)
                 else:
-                    row["fwd_s"] = _time(fwd, q, k, v)
-                    row["fwd_bwd_s"] = _time(bwd, q, k, v)  # the gradient includes a forward
+                    keys = jax.random.split(jax.random.key(t), 3)
+                    q, k, v = (jax.random.normal(kk, (b, t, h, d), jnp.bfloat16) for kk in keys)
+                    f = _attention_fn(impl, cudnn_mask)
+                    loss = lambda q, k, v, f=f: f(q, k, v).astype(jnp.float32).sum()
+                    row["fwd_s"] = _time(jax.jit(f), q, k, v)
+                    # the gradient includes a forward
+                    row["fwd_bwd_s"] = _time(jax.jit(jax.grad(loss, (0, 1, 2))), q, k, v)
                 row["fwd_tflops"] = flops_fwd / row["fwd_s"] / 1e12
                 row["fwd_bwd_tflops"] = 3.5 * flops_fwd / row["fwd_bwd_s"] / 1e12
             except Exception as err:  # noqa: BLE001 (out of memory is a result here)
@@ -307,7 +307,7 @@ class _Timer:
     def median_s(self) -> float:
         if self.torch_sync:
             return _time_torch(self.call)
-        return _time(lambda: self.call())
+        return _time(self.call)
 
 
 def _logprob_timers(impl: str, h, w, y) -> tuple[_Timer, _Timer]:
