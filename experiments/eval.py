@@ -9,27 +9,28 @@ Prints pass@1 with its 95% interval (over problems) and the mean response length
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import json
 
-from absl import app, flags
+from absl import app
 
 from experiments import rl as rl_script  # its flags are this script's flags too
 from k15jax import loop, rollout
-
-FLAGS = flags.FLAGS
+from k15jax.rewards import sandbox
 
 
 def main(argv):
     cfg = rl_script.config_from_argv(argv)
     if cfg.model_dir is None:
         raise app.UsageError("--model is required (a Hugging Face model directory)")
-    setup = loop.prepare(cfg)
-    engine = rollout.VllmEngine(cfg.model_dir, dataclasses.replace(cfg.vllm))
-    try:
-        result = loop.evaluate(setup, engine, seed=cfg.seed + 1)
-    finally:
-        engine.close()
+    with contextlib.ExitStack() as stack:
+        box = None
+        if cfg.task.reward == "code":
+            box = stack.enter_context(sandbox.Sandbox(cfg.sandbox))
+        setup = loop.prepare(cfg, sandbox=box)
+        engine = rollout.VllmEngine(cfg.model_dir, cfg.vllm)
+        stack.callback(engine.close)
+        result = loop.evaluate(setup, engine)
     print(json.dumps(result, indent=2))
 
 

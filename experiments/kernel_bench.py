@@ -1,14 +1,8 @@
-"""Kernel benchmarks: the long-context memory plan (any machine) and GPU kernel speed.
+"""GPU kernel speed (the memory plan is `experiments.memory_plan`).
 
-  python -m experiments.kernel_bench --which=memory        # CPU is fine: compiles, runs nothing
-  python -m experiments.kernel_bench --which=speed         # on a GPU, about 6 minutes
+  python -m experiments.kernel_bench          # on a GPU, about 6 minutes
 
-- memory: temporary memory of one full train step (log-probs + mirror-descent loss +
-  gradients + AdamW update, remat on) of a Qwen2.5-0.5B-shaped model (bf16, tied embeddings)
-  at t = 8k, 32k, 128k tokens, read from `jax.jit(step).lower(...).compile().memory_analysis()`
-  for (a) `xla` attention + full logits and (b) `xla_chunked` attention + chunked log-probs;
-  plus the state (params + optimizer moments) and whether it fits one 141 GB GPU.
-- speed: forward and forward+backward TFLOP/s of attention (`triton`, `cudnn`, `xla`,
+Forward and forward+backward TFLOP/s of attention (`triton`, `cudnn`, `xla`,
   `xla_chunked`; causal, d = 128) at t = 4k..32k, and the log-prob kernels (`triton`,
   `xla_chunked`, `xla`) at Qwen2.5-0.5B's e and vocabulary, against the measured H200 ceilings
   (~790 TFLOP/s bf16 matmul, ~4.3 TB/s copy). Each case first checks its values against the
@@ -27,9 +21,9 @@ import time
 
 from absl import app, flags
 
-_WHICH = flags.DEFINE_list("which", ["memory"], "memory and/or speed.")
+from k15jax import atomic
+
 _OUT = flags.DEFINE_string("out", "runs/kernel_bench.json", "Where to write the results.")
-_MEM_LENGTHS = flags.DEFINE_list("memory_lengths", ["8192", "32768", "131072"], "Tokens.")
 _SPEED_LENGTHS = flags.DEFINE_list("speed_lengths", ["4096", "8192", "16384", "32768"], "Tokens.")
 _IMPLS = flags.DEFINE_list(
     "impls", ["triton", "triton_torch", "cudnn", "xla", "xla_chunked"], "Attention impls."
@@ -45,76 +39,6 @@ _REPEATS = flags.DEFINE_integer("repeats", 10, "Timed calls per case (the median
 
 H200_TFLOPS = 790.0  # measured bf16 matmul ceiling (docs/ENVIRONMENT.md)
 H200_TBPS = 4.3  # measured device-to-device copy ceiling
-GPU_BYTES = 141e9
-
-
-def qwen25_05b(**overrides):
-    """Returns the ModelConfig of Qwen2.5-0.5B's shape (random weights; no download)."""
-    from k15jax.config import ModelConfig
-
-    shape = dict(
-        vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-        num_attention_heads=14, num_key_value_heads=2, head_dim=64, rms_norm_eps=1e-6,
-        rope_theta=1e6, max_position_embeddings=131072, tie_word_embeddings=True,
-        attention_bias=True, dtype="bfloat16", remat=True,
-    )  # fmt: skip
-    return ModelConfig(**{**shape, **overrides})
-
-
-def train_step_memory(t: int, plan: str) -> dict:
-    """Compiles one train step at t tokens and returns its memory analysis in bytes."""
-    import jax
-    import jax.numpy as jnp
-
-    from k15jax import model, sharding, train_step
-
-    impl = {"a": ("xla", "xla"), "b": ("xla_chunked", "xla_chunked")}[plan]
-    cfg = qwen25_05b(attention_impl=impl[0])
-    step_cfg = train_step.StepConfig(
-        tau=0.1, group_size=1, logprob_impl=impl[1], logprob_chunk=1024
-    )
-    mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-    opt = train_step.make_optimizer(1e-6)
-    step = train_step.make_train_step(cfg, opt, step_cfg, mesh)
-    state = jax.eval_shape(lambda p: train_step.init_state(p, opt), model.abstract_params(cfg))
-    shape = lambda s, d: jax.ShapeDtypeStruct(s, d)
-    batch = train_step.Batch(
-        tokens_bt=shape((1, t), jnp.int32), mask_bt=shape((1, t), jnp.float32),
-        ref_logp_bt=shape((1, t), jnp.float32), reward_b=shape((1,), jnp.float32),
-        segment_ids_bt=shape((1, t), jnp.int32), valid_b=shape((1,), jnp.float32),
-    )  # fmt: skip
-    start = time.perf_counter()
-    ma = step.lower(state, batch).compile().memory_analysis()
-    state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
-    return dict(
-        t=t, plan=plan, attention=impl[0], logprobs=impl[1],
-        temp_bytes=int(ma.temp_size_in_bytes), state_bytes=int(state_bytes),
-        argument_bytes=int(ma.argument_size_in_bytes), output_bytes=int(ma.output_size_in_bytes),
-        compile_s=time.perf_counter() - start,
-    )  # fmt: skip
-
-
-def run_memory() -> list[dict]:
-    rows = []
-    for t in (int(x) for x in _MEM_LENGTHS.value):
-        for plan in ("a", "b"):
-            r = train_step_memory(t, plan)
-            r["fits_141GB"] = r["temp_bytes"] + r["state_bytes"] <= GPU_BYTES
-            rows.append(r)
-            print(f"  t={t} plan ({plan}): temp {r['temp_bytes'] / 2**30:.2f} GiB "
-                  f"(compile {r['compile_s']:.0f} s)", flush=True)  # fmt: skip
-    print("\nMemory plan, one train step of a Qwen2.5-0.5B-shaped model (bf16, remat, b=1):")
-    print("| t | (a) xla + full logits | (b) chunked + chunked log-probs | (a)/(b) | fits 141 GB |")
-    print("|---|---|---|---|---|")
-    by = {(r["t"], r["plan"]): r for r in rows}
-    for t in sorted({r["t"] for r in rows}):
-        a, b = by[(t, "a")], by[(t, "b")]
-        gib = lambda r: f"{r['temp_bytes'] / 2**30:,.2f} GiB"
-        fit = f"(a) {'yes' if a['fits_141GB'] else 'no'}, (b) {'yes' if b['fits_141GB'] else 'no'}"
-        print(f"| {t:,} | {gib(a)} | {gib(b)} | {a['temp_bytes'] / b['temp_bytes']:.1f}x | {fit} |")
-    state = rows[0]["state_bytes"]
-    print(f"State (bf16 params + AdamW moments) {state / 2**30:.2f} GiB, counted in 'fits'.")
-    return rows
 
 
 # ------------------------------------------------------------------------------ speed
@@ -398,14 +322,9 @@ def main(argv):
     import jax
 
     results = dict(device=str(jax.devices()[0].device_kind), backend=jax.default_backend())
-    if "memory" in _WHICH.value:
-        results["memory"] = run_memory()
-    if "speed" in _WHICH.value:
-        results["attention"] = run_attention_speed()
-        results["logprobs"] = run_logprob_speed()
-    os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-    with open(_OUT.value, "w") as f:
-        json.dump(results, f, indent=2, default=str)
+    results["attention"] = run_attention_speed()
+    results["logprobs"] = run_logprob_speed()
+    atomic.write_text(_OUT.value, json.dumps(results, indent=2, default=str))
     print(f"\nwrote {_OUT.value}")
 
 

@@ -18,18 +18,20 @@ import dataclasses
 
 from absl import app, flags, logging
 
-from k15jax import loop, partial, sampler
-from k15jax.config import ATTENTION_IMPLS
+from k15jax import data, loop, partial, run_config, sampler
+from k15jax.config import DTYPES, KernelConfig
 from k15jax.rewards import length as length_reward
+from k15jax.sharding import MESH_AXES
+from kernels import attention as kernel_attention
 from kernels import logprobs as kernel_logprobs
 
-D = loop.RunConfig()
+D = run_config.RunConfig()
 _OUT = flags.DEFINE_string("out_dir", D.out_dir, "Run directory (checkpoints, report).")
 _SEED = flags.DEFINE_integer("seed", D.seed, "Seed of everything random in the run.")
 _MODEL = flags.DEFINE_string("model", None, "Hugging Face model directory (default: built-in).")
 _DATA = flags.DEFINE_string("data", None, "JSONL prompt set (default: built-in task).")
 _EVAL_DATA = flags.DEFINE_string("eval_data", None, "JSONL held-out set.")
-_REWARD = flags.DEFINE_enum("reward", D.task.reward, loop.REWARDS, "Reward function.")
+_REWARD = flags.DEFINE_enum("reward", D.task.reward, data.REWARDS, "Reward function.")
 _TEMPLATE = flags.DEFINE_string("prompt_template", D.task.prompt_template, "Prompt format.")
 _TRAIN_N = flags.DEFINE_integer(
     "train_problems", D.task.train_problems, "Built-in task: problems in the RL pool."
@@ -49,7 +51,9 @@ _MAX_TERMS = flags.DEFINE_integer(
     "max_terms", D.task.max_terms, "Built-in task: most terms per problem (difficulty)."
 )
 _MAX_PROMPT = flags.DEFINE_integer(
-    "max_prompt_tokens", D.max_prompt_tokens, "Longest prompt in tokens (sets the training length)."
+    "max_prompt_tokens",
+    D.task.max_prompt_tokens,
+    "Longest prompt in tokens (sets the training length).",
 )
 _SFT_BATCH = flags.DEFINE_integer("sft_batch_size", D.sft.batch_size, "SFT batch size.")
 _SFT_STEPS = flags.DEFINE_integer("sft_steps", D.sft.steps, "Long-CoT SFT steps (0: skip).")
@@ -77,6 +81,17 @@ _EVAL_EVERY = flags.DEFINE_integer(
 )
 _GROUPS = flags.DEFINE_integer(
     "groups_per_step", D.rl.groups_per_step, "Prompts (groups of k) per optimizer step."
+)
+_MICRO = flags.DEFINE_integer(
+    "micro_batches", D.rl.micro_batches, "Gradient-accumulation slices of each optimizer step."
+)
+_MESH = flags.DEFINE_string(
+    "mesh",
+    ",".join(f"{a}:{n}" for a, n in zip(MESH_AXES, D.mesh, strict=True)),
+    "Trainer mesh sizes, e.g. data:2,fsdp:2,tensor:2 (one size may be -1: the rest).",
+)
+_DTYPE = flags.DEFINE_enum(
+    "param_dtype", D.model.dtype, DTYPES, "Trainer parameter dtype (and vLLM's compute dtype)."
 )
 _BUDGET = flags.DEFINE_integer("budget", D.partial.budget, "Partial-rollout tokens/iteration.")
 _MAXLEN = flags.DEFINE_integer("max_length", D.partial.max_length, "Maximum response tokens.")
@@ -114,22 +129,34 @@ _KV = flags.DEFINE_integer(
 )
 
 
+K = D.model.kernels
 _ATTN = flags.DEFINE_enum(
-    "attention_impl", D.kernels.attention_impl, list(ATTENTION_IMPLS), "Attention implementation."
+    "attention_impl", K.attention_impl, kernel_attention.IMPLS, "Attention implementation."
 )
 _LOGP = flags.DEFINE_enum(
-    "logprob_impl", D.kernels.logprob_impl, list(kernel_logprobs.IMPLS), "Log-prob implementation."
+    "logprob_impl", K.logprob_impl, kernel_logprobs.IMPLS, "Log-prob implementation."
 )
 _LOGP_CHUNK = flags.DEFINE_integer(
-    "logprob_chunk", D.kernels.logprob_chunk, "Rows of logits per step of xla_chunked."
+    "logprob_chunk", K.logprob_chunk, "Rows of logits per step of xla_chunked."
 )
-_BLOCK = flags.DEFINE_integer(
-    "attention_block", D.kernels.attention_block, "Tile of the blockwise attention."
-)
-_REMAT = flags.DEFINE_bool("remat", D.kernels.remat, "Recompute each layer in the backward pass.")
+_BLOCK = flags.DEFINE_integer("attention_block", K.attention_block, "Tile of blockwise attention.")
+_REMAT = flags.DEFINE_bool("remat", K.remat, "Recompute each layer in the backward pass.")
 
 
-def make_config() -> loop.RunConfig:
+def parse_mesh(text: str) -> tuple[int, int, int]:
+    """Returns (data, fsdp, tensor) sizes from "data:2,fsdp:2,tensor:2" (absent axes are 1)."""
+    sizes = dict.fromkeys(MESH_AXES, 1)
+    for part in filter(None, text.split(",")):
+        name, _, size = part.partition(":")
+        if name.strip() not in sizes or not size.strip().lstrip("-").isdigit():
+            raise app.UsageError(
+                f"--mesh={text}: {part!r} is not AXIS:SIZE with AXIS one of {MESH_AXES}"
+            )
+        sizes[name.strip()] = int(size)
+    return tuple(sizes[a] for a in MESH_AXES)
+
+
+def make_config() -> run_config.RunConfig:
     """Returns the RunConfig the flags describe (defaults: the built-in CPU demo)."""
     r = dataclasses.replace
     return r(
@@ -137,13 +164,25 @@ def make_config() -> loop.RunConfig:
         out_dir=_OUT.value,
         seed=_SEED.value,
         model_dir=_MODEL.value,
-        max_prompt_tokens=_MAX_PROMPT.value,
+        model=r(
+            D.model,
+            dtype=_DTYPE.value,
+            kernels=KernelConfig(
+                attention_impl=_ATTN.value,
+                attention_block=_BLOCK.value,
+                logprob_impl=_LOGP.value,
+                logprob_chunk=_LOGP_CHUNK.value,
+                remat=_REMAT.value,
+            ),
+        ),
+        mesh=parse_mesh(_MESH.value),
         task=r(
             D.task,
             data=_DATA.value,
             eval_data=_EVAL_DATA.value,
             reward=_REWARD.value,
             prompt_template=_TEMPLATE.value,
+            max_prompt_tokens=_MAX_PROMPT.value,
             train_problems=_TRAIN_N.value,
             sft_examples=_SFT_N.value,
             short_fraction=_SHORT.value,
@@ -162,18 +201,12 @@ def make_config() -> loop.RunConfig:
             learning_rate=_LR.value,
             tau=_TAU.value,
             groups_per_step=_GROUPS.value,
+            micro_batches=_MICRO.value,
             difficulty_samples=_DIFF_N.value,
             checkpoint_every=_CKPT.value,
             eval_every=_EVAL_EVERY.value,
         ),
         eval=r(D.eval, problems=_EVAL_N.value, samples=_EVAL_K.value),
-        kernels=loop.KernelConfig(
-            attention_impl=_ATTN.value,
-            attention_block=_BLOCK.value,
-            logprob_impl=_LOGP.value,
-            logprob_chunk=_LOGP_CHUNK.value,
-            remat=_REMAT.value,
-        ),
         partial=r(
             D.partial, budget=_BUDGET.value, max_length=_MAXLEN.value, loss_segments=_SEGMENTS.value
         ),
@@ -184,12 +217,15 @@ def make_config() -> loop.RunConfig:
             curriculum_iterations=_CURRICULUM.value, hard_threshold=_HARD.value
         ),
         vllm=r(
-            D.vllm, gpu_memory_utilization=_GPU_UTIL.value, kv_cache_memory_bytes=_KV.value or None
+            D.vllm,
+            dtype=_DTYPE.value,
+            gpu_memory_utilization=_GPU_UTIL.value,
+            kv_cache_memory_bytes=_KV.value or None,
         ),
     )
 
 
-def config_from_argv(argv) -> loop.RunConfig:
+def config_from_argv(argv) -> run_config.RunConfig:
     """Returns `make_config()` after refusing positional arguments (rl, sft and eval share it)."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")

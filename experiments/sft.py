@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import os
 
-from absl import app, flags
+from absl import app
 
 from experiments import rl as rl_script  # its flags are this script's flags too
-from k15jax import convert, loop
-
-FLAGS = flags.FLAGS
+from k15jax import convert, loop, run_config
 
 
 def main(argv):
     cfg = rl_script.config_from_argv(argv)
-    loop.check_out_dir(cfg)
+    run_config.check_out_dir(cfg)
     setup = loop.prepare(cfg)
     params, history = loop.run_sft(setup, progress=_progress)
     path = convert.save_hf(

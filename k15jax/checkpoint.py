@@ -12,10 +12,11 @@ import json
 import os
 import re
 import shutil
-import tempfile
 
 import jax
 import orbax.checkpoint as ocp
+
+from k15jax import atomic
 
 _STEP_RE = re.compile(r"^step_(\d+)$")
 
@@ -39,20 +40,12 @@ def save(directory: str, step: int, state, extra: dict | None = None, *, keep: i
     Keeps the newest `keep` checkpoints. Returns the checkpoint path.
     """
     directory = os.path.abspath(directory)
-    os.makedirs(directory, exist_ok=True)
     final = os.path.join(directory, f"step_{step}")
-    tmp = tempfile.mkdtemp(prefix=f".step_{step}.tmp-", dir=directory)
-    try:
+    with atomic.directory(final) as tmp:
         with ocp.StandardCheckpointer() as ckpt:
             ckpt.save(os.path.join(tmp, "state"), state)
         with open(os.path.join(tmp, "extra.json"), "w") as f:
             json.dump(extra or {}, f)
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for old in steps(directory)[:-keep]:
         shutil.rmtree(os.path.join(directory, f"step_{old}"), ignore_errors=True)
     return final

@@ -4,16 +4,50 @@ from __future__ import annotations
 
 import dataclasses
 
+from kernels import attention as kernel_attention
+from kernels import logprobs as kernel_logprobs
+
 ARCHITECTURES = ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "LlamaForCausalLM")
 DTYPES = ("float32", "bfloat16")
-ATTENTION_IMPLS = ("xla", "xla_chunked", "triton", "cudnn")  # kernels.attention.IMPLS
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class KernelConfig:
+    """How the trainer computes attention and log-probs (kernels/); the one home of these choices.
+
+    None of it changes the function computed, only its memory and speed: `xla` forms whole
+    [t, t] scores and [t, v] logits; `xla_chunked` (and `triton` on GPUs) are O(t) in memory.
+    """
+
+    attention_impl: str = "xla"  # kernels.attention.IMPLS
+    attention_block: int = 512  # query and key tile of the blockwise implementations
+    logprob_impl: str = "xla"  # kernels.logprobs.IMPLS; "xla": all logits at once
+    logprob_chunk: int = 1024  # rows of logits per step of "xla_chunked"
+    remat: bool = False  # recompute each layer's activations in the backward pass
+
+    def __post_init__(self):
+        if self.attention_impl not in kernel_attention.IMPLS:
+            raise ValueError(
+                f"attention_impl={self.attention_impl!r} must be one of {kernel_attention.IMPLS}"
+            )
+        if self.logprob_impl not in kernel_logprobs.IMPLS:
+            raise ValueError(
+                f"logprob_impl={self.logprob_impl!r} must be one of {kernel_logprobs.IMPLS}"
+            )
+        if self.attention_block < 1 or self.logprob_chunk < 1:
+            raise ValueError(
+                f"attention_block={self.attention_block}, logprob_chunk={self.logprob_chunk} "
+                "must be >= 1"
+            )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     """Shape and numerics of a Qwen2 / Qwen3 / Llama style decoder.
 
-    Field names follow Hugging Face `config.json` so a config converts both ways without a table.
+    Field names follow Hugging Face `config.json` so a config converts both ways without a table;
+    `dtype` is the trainer's parameter dtype and `kernels` how it computes (neither is part of
+    the architecture: `convert` writes `dtype` as `torch_dtype` and never writes `kernels`).
     """
 
     architecture: str = "Qwen2ForCausalLM"
@@ -32,9 +66,7 @@ class ModelConfig:
     mlp_bias: bool = False
     qk_norm: bool = False  # per-head RMSNorm on q and k (Qwen3)
     dtype: str = "float32"  # parameter and activation dtype
-    attention_impl: str = "xla"  # kernels.attention.IMPLS
-    attention_block: int = 512  # query and key tile of the blockwise implementations
-    remat: bool = False  # recompute each layer's activations in the backward pass
+    kernels: KernelConfig = KernelConfig()
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     pad_token_id: int | None = None
@@ -46,10 +78,6 @@ class ModelConfig:
             )
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype={self.dtype!r} must be one of {DTYPES}")
-        if self.attention_impl not in ATTENTION_IMPLS:
-            raise ValueError(
-                f"attention_impl={self.attention_impl!r} must be one of {ATTENTION_IMPLS}"
-            )
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads={self.num_attention_heads} must be a multiple of "
@@ -61,7 +89,6 @@ class ModelConfig:
             "intermediate_size",
             "num_hidden_layers",
             "head_dim",
-            "attention_block",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be > 0")

@@ -11,8 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 
 import jax
 import numpy as np
@@ -20,8 +18,8 @@ import orbax.checkpoint as ocp
 import safetensors
 from safetensors.numpy import save_file
 
-from k15jax import model
-from k15jax.config import ARCHITECTURES, ModelConfig
+from k15jax import atomic, model
+from k15jax.config import ARCHITECTURES, KernelConfig, ModelConfig
 
 MODEL_TYPES = {
     "Qwen2ForCausalLM": "qwen2",
@@ -277,17 +275,6 @@ def to_hf_tensors(cfg: ModelConfig, params: model.Params) -> dict[str, np.ndarra
     return out
 
 
-def _replace_dir(tmp: str, path: str) -> None:
-    """Moves the finished directory `tmp` to `path`, replacing what was there."""
-    if os.path.exists(path):
-        old = tempfile.mkdtemp(prefix=os.path.basename(path) + ".old-", dir=os.path.dirname(path))
-        os.rename(path, os.path.join(old, "x"))
-        os.rename(tmp, path)
-        shutil.rmtree(old)
-    else:
-        os.rename(tmp, path)
-
-
 def save_hf(
     cfg: ModelConfig,
     params: model.Params,
@@ -306,11 +293,8 @@ def save_hf(
       max_shard_bytes: split into model-0000i-of-0000n.safetensors plus an index above this.
     """
     path = os.path.abspath(path)
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
     hf_config = config_to_hf(cfg)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=parent)
-    try:
+    with atomic.directory(path) as tmp:
         tensors = to_hf_tensors(cfg, params)
         shards, current, size = [], {}, 0
         for name, value in tensors.items():
@@ -344,10 +328,6 @@ def save_hf(
             json.dump(generation, f, indent=2)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        _replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 
@@ -357,17 +337,11 @@ def save_hf(
 def save_orbax(cfg: ModelConfig, params: model.Params, path: str) -> str:
     """Writes params (orbax, under `params/`) and the config (`model_config.json`) at `path`."""
     path = os.path.abspath(path)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=os.path.dirname(path))
-    try:
+    with atomic.directory(path) as tmp:
         with ocp.StandardCheckpointer() as ckpt:
             ckpt.save(os.path.join(tmp, "params"), params)
         with open(os.path.join(tmp, "model_config.json"), "w") as f:
             json.dump(dataclasses.asdict(cfg), f, indent=2)
-        _replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 
@@ -376,7 +350,8 @@ def load_orbax(path: str, *, shardings=None) -> tuple[ModelConfig, model.Params]
     config_path = os.path.join(path, "model_config.json")
     try:
         with open(config_path) as f:
-            cfg = ModelConfig(**json.load(f))
+            obj = json.load(f)
+        cfg = ModelConfig(**dict(obj, kernels=KernelConfig(**obj.get("kernels", {}))))
     except OSError as e:
         raise CheckpointError(f"{config_path}: cannot read ({e.strerror})") from None
     except (ValueError, TypeError) as e:

@@ -1,6 +1,7 @@
 """Difficulty estimation and prompt filters (k1.5 §2.1) through the `RolloutEngine` interface.
 
-- pass rate: `n` samples per prompt at a high temperature, scored by the task's reward;
+- pass rate: `n` samples per prompt at a high temperature, the fraction `scoring.Scorer` calls
+  correct;
 - drop prompts that are always solved (the paper's trivial-case prefilter);
 - the easy-to-hack filter: a prompt is removed when the model, forced to answer without reasoning
   (the response starts with `answer_prefix`), is right within `tries` attempts (the paper: 8).
@@ -8,30 +9,19 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from k15jax import data
+from k15jax import data, scoring
 from k15jax.rollout import RolloutEngine, SamplingSpec
-
-RewardFn = Callable[[str, str, str], tuple[float, dict]]
-
-
-@dataclasses.dataclass(frozen=True)
-class TextCodec:
-    """Turns prompt text into ids and response ids back into text."""
-
-    encode: Callable[[str], list[int]]
-    decode: Callable[[Sequence[int]], str]
 
 
 def pass_rates(
     engine: RolloutEngine,
     problems: Sequence[data.Problem],
-    reward_fn: RewardFn,
-    codec: TextCodec,
+    scorer: scoring.Scorer,
+    encode: Callable[[str], list[int]],
     *,
     n: int = 10,
     temperature: float = 1.0,
@@ -39,26 +29,28 @@ def pass_rates(
     seed: int = 0,
     prefix: str = "",
 ) -> np.ndarray:
-    """Returns each problem's fraction of `n` sampled responses with reward 1.
+    """Returns each problem's fraction of `n` sampled responses that are correct.
 
-    `prefix` is appended to every prompt and prepended to every response before scoring
-    (used by the easy-to-hack filter to force an answer without reasoning).
+    `encode` turns a problem's text into prompt ids. `prefix` is appended to every prompt and
+    prepended to every response before scoring (used by the easy-to-hack filter to force an
+    answer without reasoning).
     """
-    prompts = [codec.encode(p.prompt + prefix) for p in problems]
+    prompts = [encode(p.prompt + prefix) for p in problems]
     spec = SamplingSpec(n=n, temperature=temperature, max_tokens=max_tokens, seed=seed)
     passed = np.zeros(len(problems))
     for c in engine.generate(prompts, spec):
-        p = problems[c.prompt_index]
-        score, _ = reward_fn(p.prompt, prefix + codec.decode(c.token_ids), p.answer)
-        passed[c.prompt_index] += score >= 1.0
+        _, correct, _ = scorer(
+            problems[c.prompt_index], c.token_ids, c.finish_reason, prefix=prefix
+        )
+        passed[c.prompt_index] += correct
     return passed / n
 
 
 def easy_to_hack(
     engine: RolloutEngine,
     problems: Sequence[data.Problem],
-    reward_fn: RewardFn,
-    codec: TextCodec,
+    scorer: scoring.Scorer,
+    encode: Callable[[str], list[int]],
     *,
     answer_prefix: str,
     tries: int = 8,
@@ -69,8 +61,8 @@ def easy_to_hack(
     rates = pass_rates(
         engine,
         problems,
-        reward_fn,
-        codec,
+        scorer,
+        encode,
         n=tries,
         temperature=1.0,
         max_tokens=max_tokens,

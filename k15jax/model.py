@@ -103,9 +103,9 @@ class Attention(nnx.Module):
             v,
             causal=True,
             segment_ids_bt=segment_ids_bt,
-            impl=cfg.attention_impl,
+            impl=cfg.kernels.attention_impl,
             blocks=attention_kernels.BlockSizes(
-                block_q=cfg.attention_block, block_k=cfg.attention_block
+                block_q=cfg.kernels.attention_block, block_k=cfg.kernels.attention_block
             ),
         )  # [b, t, h, d]
         return self.o_proj(out.reshape(b, t, cfg.num_attention_heads * cfg.head_dim))
@@ -153,7 +153,7 @@ class Decoder(nnx.Module):
     def __call__(self, tokens_bt, positions_bt, segment_ids_bt):
         """Returns the final-norm hidden states [b, t, embed]."""
         x = jnp.take(self.embed[...], tokens_bt, axis=0)
-        if self.cfg.remat:
+        if self.cfg.kernels.remat:
             x = self._remat_layers(x, positions_bt, segment_ids_bt)
         else:
             for layer in self.layers:

@@ -178,6 +178,7 @@ class PackedGroups:
     rollout_logp_bt: np.ndarray  # float32 the engine's sampling log-probs (0 elsewhere)
     segment_ids_bt: np.ndarray  # int32 1 on real tokens, 0 on padding
     response_mask_bt: np.ndarray  # float32 1 on every response token
+    current_mask_bt: np.ndarray  # float32 1 on response tokens generated at `iteration`
     lengths_b: np.ndarray  # response lengths
 
 
@@ -190,6 +191,7 @@ def pack(groups: list[Group], *, iteration: int, loss_segments: str, pad_to: int
     rlogp = np.zeros((b, pad_to), np.float32)
     seg = np.zeros((b, pad_to), np.int32)
     resp = np.zeros((b, pad_to), np.float32)
+    current = np.zeros((b, pad_to), np.float32)
     for i, s in enumerate(samples):
         ids = s.prompt_ids + s.response_ids
         if len(ids) > pad_to:
@@ -199,8 +201,10 @@ def pack(groups: list[Group], *, iteration: int, loss_segments: str, pad_to: int
         seg[i, : len(ids)] = 1
         resp[i, p : p + n] = 1
         mask[i, p : p + n] = loss_mask(s, iteration, loss_segments)
+        current[i, p : p + n] = loss_mask(s, iteration, "current")
         rlogp[i, p : p + n] = [lp for sg in s.segments for lp in sg.logprobs]
-    return PackedGroups(tokens, mask, rlogp, seg, resp, np.array([s.length for s in samples]))
+    lengths = np.array([s.length for s in samples])
+    return PackedGroups(tokens, mask, rlogp, seg, resp, current, lengths)
 
 
 def logprob_mismatch(rollout_logp_bt, trainer_logp_bt, response_mask_bt) -> dict[str, float]:

@@ -5,6 +5,10 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
+
+from k15jax import atomic
+
 PLOTS = (
     ("heldout_pass_at_1", "held-out pass@1"),
     ("reward", "mean reward"),
@@ -16,6 +20,24 @@ PLOTS = (
     ("rollout_tokens_per_s", "rollout tokens/s"),
     ("train_tokens_per_s", "training tokens/s"),
 )
+
+
+STEP_METRICS = ("loss", "delta_mean", "delta_abs_mean", "zero_variance_groups", "grad_norm")
+
+
+def mean_step_metrics(steps: list[dict]) -> dict:
+    """Returns the iteration's mean of each optimizer step's `STEP_METRICS`, and the step count."""
+    out = {key: float(np.mean([m[key] for m in steps])) for key in STEP_METRICS}
+    return dict(out, optimizer_steps=len(steps))
+
+
+def eval_line(name: str, result: dict) -> str:
+    """Returns the one-line console summary of an evaluation."""
+    lo, hi = result["ci95"]
+    return (
+        f"{name} held-out pass@1 {result['pass_at_1']:.3f} [{lo:.3f}, {hi:.3f}], "
+        f"mean length {result['mean_length']:.1f}"
+    )
 
 
 def iteration_line(m: dict) -> str:
@@ -98,8 +120,7 @@ def write(out_dir: str, config: dict, sft_history, rl_history, results: dict) ->
     """Writes tensorboard/, *.png, results.json and report.md into `out_dir`."""
     write_tensorboard(out_dir, sft_history, rl_history)
     plots = write_plots(out_dir, sft_history, rl_history, results)
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    atomic.write_json(os.path.join(out_dir, "results.json"), results)
     sft, rl = results["sft"], results["rl"]
     separated = rl["ci95"][0] > sft["ci95"][1]
     lines = [
@@ -139,5 +160,4 @@ def write(out_dir: str, config: dict, sft_history, rl_history, results: dict) ->
         )
     lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     lines += ["", "## Configuration", "", "```json", json.dumps(config, indent=2), "```", ""]
-    with open(os.path.join(out_dir, "report.md"), "w") as f:
-        f.write("\n".join(lines))
+    atomic.write_text(os.path.join(out_dir, "report.md"), "\n".join(lines))

@@ -37,15 +37,23 @@ def make_mesh(shape: tuple[int, int, int] = (-1, 1, 1), devices=None) -> Mesh:
     One entry of `shape` may be -1: it takes the remaining devices.
     """
     devices = list(jax.devices() if devices is None else devices)
-    shape = list(shape)
+    given, shape = tuple(shape), list(shape)
     if shape.count(-1) > 1:
-        raise ValueError(f"mesh shape {tuple(shape)} may hold at most one -1")
+        raise ValueError(f"mesh {given} (data, fsdp, tensor) may hold at most one -1")
     known = math.prod(s for s in shape if s != -1)
-    if -1 in shape:
+    if -1 in shape and len(devices) % known == 0:
         shape[shape.index(-1)] = len(devices) // known
     if math.prod(shape) != len(devices):
-        raise ValueError(f"mesh shape {tuple(shape)} does not use the {len(devices)} devices")
+        need = f"a multiple of {known}" if -1 in given else str(known)
+        raise ValueError(
+            f"mesh {given} (data, fsdp, tensor) needs {need} devices; there are {len(devices)}"
+        )
     return Mesh(np.array(devices).reshape(shape), MESH_AXES)
+
+
+def batch_shards(mesh: Mesh) -> int:
+    """Returns how many ways the batch is split on `mesh` (data x fsdp)."""
+    return math.prod(mesh.shape[a] for a in BATCH)
 
 
 def logical_to_spec(names: tuple, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:

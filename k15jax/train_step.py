@@ -2,15 +2,20 @@
 
 `make_train_step(...)` returns `step(state, batch) -> (state, metrics)`, compiled once with
 `jax.jit` and explicit in/out shardings on a (data, fsdp, tensor) mesh. Gradients accumulate over
-micro-batches (each a whole number of groups, so the group baseline is exact); a step whose loss
-or gradients are not finite is refused: params and optimizer state stay as they were and
-`metrics["skipped"] = 1`.
+micro-batches (each a whole number of groups, so the group baseline is exact), weighted by what
+each micro-batch's mean is over (valid rows, or tokens for SFT), so padding never reweights a
+step; a step whose loss or gradients are not finite is refused: params and optimizer state stay
+as they were and `metrics["skipped"] = 1`.
+
+`make_trainer` bundles the jitted step and log-prob functions of one run; `reference_logprobs`
+and `train_epoch` run them over a whole iteration's rows in fixed-size blocks.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Iterator
 
 import flax.struct
 import jax
@@ -21,7 +26,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from k15jax import losses, model, sharding
 from k15jax.config import ModelConfig
-from kernels import logprobs as kernel_logprobs
 
 
 @flax.struct.dataclass
@@ -29,7 +33,6 @@ class TrainState:
     step: jax.Array
     params: model.Params
     opt_state: optax.OptState
-    rng: jax.Array
 
 
 @flax.struct.dataclass
@@ -56,6 +59,18 @@ class Batch:
             valid_b=np.ones((b,), np.float32) if valid_b is None else valid_b,
         )
 
+    @classmethod
+    def for_rl(cls, tokens_bt, mask_bt, ref_logp_bt, reward_b, segment_ids_bt) -> Batch:
+        """Returns a mirror-descent batch in which every row is real."""
+        return cls(
+            tokens_bt=tokens_bt,
+            mask_bt=mask_bt,
+            ref_logp_bt=ref_logp_bt,
+            reward_b=reward_b,
+            segment_ids_bt=segment_ids_bt,
+            valid_b=np.ones(np.shape(reward_b), np.float32),
+        )
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class StepConfig:
@@ -64,8 +79,6 @@ class StepConfig:
     tau: float = 0.1
     group_size: int = 4
     micro_batches: int = 1
-    logprob_chunk: int | None = 1024  # rows of logits per step of xla_chunked; None: all
-    logprob_impl: str = "xla_chunked"  # kernels.logprobs.IMPLS
     normalize_by_length: bool = False
     objective: str = "mirror_descent"  # or "sft": masked cross-entropy on the same batch type
 
@@ -74,10 +87,6 @@ class StepConfig:
             raise ValueError(f"objective={self.objective!r} must be 'mirror_descent' or 'sft'")
         if self.tau <= 0:
             raise ValueError(f"tau={self.tau} must be > 0")
-        if self.logprob_impl not in kernel_logprobs.IMPLS:
-            raise ValueError(
-                f"logprob_impl={self.logprob_impl!r} must be one of {kernel_logprobs.IMPLS}"
-            )
         if self.group_size < 1 or self.micro_batches < 1:
             raise ValueError(
                 f"group_size={self.group_size}, micro_batches={self.micro_batches} must be >= 1"
@@ -94,13 +103,15 @@ def make_optimizer(
     )
 
 
-def sequence_logprobs(
-    cfg: ModelConfig, params, tokens_bt, segment_ids_bt, *, chunk_size, impl="xla_chunked"
-):
-    """Returns per-token log-probs [b, t] of `tokens_bt` under `params` (chunked over t)."""
+def sequence_logprobs(cfg: ModelConfig, params, tokens_bt, segment_ids_bt):
+    """Returns per-token log-probs [b, t] of `tokens_bt` (`cfg.kernels` choose the kernels)."""
     hidden = model.hidden_states(cfg, params, tokens_bt, segment_ids=segment_ids_bt)
     return losses.token_logprobs(
-        hidden, model.output_embedding(cfg, params), tokens_bt, chunk_size=chunk_size, impl=impl
+        hidden,
+        model.output_embedding(cfg, params),
+        tokens_bt,
+        chunk_size=cfg.kernels.logprob_chunk,
+        impl=cfg.kernels.logprob_impl,
     )
 
 
@@ -124,7 +135,7 @@ def state_shardings(cfg: ModelConfig, optimizer: optax.GradientTransformation, m
         opt_shard,
         is_leaf=lambda x: isinstance(x, NamedSharding),
     )
-    return TrainState(step=rep, params=p_shard, opt_state=opt_shard, rng=rep)
+    return TrainState(step=rep, params=p_shard, opt_state=opt_shard)
 
 
 def batch_shardings(mesh: Mesh) -> Batch:
@@ -132,14 +143,18 @@ def batch_shardings(mesh: Mesh) -> Batch:
     return Batch(tokens_bt=bt, mask_bt=bt, ref_logp_bt=bt, reward_b=b, segment_ids_bt=bt, valid_b=b)
 
 
-def init_state(params, optimizer: optax.GradientTransformation, *, seed: int = 0) -> TrainState:
-    """Returns a TrainState at step 0 with fresh optimizer state."""
-    return TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        opt_state=optimizer.init(params),
-        rng=jax.random.key_data(jax.random.key(seed)),
+def init_state(
+    params, cfg: ModelConfig, optimizer: optax.GradientTransformation, mesh: Mesh
+) -> TrainState:
+    """Returns a TrainState at step 0 on `mesh`: params placed by the sharding rules, the
+    optimizer state created already sharded (never whole on one device)."""
+    shardings = state_shardings(cfg, optimizer, mesh)
+    # A copy: the train step donates its state, and the caller may still hold `params`.
+    params = jax.device_put(params, shardings.params, may_alias=False)
+    init = lambda p: TrainState(
+        step=jnp.zeros((), jnp.int32), params=p, opt_state=optimizer.init(p)
     )
+    return jax.jit(init, out_shardings=shardings)(params)
 
 
 def reset_optimizer(state: TrainState, optimizer: optax.GradientTransformation) -> TrainState:
@@ -148,6 +163,13 @@ def reset_optimizer(state: TrainState, optimizer: optax.GradientTransformation) 
         optimizer.init, out_shardings=jax.tree.map(lambda x: x.sharding, state.opt_state)
     )(state.params)
     return state.replace(opt_state=fresh)
+
+
+def _mean_count(objective: str, batch: Batch) -> jax.Array:
+    """Returns what the objective's loss on `batch` is a mean over: tokens (SFT) or valid rows."""
+    if objective == "sft":
+        return jnp.sum(batch.mask_bt * batch.valid_b[:, None])
+    return jnp.sum(batch.valid_b)
 
 
 def _all_finite(tree) -> jax.Array:
@@ -167,14 +189,7 @@ def make_train_step(
     tau, group, micro = step_cfg.tau, step_cfg.group_size, step_cfg.micro_batches
 
     def loss_fn(params, mb: Batch):
-        logp = sequence_logprobs(
-            cfg,
-            params,
-            mb.tokens_bt,
-            mb.segment_ids_bt,
-            chunk_size=step_cfg.logprob_chunk,
-            impl=step_cfg.logprob_impl,
-        )
+        logp = sequence_logprobs(cfg, params, mb.tokens_bt, mb.segment_ids_bt)
         if step_cfg.objective == "sft":
             return losses.sft_loss(logp, mb.mask_bt * mb.valid_b[:, None])
         return losses.mirror_descent_loss(
@@ -206,18 +221,27 @@ def make_train_step(
                 ),
                 batch,
             )
+            # Each micro-batch's loss is a mean over its own rows (tokens for SFT); the batch's
+            # is the mean over all of them, so each enters weighted by its share of the count.
+            weights = jax.vmap(lambda mb: _mean_count(step_cfg.objective, mb))(split)
+            weights = weights / jnp.maximum(weights.sum(), 1.0)
             zeros = jax.tree.map(jnp.zeros_like, state.params)
 
-            def body(acc, mb):
+            def body(acc, xs):
+                mb, w = xs
                 (loss_i, m), g = grad_fn(state.params, mb)
-                return jax.tree.map(jnp.add, acc, (loss_i, m, g)), None
+                scaled = jax.tree.map(lambda x: w * x.astype(jnp.float32), (loss_i, m))
+                g = jax.tree.map(lambda x: (w * x).astype(x.dtype), g)
+                return jax.tree.map(jnp.add, acc, (*scaled, g)), None
 
-            m0 = jax.eval_shape(lambda: loss_fn(state.params, jax.tree.map(lambda x: x[0], split)))[
-                1
-            ]
-            init = (jnp.zeros(()), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m0), zeros)
-            (loss, metrics, grads), _ = jax.lax.scan(body, init, split)
-            loss, metrics, grads = jax.tree.map(lambda x: x / micro, (loss, metrics, grads))
+            m0 = jax.eval_shape(lambda: loss_fn(state.params, jax.tree.map(lambda x: x[0], split)))
+            m0 = m0[1]
+            init = (
+                jnp.zeros(()),
+                jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), m0),
+                zeros,
+            )
+            (loss, metrics, grads), _ = jax.lax.scan(body, init, (split, weights))
         finite = jnp.isfinite(loss) & _all_finite(grads)
         updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
@@ -244,6 +268,85 @@ def make_train_step(
     )
 
 
-def place_state(state: TrainState, cfg: ModelConfig, optimizer, mesh: Mesh) -> TrainState:
-    """Returns `state` moved onto `mesh` with the shardings the train step expects."""
-    return jax.device_put(state, state_shardings(cfg, optimizer, mesh))
+@dataclasses.dataclass(frozen=True)
+class Trainer:
+    """The compiled functions of one objective on one mesh, built once per phase."""
+
+    optimizer: optax.GradientTransformation
+    step: Callable[[TrainState, Batch], tuple[TrainState, dict]]
+    logprobs: Callable[[model.Params, jax.Array, jax.Array], jax.Array]
+
+
+def make_trainer(
+    cfg: ModelConfig, optimizer: optax.GradientTransformation, step_cfg: StepConfig, mesh: Mesh
+) -> Trainer:
+    """Returns the jitted train step and per-token log-prob function for `cfg` on `mesh`."""
+    return Trainer(
+        optimizer=optimizer,
+        step=make_train_step(cfg, optimizer, step_cfg, mesh),
+        logprobs=jax.jit(functools.partial(sequence_logprobs, cfg)),
+    )
+
+
+def row_blocks(n: int, rows: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yields (row indices, valid 1/0) blocks of exactly `rows` rows covering rows 0..n-1.
+
+    The last block is filled up by repeating its first row with valid 0 (fixed shapes compile
+    once; the padding repeats a whole real group, so group structure is kept).
+    """
+    for start in range(0, n, rows):
+        idx = np.arange(start, start + rows)
+        valid = (idx < n).astype(np.float32)
+        yield np.where(idx < n, idx, start), valid
+
+
+def reference_logprobs(
+    trainer: Trainer, params, tokens_bt: np.ndarray, segment_ids_bt: np.ndarray, *, rows: int
+) -> np.ndarray:
+    """Returns log π_θi of every token of every row [b, t], computed `rows` rows at a time."""
+    out = np.zeros(tokens_bt.shape, np.float32)
+    for idx, valid in row_blocks(tokens_bt.shape[0], rows):
+        logp = np.asarray(trainer.logprobs(params, tokens_bt[idx], segment_ids_bt[idx]))
+        out[idx[valid > 0]] = logp[valid > 0]
+    return out
+
+
+def iteration_update(
+    trainer: Trainer, state: TrainState, batch: Batch, *, rows: int, where: str
+) -> tuple[TrainState, list[dict[str, float]]]:
+    """Returns (state, per-step metrics) of one k1.5 iteration's update: the optimizer state
+    is reset (the paper resets it every iteration), then `train_epoch` over `batch`."""
+    return train_epoch(
+        trainer, reset_optimizer(state, trainer.optimizer), batch, rows=rows, where=where
+    )
+
+
+def train_epoch(
+    trainer: Trainer, state: TrainState, batch: Batch, *, rows: int, where: str
+) -> tuple[TrainState, list[dict[str, float]]]:
+    """Returns (state, per-step metrics) after one optimizer step per block of `rows` rows.
+
+    `batch` holds every row of the phase as host arrays. A refused (non-finite) step raises
+    `FloatingPointError` naming `where`; the state passed in was donated to that step.
+    """
+    metrics = []
+    for idx, valid in row_blocks(batch.reward_b.shape[0], rows):
+        block = jax.tree.map(lambda x: x[idx], batch)
+        block = block.replace(mask_bt=block.mask_bt * valid[:, None], valid_b=valid)
+        state, m = checked_step(trainer, state, block, where=where)
+        metrics.append(m)
+    return state, metrics
+
+
+def checked_step(
+    trainer: Trainer, state: TrainState, batch: Batch, *, where: str
+) -> tuple[TrainState, dict[str, float]]:
+    """Returns (state, metrics as floats) of one step; raises `FloatingPointError` naming
+    `where` when the step was refused for a non-finite loss or gradient."""
+    state, m = trainer.step(state, batch)
+    if int(m["skipped"]):
+        raise FloatingPointError(
+            f"non-finite loss or gradient at {where}; the update was refused and the last "
+            "checkpoint is intact"
+        )
+    return state, {key: float(v) for key, v in m.items()}

@@ -5,7 +5,8 @@ import dataclasses
 from absl import flags
 
 from experiments import bench, convert, eval, rl, sft  # noqa: F401 - define their flags
-from k15jax import loop
+from k15jax import run_config
+from k15jax.config import KernelConfig
 
 
 def _parse(*args):
@@ -16,7 +17,7 @@ def _parse(*args):
 
 def test_default_flags_give_the_default_config():
     _parse()
-    assert rl.make_config() == loop.RunConfig()
+    assert rl.make_config() == run_config.RunConfig()
 
 
 def test_flags_reach_the_config():
@@ -33,16 +34,21 @@ def test_flags_reach_the_config():
         "--attention_impl=xla_chunked",
         "--logprob_impl=xla_chunked",
         "--remat",
+        "--mesh=data:2,tensor:-1",
+        "--micro_batches=4",
+        "--param_dtype=bfloat16",
     )
     cfg = rl.make_config()
-    assert cfg.kernels == loop.KernelConfig(
+    assert cfg.model.kernels == KernelConfig(
         attention_impl="xla_chunked", logprob_impl="xla_chunked", remat=True
     )
+    assert cfg.mesh == (2, 1, -1) and cfg.rl.micro_batches == 4
+    assert cfg.model.dtype == cfg.vllm.dtype == "bfloat16"
     assert cfg.rl.tau == 0.05 and cfg.rl.samples_per_prompt == 16
     assert (cfg.partial.budget, cfg.partial.max_length) == (100, 200)
     assert cfg.length.weight == 0.3 and cfg.sampler.curriculum_iterations == 4
     assert cfg.vllm.kv_cache_memory_bytes is None
-    assert dataclasses.replace(cfg.task, data=None, reward="task") == loop.RunConfig().task
+    assert dataclasses.replace(cfg.task, data=None, reward="task") == run_config.RunConfig().task
     _parse()
 
 
@@ -67,12 +73,21 @@ def _run_script(module: str, *args, tmp_path) -> str:
 
 def test_kernel_bench_speed_path_runs_on_cpu(tmp_path):
     text = _run_script(
-        "kernel_bench", "--which=speed", "--impls=xla_chunked,triton", "--speed_lengths=128",
+        "kernel_bench", "--impls=xla_chunked,triton", "--speed_lengths=128",
         "--heads=2", "--tokens_per_batch=128", "--logprob_impls=", "--repeats=1",
         tmp_path=tmp_path,
     )  # fmt: skip
     assert "| xla_chunked | 128 |" in text
     assert "| triton | - |" in text and "jax-triton" in text  # recorded, not fatal, on CPU
+
+
+def test_bad_mesh_flag_is_refused():
+    import pytest
+    from absl import app
+
+    with pytest.raises(app.UsageError, match="'pipe:2' is not AXIS:SIZE"):
+        rl.parse_mesh("data:2,pipe:2")
+    assert rl.parse_mesh("fsdp:4") == (1, 4, 1)
 
 
 def test_sandbox_bench_runs(tmp_path):

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from k15jax import losses, model
-from k15jax.config import ModelConfig
+from k15jax.config import KernelConfig, ModelConfig
 from kernels import attention, reference
 from kernels import logprobs as kernel_logprobs
 
@@ -234,7 +234,7 @@ def test_model_logits_same_with_every_cpu_attention_impl(rng_key=jax.random.key(
     seg = jnp.asarray(_segments("packed", 2, 41))
     logits = {}
     for impl in attention.CPU_IMPLS:
-        c = dataclasses.replace(cfg, attention_impl=impl, attention_block=16)
+        c = dataclasses.replace(cfg, kernels=KernelConfig(attention_impl=impl, attention_block=16))
         logits[impl] = model.apply(c, params, tokens, segment_ids=seg)
     np.testing.assert_allclose(logits["xla_chunked"], logits["xla"], rtol=1e-4, atol=1e-5)
 
@@ -279,7 +279,7 @@ def test_model_remat_with_chunked_attention_is_linear_in_length():
     def temp(t, remat):
         cfg = ModelConfig(
             vocab_size=64, hidden_size=128, intermediate_size=512, num_hidden_layers=6,
-            attention_impl="xla_chunked", attention_block=128, remat=remat,
+            kernels=KernelConfig(attention_impl="xla_chunked", attention_block=128, remat=remat),
         )  # fmt: skip
         tokens = jax.ShapeDtypeStruct((1, t), jnp.int32)
         loss = lambda p, tok: model.hidden_states(cfg, p, tok, segment_ids=tok).sum()
@@ -364,7 +364,7 @@ def test_model_logits_and_grads_with_triton_impl(jax_triton_shim):
     seg = jnp.asarray(_segments("packed", 2, 41))
     res = {}
     for impl in ("xla", "triton"):
-        c = dataclasses.replace(cfg, attention_impl=impl)
+        c = dataclasses.replace(cfg, kernels=KernelConfig(attention_impl=impl))
         loss = lambda p, c=c: jnp.mean(model.apply(c, p, tokens, segment_ids=seg) ** 2)
         res[impl] = jax.value_and_grad(loss)(params)
     np.testing.assert_allclose(res["triton"][0], res["xla"][0], rtol=1e-5)

@@ -13,15 +13,16 @@ import jax
 import numpy as np
 import pytest
 
-from k15jax import convert, loop, partial
+from k15jax import convert, data, evaluation, loop, partial, run_config, sft
+from k15jax.config import KernelConfig
 
 pytestmark = pytest.mark.vllm
 
 TINY = dataclasses.replace(
-    loop.RunConfig(),
-    task=loop.TaskConfig(train_problems=24, sft_examples=200, max_terms=3),
-    sft=loop.SftConfig(steps=12, batch_size=8, checkpoint_every=5),
-    rl=loop.RlConfig(
+    run_config.RunConfig(),
+    task=data.TaskConfig(train_problems=24, sft_examples=200, max_terms=3, max_prompt_tokens=24),
+    sft=sft.SftConfig(steps=12, batch_size=8, checkpoint_every=5),
+    rl=run_config.RlConfig(
         iterations=3,
         prompts_per_iteration=4,
         samples_per_prompt=4,
@@ -31,10 +32,9 @@ TINY = dataclasses.replace(
         eval_every=2,
         learning_rate=1e-4,
     ),
-    eval=loop.EvalConfig(problems=8, samples=2),
+    eval=evaluation.EvalConfig(problems=8, samples=2),
     partial=partial.PartialConfig(budget=40, max_length=100),
-    length=dataclasses.replace(loop.RunConfig().length, warmup_iterations=1),
-    max_prompt_tokens=24,
+    length=dataclasses.replace(run_config.RunConfig().length, warmup_iterations=1),
 )
 
 
@@ -47,14 +47,20 @@ def _quiet(**kw):
 def test_rl_loop_end_to_end(vllm_engine, tiny_hf_dir, tmp_path):
     # The trainer runs the O(t) paths here (blockwise attention over several tiles, chunked
     # log-probs, remat): vLLM's log-probs must still agree with them.
-    kernels = loop.KernelConfig(
+    kernels = KernelConfig(
         attention_impl="xla_chunked",
         attention_block=32,
         logprob_impl="xla_chunked",
         logprob_chunk=64,
         remat=True,
     )
-    cfg = dataclasses.replace(TINY, out_dir=str(tmp_path / "run"), kernels=kernels)
+    cfg = dataclasses.replace(
+        TINY,
+        out_dir=str(tmp_path / "run"),
+        model=dataclasses.replace(TINY.model, kernels=kernels),
+        rl=dataclasses.replace(TINY.rl, micro_batches=2),  # groups_per_step=2: one group each
+        mesh=(2, 2, 2),  # data, fsdp and tensor sharding of the 8 test devices
+    )
     lines = []
     try:
         result = loop.run(cfg, engine=vllm_engine, progress=_quiet, console=lines.append)
@@ -105,26 +111,49 @@ def test_rl_loop_end_to_end(vllm_engine, tiny_hf_dir, tmp_path):
 
 
 def _state_target(cfg, params):
-    from k15jax import train_step
+    from k15jax import sharding, tokenizer, train_step
 
     opt = train_step.make_optimizer(cfg.rl.learning_rate, max_grad_norm=cfg.rl.max_grad_norm)
-    return train_step.init_state(params, opt, seed=cfg.seed)
+    model_cfg = dataclasses.replace(cfg.model, vocab_size=tokenizer.builtin().vocab_size)
+    return train_step.init_state(params, model_cfg, opt, sharding.make_mesh(cfg.mesh))
 
 
 def test_bad_input_stops_with_a_clear_message(tmp_path):
     cfg = dataclasses.replace(TINY, out_dir=str(tmp_path / "a"))
-    loop.check_out_dir(cfg)
+    run_config.check_out_dir(cfg)
     other = dataclasses.replace(cfg, rl=dataclasses.replace(cfg.rl, tau=0.5))
-    with pytest.raises(ValueError, match=r"different run's checkpoints .*\['rl'\]"):
-        loop.check_out_dir(other)
+    with pytest.raises(ValueError, match=r"different run's checkpoints .*\['rl'\]: rl.tau"):
+        run_config.check_out_dir(other)
+    # Engine knobs and the mesh may change on resume; the config on disk is the first run's.
+    run_config.check_out_dir(dataclasses.replace(cfg, mesh=(1, 1, -1)))
     with pytest.raises(FileNotFoundError, match="no such directory"):
         loop.prepare(dataclasses.replace(cfg, model_dir=str(tmp_path / "missing")))
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "1+1", "answer": "2"}\n{"prompt": 3}\n')
     with pytest.raises(Exception, match=r"bad.jsonl:2: field 'prompt'"):
-        loop.prepare(dataclasses.replace(cfg, task=loop.TaskConfig(data=str(bad))))
+        loop.prepare(dataclasses.replace(cfg, task=data.TaskConfig(data=str(bad))))
     with pytest.raises(ValueError, match="reward="):
-        loop.TaskConfig(reward="bleu")
+        data.TaskConfig(reward="bleu")
+    with pytest.raises(ValueError, match="micro_batches=3 must be >= 1 and divide"):
+        run_config.RlConfig(groups_per_step=16, micro_batches=3)
+    with pytest.raises(ValueError, match=r"mesh \(16, 1, 1\) \(data, fsdp, tensor\) needs 16"):
+        loop.prepare(dataclasses.replace(cfg, mesh=(16, 1, 1)))
+    with pytest.raises(ValueError, match="RL micro-batch of 4 rows does not split over"):
+        loop.prepare(dataclasses.replace(cfg, rl=dataclasses.replace(cfg.rl, micro_batches=2)))
+
+
+def test_another_trainer_dtype_refuses_to_resume(tmp_path):
+    # The trainer's dtype is the model's (not the engine's): a bf16 run cannot continue a f32
+    # run's checkpoints, and the message names the field and both values.
+    cfg = dataclasses.replace(TINY, out_dir=str(tmp_path / "run"))
+    run_config.check_out_dir(cfg)
+    bf16 = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype="bfloat16"))
+    with pytest.raises(ValueError, match="model.dtype: saved 'float32', now 'bfloat16'"):
+        run_config.check_out_dir(bf16)
+    # ... while the engine's dtype alone is an engine knob.
+    run_config.check_out_dir(
+        dataclasses.replace(cfg, vllm=dataclasses.replace(cfg.vllm, dtype="bfloat16"))
+    )
 
 
 def test_flags_reject_unknown_values():
@@ -158,6 +187,8 @@ RESUME_FLAGS = [
     "--checkpoint_every=1",
     "--eval_every=0",
     "--max_prompt_tokens=24",
+    "--micro_batches=2",
+    "--mesh=data:2,fsdp:2,tensor:2",
 ]
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from k15jax import convert, model
-from k15jax.config import ModelConfig
+from k15jax.config import KernelConfig, ModelConfig
 
 ARCHS = ["Qwen2ForCausalLM", "Qwen3ForCausalLM", "LlamaForCausalLM"]
 
@@ -69,7 +69,7 @@ def test_bfloat16_params_close_to_float32(hf_dirs):
 
 def test_remat_gives_same_logits_and_grads():
     cfg = ModelConfig(qk_norm=True)
-    remat_cfg = ModelConfig(qk_norm=True, remat=True)
+    remat_cfg = ModelConfig(qk_norm=True, kernels=KernelConfig(remat=True))
     params = model.init(cfg, jax.random.key(0))
     tokens = jnp.arange(10)[None]
 

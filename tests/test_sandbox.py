@@ -15,7 +15,7 @@ import threading
 
 import pytest
 
-from k15jax import data, loop
+from k15jax import data, scoring
 from k15jax.rewards import code, sandbox
 
 DATA = pathlib.Path(__file__).parent / "data"
@@ -108,15 +108,14 @@ def test_function_tests_cannot_be_faked_by_exiting_early(box):
 
 
 @needs_isolation
-def test_code_prompt_set_loads_and_scores_through_the_loop_reward(box, monkeypatch):
-    monkeypatch.setattr(code, "default_sandbox", lambda: box)
+def test_code_prompt_set_loads_and_scores_through_the_loop_reward(box):
     problems = {p.id: p for p in data.load_jsonl(str(DATA / "code_problems.jsonl"))}
     raw = _problems()
-    assert "code" in loop.REWARDS
+    reward = scoring.reward_fn("code", sandbox=box)  # the reward the run builds
     for pid, p in problems.items():
         good = _fenced(raw[pid]["solutions"]["correct"])
-        assert code.reward(p.prompt, good, p.answer)[0] == 1.0
-        assert code.reward(p.prompt, _fenced(raw[pid]["solutions"]["wrong"]), p.answer)[0] == 0.0
+        assert reward(p.prompt, good, p.answer)[0] == 1.0
+        assert reward(p.prompt, _fenced(raw[pid]["solutions"]["wrong"]), p.answer)[0] == 0.0
 
 
 def test_extract_code_and_bad_tests():

@@ -3,7 +3,7 @@ difficulty estimation and filters through the engine interface."""
 
 import numpy as np
 
-from k15jax import data, difficulty, tasks
+from k15jax import data, difficulty, scoring, tasks
 from k15jax.rollout import Completion
 
 
@@ -69,19 +69,18 @@ class ScriptedEngine:
         pass
 
 
-CODEC = difficulty.TextCodec(
-    encode=lambda s: [ord(c) for c in s], decode=lambda ids: "".join(chr(c) for c in ids)
-)
+ENCODE = lambda s: [ord(c) for c in s]  # noqa: E731
+SCORER = scoring.Scorer(reward_fn=tasks.reward, decode=lambda ids: "".join(chr(c) for c in ids))
 
 
 def test_pass_rates_and_filters():
     probs = [data.Problem(str(i), f"Q:{i}\n", "1") for i in range(4)]
     engine = ScriptedEngine({"Q:0\n": 0, "Q:1\n": 3, "Q:2\n": 10, "Q:3\n": 5})
-    rates = difficulty.pass_rates(engine, probs, tasks.reward, CODEC, n=10)
+    rates = difficulty.pass_rates(engine, probs, SCORER, ENCODE, n=10)
     np.testing.assert_allclose(rates, [0.0, 0.3, 1.0, 0.5])
     kept, kept_rates = difficulty.filter_problems(probs, rates)
     assert [p.id for p in kept] == ["0", "1", "3"]
-    hack = difficulty.easy_to_hack(engine, probs, tasks.reward, CODEC, answer_prefix="answer: ")
+    hack = difficulty.easy_to_hack(engine, probs, SCORER, ENCODE, answer_prefix="answer: ")
     assert engine.seen[-1] == "Q:3\nanswer: "
     np.testing.assert_array_equal(hack, [False, True, True, True])
     kept, _ = difficulty.filter_problems(probs, rates, hackable=hack)

@@ -1,6 +1,7 @@
 """The sharded train step: mesh invariance, PartitionSpec snapshot, NaN refusal, optimizer reset,
 micro-batching, checkpoints, and a short on-policy loop that raises the reward."""
 
+import dataclasses
 import os
 
 import jax
@@ -10,7 +11,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from k15jax import checkpoint, generation, model, sharding, train_step
-from k15jax.config import ModelConfig
+from k15jax.config import KernelConfig, ModelConfig
 
 CFG = ModelConfig(
     vocab_size=64,
@@ -22,7 +23,11 @@ CFG = ModelConfig(
     head_dim=16,
     attention_bias=True,
 )
-STEP = train_step.StepConfig(tau=0.5, group_size=4, micro_batches=2, logprob_chunk=5)
+# Chunked log-probs (5 rows of logits at a time) in the micro-batched step.
+CHUNKED = dataclasses.replace(
+    CFG, kernels=KernelConfig(logprob_impl="xla_chunked", logprob_chunk=5)
+)
+STEP = train_step.StepConfig(tau=0.5, group_size=4, micro_batches=2)
 # Momentum SGD is linear in the gradient, so sharded and single-device runs agree to float32
 # reduction-order noise. Adam divides by sqrt(v): for near-zero gradient entries that noise grows
 # to ~0.4% of a step (measured 8e-5 against 2e-2 steps), which would force a loose tolerance.
@@ -50,8 +55,8 @@ def _batch(seed=0, b=16, t=12):
 def _run(mesh_shape, devices, steps=2):
     mesh = sharding.make_mesh(mesh_shape, devices)
     params = model.init(CFG, jax.random.key(0))
-    state = train_step.place_state(train_step.init_state(params, OPT), CFG, OPT, mesh)
-    step = train_step.make_train_step(CFG, OPT, STEP, mesh)
+    state = train_step.init_state(params, CHUNKED, OPT, mesh)
+    step = train_step.make_train_step(CHUNKED, OPT, STEP, mesh)
     losses_ = []
     for i in range(steps):
         state, m = step(state, _batch(i))
@@ -123,9 +128,9 @@ def test_partition_spec_snapshot():
 def test_micro_batches_match_one_batch_and_reset(single_device_run):
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
     params = model.init(CFG, jax.random.key(0))
-    one = train_step.StepConfig(tau=0.5, group_size=4, micro_batches=1, logprob_chunk=None)
+    one = train_step.StepConfig(tau=0.5, group_size=4, micro_batches=1)
     step = train_step.make_train_step(CFG, OPT, one, mesh)
-    state = train_step.place_state(train_step.init_state(params, OPT), CFG, OPT, mesh)
+    state = train_step.init_state(params, CFG, OPT, mesh)
     state, m = step(state, _batch(0))
     want_loss, _, _ = single_device_run
     np.testing.assert_allclose(float(m["loss"]), want_loss[0], rtol=1e-5)
@@ -141,7 +146,7 @@ def test_non_finite_update_is_refused():
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
     params = model.init(CFG, jax.random.key(0))
     step = train_step.make_train_step(CFG, OPT, STEP, mesh)
-    state = train_step.place_state(train_step.init_state(params, OPT), CFG, OPT, mesh)
+    state = train_step.init_state(params, CFG, OPT, mesh)
     before_params = jax.device_get(state.params)
     before_opt = jax.device_get(state.opt_state)
     bad = _batch(0)
@@ -197,18 +202,14 @@ def test_on_policy_loop_raises_reward():
         attention_bias=True,
     )
     opt = train_step.make_optimizer(3e-3)
-    step_cfg = train_step.StepConfig(tau=0.1, group_size=8, micro_batches=1, logprob_chunk=None)
+    step_cfg = train_step.StepConfig(tau=0.1, group_size=8, micro_batches=1)
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
     step = train_step.make_train_step(cfg, opt, step_cfg, mesh)
-    state = train_step.place_state(
-        train_step.init_state(model.init(cfg, jax.random.key(0)), opt), cfg, opt, mesh
-    )
+    state = train_step.init_state(model.init(cfg, jax.random.key(0)), cfg, opt, mesh)
     prompts = [[1, 5], [1, 6]]
     k, n_new = 8, 4
     good = set(range(8))  # reward 1 when the first generated token is < 8: about 1/4 at start
-    logp_fn = jax.jit(
-        lambda p, tok, seg: train_step.sequence_logprobs(cfg, p, tok, seg, chunk_size=None)
-    )
+    logp_fn = jax.jit(lambda p, tok, seg: train_step.sequence_logprobs(cfg, p, tok, seg))
     rewards = []
     for it in range(12):
         flat = [p for p in prompts for _ in range(k)]
@@ -247,19 +248,51 @@ def test_on_policy_loop_raises_reward():
 def test_sft_objective_lowers_masked_nll():
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
     opt = train_step.make_optimizer(1e-2)
-    step_cfg = train_step.StepConfig(objective="sft", group_size=1, logprob_chunk=None)
+    step_cfg = train_step.StepConfig(objective="sft", group_size=1)
     step = train_step.make_train_step(CFG, opt, step_cfg, mesh)
-    state = train_step.place_state(
-        train_step.init_state(model.init(CFG, jax.random.key(0)), opt), CFG, opt, mesh
-    )
+    state = train_step.init_state(model.init(CFG, jax.random.key(0)), CFG, opt, mesh)
     b = _batch(0)
     batch = train_step.Batch.for_sft(b.tokens_bt, b.mask_bt, b.segment_ids_bt)
-    logp = train_step.sequence_logprobs(
-        CFG, state.params, b.tokens_bt, b.segment_ids_bt, chunk_size=None
-    )
+    logp = train_step.sequence_logprobs(CFG, state.params, b.tokens_bt, b.segment_ids_bt)
     want = -np.sum(np.asarray(logp) * b.mask_bt) / b.mask_bt.sum()  # independent NLL
     state, m = step(state, batch)
     np.testing.assert_allclose(float(m["loss"]), want, rtol=1e-5)
     for _ in range(5):
         state, m2 = step(state, batch)
     assert float(m2["loss"]) < 0.7 * float(m["loss"])
+
+
+@pytest.mark.parametrize("objective", ["mirror_descent", "sft"])
+def test_micro_batches_with_unequal_padding_give_the_one_batch_update(objective):
+    # Rows 12..15 are padding, all in the second micro-batch: it holds 4 real rows against the
+    # first one's 8 (and fewer tokens). Averaging the two micro-batch means would weight each
+    # real row of the second twice; the update must equal one batch over the 12 real rows.
+    mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+    params = model.init(CFG, jax.random.key(0))
+    batch = _batch(3)
+    batch = batch.replace(valid_b=(np.arange(16) < 12).astype(np.float32))
+    if objective == "sft":
+        batch = train_step.Batch.for_sft(
+            batch.tokens_bt, batch.mask_bt, batch.segment_ids_bt, batch.valid_b
+        )
+    group = 4 if objective == "mirror_descent" else 1
+    results = []
+    for micro in (1, 2):
+        step_cfg = train_step.StepConfig(
+            tau=0.5, group_size=group, micro_batches=micro, objective=objective
+        )
+        step = train_step.make_train_step(CFG, OPT, step_cfg, mesh)
+        state, m = step(train_step.init_state(params, CFG, OPT, mesh), batch)
+        results.append((float(m["loss"]), jax.device_get(state.params)))
+    (loss_1, params_1), (loss_2, params_2) = results
+    # The loss of the real rows alone, by an independent route: drop the padding rows.
+    real = jax.tree.map(lambda x: x[:12], batch)
+    step_cfg = train_step.StepConfig(tau=0.5, group_size=group, objective=objective)
+    step = train_step.make_train_step(CFG, OPT, step_cfg, mesh)
+    _, m_real = step(train_step.init_state(params, CFG, OPT, mesh), real)
+    np.testing.assert_allclose(loss_1, float(m_real["loss"]), rtol=1e-5)
+    np.testing.assert_allclose(loss_2, loss_1, rtol=1e-5)
+    # f32 rtol 1e-4 (composite): the sum over micro-batches reorders float32 reductions.
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), params_2, params_1
+    )

@@ -1,6 +1,8 @@
 """Code reward: extract the program from a response and judge it in the sandbox.
 
-`reward(prompt, response, answer_or_tests)` has the interface of `rewards.math.reward`. The
+`reward(prompt, response, answer_or_tests, sandbox=...)` has the interface of
+`rewards.math.reward` once a sandbox is bound (`scoring.reward_fn("code", sandbox=...)`; the run
+owns the sandbox and its `SandboxConfig`). The
 third argument (a dict, or its JSON text as stored in a JSONL "answer" field) is either
 
 - stdin/stdout tests: {"tests": [{"input": "...", "output": "..."}, ...]}, or
@@ -15,13 +17,10 @@ from __future__ import annotations
 
 import json
 import re
-import threading
 
 from k15jax.rewards import sandbox as sandbox_lib
 
 _FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)```", re.S)
-_lock = threading.Lock()
-_shared: sandbox_lib.Sandbox | None = None
 
 
 def extract_code(response: str) -> str | None:
@@ -31,15 +30,6 @@ def extract_code(response: str) -> str | None:
         if lang in ("python", "py", "python3", ""):
             return body
     return None
-
-
-def default_sandbox() -> sandbox_lib.Sandbox:
-    """Returns the process-wide sandbox pool, created on first use."""
-    global _shared
-    with _lock:
-        if _shared is None:
-            _shared = sandbox_lib.Sandbox()
-        return _shared
 
 
 def parse_tests(answer_or_tests) -> dict:
@@ -68,11 +58,11 @@ def judge(
     program: str,
     tests: dict,
     *,
-    sandbox: sandbox_lib.Sandbox | None = None,
+    sandbox: sandbox_lib.Sandbox,
     partial_credit: bool = False,
 ) -> sandbox_lib.Judgement:
-    """Judges `program` against parsed `tests` (see `parse_tests`)."""
-    box = sandbox or default_sandbox()
+    """Judges `program` against parsed `tests` (see `parse_tests`) in `sandbox`."""
+    box = sandbox
     if "tests" in tests:
         return sandbox_lib.judge_stdio(box, program, tests["tests"], partial_credit=partial_credit)
     if "test" in tests:
@@ -90,7 +80,7 @@ def reward(
     response: str,
     answer_or_tests,
     *,
-    sandbox: sandbox_lib.Sandbox | None = None,
+    sandbox: sandbox_lib.Sandbox,
     partial_credit: bool = False,
 ) -> tuple[float, dict]:
     """Returns (reward, info): 1.0 if the response's code passes every test, else 0.0."""

@@ -166,7 +166,7 @@ def check_isolation() -> str | None:
 class Sandbox:
     """A pool of sandboxed runs; `run` may be called from many threads at once.
 
-    Use as a context manager or call `close()`; `map_runs` spreads calls over the pool.
+    Use as a context manager or call `close()`; `map` spreads calls over the pool.
     """
 
     def __init__(self, cfg: SandboxConfig = SandboxConfig()):
