@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
 import time
 
 from absl import app, flags
+
+from k15jax import atomic
 
 _PROBLEMS = flags.DEFINE_string("problems", None, "JSONL of problems.", required=True)
 _OUT = flags.DEFINE_string("out", "runs/problems_with_tests.jsonl", "Output JSONL.")
@@ -77,18 +77,15 @@ def main(argv):
             results.append(r)
             print(f"{row.get('id', i)}: {r.generated} inputs, {len(r.tests)} valid, "
                   f"{r.solutions_passing}/{r.sampled} pass, kept={r.kept}", flush=True)  # fmt: skip
-    out_dir = os.path.dirname(os.path.abspath(_OUT.value))
-    os.makedirs(out_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".gen_tests-")
-    with os.fdopen(fd, "w") as f:
-        for row, r in zip(problems, results, strict=True):
-            if r.kept or _KEEP_ALL.value:
-                stats = {k: v for k, v in dataclasses.asdict(r).items() if k != "tests"}
-                # "prompt" and "answer" make the file a prompt set for `--reward=code`.
-                out = {"prompt": row.get("prompt", row.get("problem", "")), **row}
-                out.update(answer=json.dumps({"tests": r.tests}), tests=r.tests, testgen=stats)
-                f.write(json.dumps(out) + "\n")
-    os.replace(tmp, _OUT.value)  # never a half-written output file
+    lines = []
+    for row, r in zip(problems, results, strict=True):
+        if r.kept or _KEEP_ALL.value:
+            stats = {k: v for k, v in dataclasses.asdict(r).items() if k != "tests"}
+            # "prompt" and "answer" make the file a prompt set for `--reward=code`.
+            out = {"prompt": row.get("prompt", row.get("problem", "")), **row}
+            out.update(answer=json.dumps({"tests": r.tests}), tests=r.tests, testgen=stats)
+            lines.append(json.dumps(out) + "\n")
+    atomic.write_text(_OUT.value, "".join(lines))  # never a half-written output file
     enough = sum(len(r.tests) >= cfg.min_valid_cases for r in results)
     print(f"\nproblems in: {len(problems)}")
     print(f"generators that produced inputs: {sum(r.generated > 0 for r in results)}")

