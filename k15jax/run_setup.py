@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 
 import jax
@@ -48,13 +49,17 @@ def prepare(cfg: RunConfig, *, sandbox: sandbox_lib.Sandbox | None = None) -> Se
             raise FileNotFoundError(f"--model={cfg.model_dir}: no such directory")
         shape, params = convert.load_hf(cfg.model_dir, dtype=cfg.model.dtype)
         model_cfg = dataclasses.replace(shape, kernels=cfg.model.kernels)
+        params = sharding.shard_params(params, model_cfg, mesh)  # host arrays to their shards
         tok = tokenizer.load(cfg.model_dir)
     else:
         tok = tokenizer.builtin()
         model_cfg = dataclasses.replace(
             cfg.model, vocab_size=tok.vocab_size, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id
         )
-        params = model.init(model_cfg, jax.random.key(cfg.seed))
+        # Built where it lives: each device computes only its shards of the initial weights.
+        init = functools.partial(model.init, model_cfg)
+        shardings = sharding.param_shardings(model_cfg, mesh)
+        params = jax.jit(init, out_shardings=shardings)(jax.random.key(cfg.seed))
     scorer = scoring.Scorer(
         reward_fn=scoring.reward_fn(cfg.task.reward, sandbox=sandbox),
         decode=tok.decode,
@@ -62,7 +67,6 @@ def prepare(cfg: RunConfig, *, sandbox: sandbox_lib.Sandbox | None = None) -> Se
         repeat_penalty=cfg.partial.repeat_penalty,
     )
     problems = data.load_problems(cfg.task, held_out_problems=cfg.eval.problems, seed=cfg.seed)
-    params = sharding.shard_params(params, model_cfg, mesh)
     return Setup(cfg, model_cfg, params, tok, problems, scorer, mesh)
 
 

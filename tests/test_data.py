@@ -106,3 +106,26 @@ def test_update_is_running_mean_and_state_round_trips():
     np.testing.assert_array_equal(a2, b2)  # a restored sampler continues the same sequence
     c1, _ = sampler.draw(state, cfg, 0, 5)
     np.testing.assert_array_equal(a1, c1)  # same state, same draws
+
+
+def test_problem_selection_and_prompt_length_are_checked():
+    problems = [data.Problem(str(i), f"Q:{i}\n", "1") for i in range(4)]
+    # A saved selection comes back in its own order, as new values.
+    assert [p.id for p in data.select(problems, ["3", "1"])] == ["3", "1"]
+    with pytest.raises(data.DataError, match=r"problems \['9'\] of the saved run"):
+        data.select(problems, ["1", "9"])
+    encode = lambda s: [ord(c) for c in s]  # noqa: E731
+    ids = data.prompt_ids(problems[0], encode=encode, template="<{prompt}>", max_tokens=6)
+    assert ids == encode("<Q:0\n>")
+    with pytest.raises(data.DataError, match="problem 0: prompt of 6 tokens exceeds"):
+        data.prompt_ids(problems[0], encode=encode, template="<{prompt}>", max_tokens=5)
+
+
+def test_builtin_problem_set_is_deterministic_and_split():
+    task = data.TaskConfig(train_problems=20, sft_examples=10, short_fraction=0.5)
+    a = data.load_problems(task, held_out_problems=5, seed=3)
+    assert a == data.load_problems(task, held_out_problems=5, seed=3)
+    assert (len(a.train), len(a.held_out), len(a.sft_traces)) == (20, 5, 10)
+    assert not {p.prompt for p in a.train} & {p.prompt for p in a.held_out}
+    short = sum(not r.startswith("plan:") for _, r in a.sft_traces)
+    assert 0 < short < 10  # both kinds of trace at short_fraction 0.5

@@ -296,3 +296,16 @@ def test_micro_batches_with_unequal_padding_give_the_one_batch_update(objective)
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), params_2, params_1
     )
+
+
+def test_state_is_built_on_the_mesh_with_the_step_shardings():
+    mesh = sharding.make_mesh((2, 2, 2))
+    state = train_step.init_state(model.init(CFG, jax.random.key(0)), CFG, OPT, mesh)
+    want = train_step.state_shardings(CFG, OPT, mesh)
+    got_leaves, want_leaves = jax.tree.leaves(state), jax.tree.leaves(want)
+    assert len(got_leaves) == len(want_leaves)
+    for x, s in zip(got_leaves, want_leaves, strict=True):
+        assert x.sharding.is_equivalent_to(s, x.ndim), (x.shape, x.sharding, s)
+    # FSDP really splits: the embedding's shard on one device is a quarter of it (fsdp x tensor).
+    embed = state.params["embed"]
+    assert embed.addressable_shards[0].data.size * 4 == embed.size
