@@ -52,10 +52,8 @@ def run_sft(setup: Setup, progress) -> tuple[model.Params, list[dict]]:
     step_cfg = train_step.StepConfig(objective="sft", group_size=1)
     trainer = train_step.make_trainer(setup.model_cfg, sft.optimizer(cfg.sft), step_cfg, setup.mesh)
     fresh = train_step.init_state(setup.params, setup.model_cfg, trainer.optimizer, setup.mesh)
-    state, start = run_state.restore_latest(ckpt_dir, run_state.SftState, fresh) or (
-        run_state.SftState(fresh),
-        0,
-    )
+    restored = run_state.restore_latest(ckpt_dir, run_state.SftState, fresh)
+    state, start = restored or (run_state.SftState(fresh), 0)
     bar = progress(total=cfg.sft.steps, initial=start, desc="SFT")
     for i in range(start, cfg.sft.steps):
         batch = sft.batch(
