@@ -4,7 +4,8 @@
 
 Judges `--programs` trivial stdin/stdout submissions (one test each) and as many assert-style
 ones, with one worker and with the full pool (one per core), in the namespaces mode and in the
-weaker rlimits-only mode (the cost of the namespaces). Each figure is the median of
+weaker rlimits-only mode (the cost of the namespaces). Function tests cost one more process
+than stdin/stdout ones: the checker runs apart from the candidate. Each figure is the median of
 --repeats; the table and a JSON (--out) report programs/s and the ratios.
 """
 
@@ -53,6 +54,7 @@ def main(argv):
         for workers in sorted({1, cores}):
             cfg = sandbox.SandboxConfig(workers=workers, isolation=mode)
             with sandbox.Sandbox(cfg) as box:
+                results[f"{mode}/limits"] = box.limits  # per run (cgroups) or per process
                 for kind in ("stdio", "function"):
                     rates = [_rate(box, kind, _PROGRAMS.value) for _ in range(_REPEATS.value)]
                     results[f"{mode}/{kind}/workers={workers}"] = statistics.median(rates)
@@ -62,6 +64,8 @@ def main(argv):
     print(f"\ntrivial programs judged per second ({cores} cores, median of {_REPEATS.value}):")
     print("| mode | kind | 1 worker | pool | pool / 1 |")
     print("|---|---|---|---|---|")
+    for mode in modes:
+        print(f"{mode}: limits by {results[f'{mode}/limits']}")
     for mode in modes:
         for kind in ("stdio", "function"):
             one = results[f"{mode}/{kind}/workers=1"]

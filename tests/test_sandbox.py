@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import os
@@ -11,7 +12,7 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
+import time
 
 import pytest
 
@@ -34,7 +35,7 @@ def _sandbox_pids() -> list[int]:
             continue
         uid = int(text.split("\nUid:")[1].split()[0])
         state = text.split("\nState:")[1].split()[0]
-        if sandbox._UID_BASE <= uid < sandbox._UID_BASE + 1024 and state != "Z":
+        if sandbox._UID_BASE <= uid < sandbox._CHECKER_UID_BASE + 1000 and state != "Z":
             pids.append(int(status.split("/")[2]))
     return pids
 
@@ -223,37 +224,27 @@ def test_parent_environment_is_not_readable(box, monkeypatch):
 
 @needs_isolation
 def test_no_network(box):
+    """Only loopback addresses are used: the host's own server must be unreachable."""
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
     server.listen(1)
     port = server.getsockname()[1]
-
-    def serve():
-        server.settimeout(5)
-        try:
-            conn, _ = server.accept()
-            conn.sendall(b"hello\n")
-            conn.close()
-        except OSError:
-            pass
-
-    thread = threading.Thread(target=serve)
-    thread.start()
     program = (
         "import socket\n"
-        "got = ''\n"
-        f"for host, port in (('127.0.0.1', {port}), ('8.8.8.8', 53), ('1.1.1.1', 443)):\n"
-        "    try:\n"
-        "        s = socket.create_connection((host, port), timeout=1)\n"
-        "        got += s.recv(10).decode() or 'connected'\n"
-        "    except OSError:\n"
-        "        pass\n"
-        "print(got or 'none')\n"
+        "got = [n for _, n in socket.if_nameindex()]\n"
+        "try:\n"
+        f"    socket.create_connection(('127.0.0.1', {port}), timeout=1)\n"
+        "    got.append('connected')\n"
+        "except OSError:\n"
+        "    pass\n"
+        "print(*got)\n"
     )
-    j = _judge(box, program, "none")
+    j = _judge(box, program, "lo")
+    server.settimeout(0.1)
+    with pytest.raises(OSError):
+        server.accept()  # nothing ever connected
     server.close()
-    thread.join()
-    assert j.reward == 1.0  # every connection failed inside the sandbox
+    assert j.reward == 1.0  # only `lo`, and the connection failed inside the sandbox
 
 
 @needs_isolation
@@ -342,3 +333,80 @@ def test_libraries_under_tmp_are_readable_not_writable(box, tmp_path):
     assert not (lib / "x").exists()
     with pytest.raises(ValueError, match="identifier"):
         box.run({"main.py": ""}, ["python", "main.py"], libraries={"a/b": str(lib)})
+
+
+def test_outputs_match_on_ascii_whitespace_only():
+    assert sandbox.outputs_match("1\t2\r\n\n3 \x0b\x0c", "1 2 3")
+    assert not sandbox.outputs_match("1\u00a02", "1 2")  # no-break space is part of a token
+    assert not sandbox.outputs_match("1\u20282", "1\n2")  # so is the line separator
+    assert not sandbox.outputs_match("1\u30002", "1 2")
+    assert sandbox.output_tokens(" a  b\n") == ["a", "b"]
+
+
+def test_wire_round_trips_plain_data_and_refuses_the_rest():
+    value = [1, -(2**80), 0.1, float("inf"), 2j, "s\ud800", b"\x00", None, True, (1,), {3},
+             frozenset({4}), {"k": [1.5], 2: (None,)}]  # fmt: skip
+    back = sandbox.wire.decode(json.loads(json.dumps(sandbox.wire.encode(value))))
+    assert back == value and [type(v) for v in back] == [type(v) for v in value]
+
+    class Int(int):
+        pass
+
+    for bad in (Int(1), object(), [lambda: 0], {"k": Int(2)}):
+        with pytest.raises(sandbox.wire.Unencodable):
+            sandbox.wire.encode(bad)
+    for forged in (5, 1.5, ["i", 5], ["x", "1"], ["l", "abc"], ["d", [[1]]], {"i": "1"}):
+        with pytest.raises(ValueError):
+            sandbox.wire.decode(forged)
+
+
+@needs_isolation
+def test_function_tests_see_exceptions_and_plain_results(box):
+    program = (
+        "def f(x):\n"
+        "    if x < 0:\n"
+        "        raise ValueError('negative')\n"
+        "    return {'sq': x * x, 'half': x / 2, 'set': {x}}\n"
+    )
+    tests = [
+        "assert f(4) == {'sq': 16, 'half': 2.0, 'set': {4}}",
+        "try:\n    f(-1)\n    assert False\nexcept ValueError:\n    pass",
+        "assert f(4)['sq'] == 17",
+        "f(-1)",
+        "assert g(1) == 1",
+    ]
+    j = sandbox.judge_function(box, program, tests, partial_credit=True)
+    assert j.verdicts == (sandbox.PASSED, sandbox.PASSED, sandbox.WRONG, sandbox.RUNTIME,
+                          sandbox.RUNTIME)  # fmt: skip
+    load_error = sandbox.judge_function(box, "raise KeyError\n", ["assert f(1) == 1"])
+    assert load_error.verdicts == (sandbox.RUNTIME,)
+
+
+@needs_isolation
+def test_the_candidate_sees_only_its_own_processes(box):
+    program = "import os\nprint(sorted(int(p) for p in os.listdir('/proc') if p.isdigit()))\n"
+    r = box.run({"main.py": program}, ["python", "main.py"])
+    assert r.stdout.strip() == "[2]", r  # PID 1, the launcher, runs as root: hidden
+
+
+@needs_isolation
+def test_a_problem_has_a_wall_budget():
+    cfg = dataclasses.replace(CFG, problem_wall_s=2.0, workers=1)
+    tests = [{"input": str(i), "output": str(i)} for i in range(12)]
+    with sandbox.Sandbox(cfg) as b:
+        start = time.perf_counter()
+        j = sandbox.judge_stdio(b, "import time\ntime.sleep(0.5)\nprint(input())\n", tests)
+    assert j.verdicts[0] == sandbox.PASSED and j.verdicts[-1] == sandbox.TIMEOUT, j
+    assert time.perf_counter() - start < 2.0 + CFG.wall_s + 1  # one run past the budget at most
+
+
+@needs_isolation
+def test_without_cgroups_the_rlimits_still_judge():
+    with sandbox.Sandbox(dataclasses.replace(CFG, cgroups=False, workers=1)) as b:
+        assert b.limits == "rlimits"
+        assert _judge(b, "print(int(input()) + 1)\n", "3", "2").reward == 1.0
+        assert _judge(b, "while True:\n    pass\n", "1").verdicts == (sandbox.TIMEOUT,)
+        tests = ["assert f(2) == 4", "assert f(3) == 10"]
+        j = sandbox.judge_function(b, "def f(x):\n    return x * x\n", tests)
+        assert j.verdicts == (sandbox.PASSED, sandbox.WRONG)
+    assert _sandbox_pids() == []

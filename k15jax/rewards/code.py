@@ -11,6 +11,9 @@ third argument (a dict, or its JSON text as stored in a JSONL "answer" field) is
   complete `prompt` (body only) or give the whole function; or {"asserts": ["assert f(1) == 2"]}.
 
 Reward 1 if every test passes, else 0 (k1.5 §2.3.5: binary); partial credit is an option.
+Function tests run in a checker process the program cannot reach (`sandbox.judge_function`):
+a HumanEval prompt is trusted problem code and runs there too, so its helpers (e.g. the
+`encode_cyclic` a `decode_cyclic` test calls) are the prompt's, not the response's.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ def extract_code(response: str) -> str | None:
 
 
 def parse_tests(answer_or_tests) -> dict:
-    """Returns the tests as a dict, validating the fields named in the module docstring."""
+    """Returns the tests as a dict; raises ValueError naming the first malformed field."""
     tests = answer_or_tests
     if isinstance(tests, str):
         try:
@@ -43,13 +46,20 @@ def parse_tests(answer_or_tests) -> dict:
     if not isinstance(tests, dict):
         raise ValueError(f"code tests must be a JSON object, got {type(tests).__name__}")
     if "tests" in tests:
-        for i, t in enumerate(tests["tests"]):
-            if not isinstance(t, dict) or not {"input", "output"} <= set(t):
-                raise ValueError(f"tests[{i}] must have 'input' and 'output' fields: {t!r:.80}")
+        sandbox_lib.check_stdio_tests(tests["tests"])
     elif "test" in tests:
+        for field in ("test", "entry_point", "prompt"):
+            if field in tests and not isinstance(tests[field], str):
+                raise ValueError(f"{field!r} must be a string, got {type(tests[field]).__name__}")
         if "entry_point" not in tests:
             raise ValueError("a function test needs 'entry_point' beside 'test'")
-    elif "asserts" not in tests:
+        if not tests["entry_point"].isidentifier():
+            raise ValueError(f"entry_point {tests['entry_point']!r} must be an identifier")
+    elif "asserts" in tests:
+        asserts = tests["asserts"]
+        if not isinstance(asserts, list) or not all(isinstance(a, str) for a in asserts):
+            raise ValueError(f"'asserts' must be a list of strings: {asserts!r:.80}")
+    else:
         raise ValueError(f"code tests need 'tests', 'test' or 'asserts'; got {sorted(tests)}")
     return tests
 
@@ -66,13 +76,14 @@ def judge(
     if "tests" in tests:
         return sandbox_lib.judge_stdio(box, program, tests["tests"], partial_credit=partial_credit)
     if "test" in tests:
-        prompt = tests.get("prompt", "")
-        if prompt and f"def {tests['entry_point']}" not in program:
+        prompt, entry = tests.get("prompt", ""), tests["entry_point"]
+        if prompt and f"def {entry}" not in program:
             program = prompt + program  # the response completed the prompt's body
-        checks = [tests["test"] + f"\ncheck({tests['entry_point']})\n"]
-    else:
-        checks = list(tests["asserts"])
-    return sandbox_lib.judge_function(box, program, checks, partial_credit=partial_credit)
+        return sandbox_lib.judge_function(
+            box, program, [tests["test"] + f"\ncheck({entry})\n"],
+            partial_credit=partial_credit, prelude=prompt, entry_point=entry,
+        )  # fmt: skip
+    return sandbox_lib.judge_function(box, program, tests["asserts"], partial_credit=partial_credit)
 
 
 def reward(

@@ -1,50 +1,57 @@
 """A sandbox for untrusted programs: stdin/stdout judging and assert-style function tests.
 
-Every run is one process tree in fresh Linux namespaces, started with util-linux `unshare`:
+Every run is one process tree started with util-linux `unshare` in fresh network, PID, mount,
+IPC and UTS namespaces; `jail.py` (the launcher, PID 1 there) builds the rest:
 
-- network namespace: no interfaces but a down loopback, so no connection leaves;
-- PID namespace: the program is PID 1 there; when it exits (or is killed) the kernel kills
-  every process it left behind, so nothing outlives a run;
-- mount namespace: `/` is remounted read-only and `/tmp`, `/var/tmp`, `/dev/shm`, `/run/lock`
-  are fresh size-limited tmpfs mounts that vanish with the namespace (the working directory
-  is `/tmp/work`); a fresh `/proc` shows only the sandbox's own processes;
-- the program runs as a dedicated unprivileged uid (one per worker slot), so it can signal
-  no host process and read no other process's environment; its own environment is scrubbed;
-- rlimits: CPU seconds, address space, process count (per slot uid: fork bombs stop there),
-  open files, file size (also caps stdout/stderr, which go to files), no core dumps; and a
-  wall-clock timeout after which the whole tree is SIGKILLed.
+- a minimal root: an empty tmpfs holding `/usr` (and the `/bin`, `/lib*` links) bound
+  read-only and recursively, a few `/dev` nodes, private size-limited tmpfs `/tmp` and
+  `/dev/shm`, entered with `pivot_root` (the old root is detached: no `..` leads out); no
+  checkout, no datasets, no host `/tmp`; a fresh `/proc` (hidepid) of the run's own processes;
+- no network interface but a down loopback; no SysV IPC or POSIX queue shared with anything;
+- the program runs as a dedicated unprivileged uid per worker slot (the checker of function
+  tests as a second one), with a new session keyring; the uids' user keyrings are emptied
+  before and after each run; when the program exits the launcher kills whatever it left;
+- limits for the whole run, not per process (`cgroup.py`): memory and process count by the
+  kernel, CPU time polled here; where cgroups v1 are not writable, the per-process rlimits
+  (CPU, address space, per-uid process count) are the documented fallback (`Sandbox.limits`);
+  always: open files, file size, no core dumps; a wall-clock timeout kills the whole tree;
+- stdout and stderr are pipes read here (capped); how the program ended comes on a separate
+  pipe from the launcher, so an exit status of 137 or "MemoryError" printed to stderr is
+  not mistaken for a kill or an out-of-memory.
 
-`check_isolation()` probes once whether the kernel allows this (root, or a user namespace
-with uid mapping is not enough: switching to another uid needs root in the host). If not,
+Function tests (`judge_function`) run the test code in a checker process, as another uid,
+that calls the candidate's functions over pipes and gets back plain data only (`wire.py`): the
+candidate never sees the tests or the expected values and cannot touch the verdicts.
+
+`check_isolation()` probes once whether the kernel allows this (it needs root). If not,
 `Sandbox()` refuses with `SandboxUnavailable`. Only an explicit
 `SandboxConfig(isolation="auto")` (fall back when unavailable) or `isolation="rlimits_only"`
-selects the documented weaker mode: the same rlimits except the process count, a temporary
-working directory, a scrubbed environment and a process-group kill, but no network, mount
-or PID isolation and no uid switch (a program can reach the network, read world-readable
-files, and escape the kill with setsid). Use it for trusted code only.
-
-This file also serves as the in-namespace launcher (`python -I sandbox.py --jail ...`), so its
-top level imports only the standard library.
+selects the documented weaker mode: per-process rlimits except the process count, a temporary
+working directory, a scrubbed environment and a process-group kill, but no namespaces and no
+uid switch (a program can reach the network, read world-readable files, escape the kill with
+setsid, and in function tests tamper with the checker). Use it for trusted code only.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import ctypes
 import dataclasses
 import functools
+import itertools
 import json
 import os
 import queue
-import resource
-import secrets
+import re
+import selectors
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+
+from k15jax.rewards import cgroup, jail, wire
 
 PASSED, WRONG, RUNTIME, TIMEOUT, MEMORY = (
     "passed",
@@ -55,7 +62,12 @@ PASSED, WRONG, RUNTIME, TIMEOUT, MEMORY = (
 )
 VERDICTS = (PASSED, WRONG, RUNTIME, TIMEOUT, MEMORY)
 ISOLATION_MODES = ("namespaces", "auto", "rlimits_only")
-_UID_BASE = 61000  # sandbox uids: _UID_BASE + worker slot (no such users need to exist)
+_UID_BASE = 61000  # program uids: _UID_BASE + worker slot (no such users need to exist)
+_CHECKER_UID_BASE = 62000  # checker uids of function tests: _CHECKER_UID_BASE + slot
+_MAX_SLOTS = 1000
+_SETUP_S = 1.0  # wall time allowed for building the namespace, on top of wall_s
+_CGROUP_PREFIX = "k15jax-sandbox-"
+_instances = itertools.count()
 
 
 class SandboxUnavailable(RuntimeError):
@@ -64,28 +76,31 @@ class SandboxUnavailable(RuntimeError):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SandboxConfig:
-    """Limits of one program run and of the worker pool."""
+    """Limits of one program run, of one problem's runs, and of the worker pool."""
 
-    cpu_s: float = 2.0  # CPU seconds per run (RLIMIT_CPU, rounded up)
+    cpu_s: float = 2.0  # CPU seconds per run, all its processes together (cgroup; else rlimit)
     wall_s: float = 5.0  # wall-clock seconds per run, then SIGKILL of the whole tree
-    memory_mb: int = 512  # address space (RLIMIT_AS)
-    max_processes: int = 16  # processes of the run's uid (RLIMIT_NPROC)
+    memory_mb: int = 512  # per run (cgroup) and per process (RLIMIT_AS)
+    max_processes: int = 16  # per run (cgroup pids) and per uid (RLIMIT_NPROC)
     max_open_files: int = 64  # RLIMIT_NOFILE
-    max_output_mb: int = 16  # any file the program writes, stdout and stderr included
-    tmpfs_mb: int = 64  # size of each private tmpfs (/tmp and friends)
+    max_output_mb: int = 16  # stdout, and any file the program writes
+    tmpfs_mb: int = 64  # size of each private tmpfs (/tmp, /dev/shm)
     workers: int = 0  # runs in parallel; 0: one per CPU core
     isolation: str = "namespaces"  # or "auto" (weaker mode if unavailable), "rlimits_only"
+    cgroups: bool = True  # per-run limits by cgroup v1 where writable; else rlimits only
     python: str = ""  # interpreter for the programs; "": see `program_python`
+    stop_after_timeout: bool = True  # a problem's remaining tests get TIMEOUT after one
+    problem_wall_s: float = 60.0  # wall seconds for all runs of one problem (judge_stdio)
 
     def __post_init__(self):
         for name in ("cpu_s", "wall_s", "memory_mb", "max_processes", "max_open_files",
-                     "max_output_mb", "tmpfs_mb"):  # fmt: skip
+                     "max_output_mb", "tmpfs_mb", "problem_wall_s"):  # fmt: skip
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be > 0")
         if self.isolation not in ISOLATION_MODES:
             raise ValueError(f"isolation={self.isolation!r} must be one of {ISOLATION_MODES}")
-        if self.workers < 0:
-            raise ValueError(f"workers={self.workers} must be >= 0")
+        if not 0 <= self.workers <= _MAX_SLOTS:
+            raise ValueError(f"workers={self.workers} must be in [0, {_MAX_SLOTS}]")
 
     @property
     def pool_size(self) -> int:
@@ -97,7 +112,7 @@ class RunResult:
     """What one program run did."""
 
     verdict: str  # PASSED here means "exited 0 in time"; judging decides WRONG vs PASSED
-    exit_code: int | None  # negative: killed by that signal
+    exit_code: int | None  # negative: killed by that signal; None: no status (killed here)
     stdout: str
     stderr: str
     wall_s: float
@@ -136,7 +151,7 @@ def program_python(cfg: SandboxConfig) -> str:
     )
 
 
-_UNSHARE = ("unshare", "--net", "--pid", "--mount", "--fork", "--kill-child", "--mount-proc")
+_UNSHARE = ("unshare", "--net", "--pid", "--mount", "--ipc", "--uts", "--fork", "--kill-child")
 
 
 @functools.cache
@@ -150,7 +165,7 @@ def check_isolation() -> str | None:
         return "switching the program to an unprivileged uid needs root (euid is not 0)"
     try:
         proc = subprocess.run(
-            [*_UNSHARE, "sh", "-c", "mount -t tmpfs none /tmp && ip link 2>/dev/null; echo ok"],
+            [*_UNSHARE, "--mount-proc", "sh", "-c", "mount -t tmpfs none /tmp && echo ok"],
             capture_output=True, text=True, timeout=10,
         )  # fmt: skip
     except (OSError, subprocess.TimeoutExpired) as err:
@@ -167,6 +182,7 @@ class Sandbox:
     """A pool of sandboxed runs; `run` may be called from many threads at once.
 
     Use as a context manager or call `close()`; `map` spreads calls over the pool.
+    `limits` says how the per-run limits are enforced: "cgroups" or "rlimits".
     """
 
     def __init__(self, cfg: SandboxConfig = SandboxConfig()):
@@ -182,17 +198,39 @@ class Sandbox:
                 "network, PID or mount isolation, same uid as this process)."
             )
         self.python = program_python(cfg) if self.isolated else (cfg.python or sys.executable)
+        self._cgroups: dict[int, cgroup.SlotCgroups] = {}
+        if self.isolated and cfg.cgroups:
+            cgroup.remove_stale(_CGROUP_PREFIX)
+            name = f"{_CGROUP_PREFIX}{os.getpid()}-{next(_instances)}-"
+            for i in range(cfg.pool_size):  # + launcher, checker and their slack
+                made = cgroup.SlotCgroups.create(
+                    name + str(i), memory_mb=cfg.memory_mb, max_tasks=cfg.max_processes + 4
+                )
+                if made is None:
+                    break
+                self._cgroups[i] = made
+            if len(self._cgroups) < cfg.pool_size:
+                self._remove_cgroups()
+        self.limits = "cgroups" if self._cgroups else "rlimits"
         self._slots: queue.Queue[int] = queue.Queue()
         for i in range(cfg.pool_size):
             self._slots.put(i)
         self._pool = concurrent.futures.ThreadPoolExecutor(cfg.pool_size)
+        with open(wire.__file__, encoding="utf-8") as f:
+            self._wire = f.read()
 
     @property
     def isolated(self) -> bool:
         return self.reason is None
 
+    def _remove_cgroups(self) -> None:
+        for groups in self._cgroups.values():
+            groups.remove()
+        self._cgroups = {}
+
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+        self._remove_cgroups()
 
     def __enter__(self) -> Sandbox:
         return self
@@ -220,80 +258,174 @@ class Sandbox:
 
         "python" as argv[0] means `program_python` in isolated mode (-I). `libraries` maps a
         name to a host directory the program may read, at `library_path(name, dir)`
-        (bind-mounted read-only: a host path under /tmp would otherwise be hidden).
+        (bind-mounted read-only). `stdin` may hold lone surrogates (sent as in UTF-8).
         """
+        if not isinstance(stdin, str):
+            raise TypeError(f"stdin must be a str, got {type(stdin).__name__}")
         for name in libraries or {}:
             if not name.isidentifier():
                 raise ValueError(f"library name {name!r} must be an identifier")
+        if argv and argv[0] == "python":
+            argv = [self.python, "-I", *argv[1:]]
+        return self._in_slot(files, argv, stdin, libraries or {}, None)
+
+    def run_checked(self, program: str, checker: dict) -> RunResult:
+        """Runs function tests: `program` answers calls from a checker running `checker`.
+
+        `checker` is {"tests": [code, ...], "prelude": code, "entry_point": name or None}; the
+        stdout of the result holds one JSON verdict line per test that finished (`wire.py`).
+        """
+        return self._in_slot({"solution.py": program}, [], "", {}, checker)
+
+    def _in_slot(self, files, argv, stdin, libraries, checker) -> RunResult:
         slot = self._slots.get()
         try:
-            return self._run(slot, files, argv, stdin, libraries or {})
+            return self._run(slot, files, argv, stdin, libraries, checker)
         finally:
             self._slots.put(slot)
 
-    def _run(self, slot, files, argv, stdin, libraries) -> RunResult:
+    def _run(self, slot, files, argv, stdin, libraries, checker) -> RunResult:
         cfg = self.cfg
-        if argv and argv[0] == "python":
-            argv = [self.python, "-I", *argv[1:]]
         host_dir = tempfile.mkdtemp(prefix="k15jax-sandbox-")
+        groups = self._cgroups.get(slot)
         try:
-            io_paths = {n: os.path.join(host_dir, n) for n in ("stdin", "stdout", "stderr")}
-            with open(io_paths["stdin"], "w") as f:
-                f.write(stdin)
+            os.mkdir(os.path.join(host_dir, "root"))
+            own = os.getuid()
             spec = dict(
-                files=files, argv=argv, uid=_UID_BASE + slot, isolated=self.isolated,
+                files=files, argv=argv, checker=checker, wire=self._wire, python=self.python,
+                isolated=self.isolated, cgroups=groups.join if groups else [],
+                uid=_UID_BASE + slot if self.isolated else own,
+                checker_uid=_CHECKER_UID_BASE + slot if self.isolated else own,
                 cpu_s=cfg.cpu_s, memory_mb=cfg.memory_mb, max_processes=cfg.max_processes,
                 max_open_files=cfg.max_open_files, max_output_mb=cfg.max_output_mb,
-                tmpfs_mb=cfg.tmpfs_mb,
+                tmpfs_mb=cfg.tmpfs_mb, root=os.path.join(host_dir, "root"),
+                extra_dirs=_python_prefix(self.python) if self.isolated else [],
                 libraries={self.library_path(n, d): os.path.realpath(d)
                            for n, d in libraries.items()},
                 workdir="/tmp/work" if self.isolated else os.path.join(host_dir, "work"),
+                boxdir="/box" if self.isolated else os.path.join(host_dir, "box"),
             )  # fmt: skip
             spec_path = os.path.join(host_dir, "spec.json")
-            with open(spec_path, "w") as f:
+            with open(spec_path, "w", encoding="utf-8", errors="surrogatepass") as f:
                 json.dump(spec, f)
-            launcher = [sys.executable, "-I", "-S", os.path.abspath(__file__), "--jail", spec_path]
-            cmd = [*_UNSHARE, *launcher] if self.isolated else launcher
-            return self._wait(cmd, io_paths, _UID_BASE + slot)
+            stdin_path = os.path.join(host_dir, "stdin")
+            with open(stdin_path, "wb") as f:
+                f.write(stdin.encode("utf-8", errors="surrogatepass"))
+            ooms = groups.reset() if groups else 0
+            status_r, status_w = os.pipe()
+            launcher = [sys.executable, "-I", "-S", jail.__file__, spec_path, str(status_w)]
+            with open(stdin_path, "rb") as fin:
+                proc = subprocess.Popen(
+                    [*_UNSHARE, *launcher] if self.isolated else launcher,
+                    stdin=fin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                    env=_clean_env("/"), start_new_session=True, pass_fds=(status_w,),
+                )  # fmt: skip
+            os.close(status_w)
+            start = time.perf_counter()
+            with os.fdopen(status_r, "rb") as status_pipe:
+                out, err, status, stop = self._collect(proc, status_pipe, groups)
+            wall = time.perf_counter() - start
+            if groups:
+                groups.empty()
+                oom = groups.oom_kills() > ooms
+            else:
+                oom = False
+                if self.isolated:
+                    for uid in (_UID_BASE + slot, _CHECKER_UID_BASE + slot):
+                        _wait_uid_gone(uid)
+            return _result(status, stop, oom, out, err, wall, cpu_s=cfg.cpu_s)
         finally:
             shutil.rmtree(host_dir, ignore_errors=True)
 
-    def _wait(self, cmd, io_paths, uid: int) -> RunResult:
+    def _collect(self, proc, status_pipe, groups):
+        """Reads stdout, stderr and the launcher's status until they close or a limit hits.
+
+        Returns (stdout, stderr, status or None, why it was stopped or "").
+        """
         cfg = self.cfg
-        start = time.perf_counter()
-        with (
-            open(io_paths["stdin"], "rb") as fin,
-            open(io_paths["stdout"], "wb") as fout,
-            open(io_paths["stderr"], "wb") as ferr,
-        ):
-            proc = subprocess.Popen(
-                cmd, stdin=fin, stdout=fout, stderr=ferr, env=_clean_env("/"),
-                start_new_session=True, close_fds=True,
-            )  # fmt: skip
-            timed_out = False
-            try:
-                code = proc.wait(timeout=cfg.wall_s + 1.0)  # +1 s: namespace set-up
-            except subprocess.TimeoutExpired:
-                timed_out = True
-                _kill_tree(proc)
-                code = proc.wait()
-                if self.isolated:  # the namespace dies asynchronously after unshare is killed
-                    _wait_uid_gone(uid)
-        wall = time.perf_counter() - start
-        stdout = _read_capped(io_paths["stdout"], cfg.max_output_mb)
-        stderr = _read_capped(io_paths["stderr"], 1)
-        # SIGXCPU / SIGKILL: the CPU rlimit (soft / hard); nothing else signals the program.
-        if timed_out or code in (128 + signal.SIGXCPU, 128 + signal.SIGKILL):
-            verdict = TIMEOUT
-        elif code == 0:
-            verdict = PASSED
-        elif "MemoryError" in stderr or "Cannot allocate memory" in stderr:
-            verdict = MEMORY
-        else:
-            verdict = RUNTIME
-        if not self.isolated:  # the process group may still hold children of the program
-            _kill_tree(proc)
-        return RunResult(verdict, code, stdout, stderr, wall)
+        caps = {proc.stdout: cfg.max_output_mb << 20, proc.stderr: 64 << 10, status_pipe: 4096}
+        bufs = {f: bytearray() for f in caps}
+        deadline = time.monotonic() + cfg.wall_s + _SETUP_S
+        stop, ended = "", False
+        with selectors.DefaultSelector() as sel:
+            for f in caps:
+                sel.register(f, selectors.EVENT_READ)
+            while sel.get_map():
+                left = deadline - time.monotonic()
+                if ended and left <= 0:
+                    break  # rlimits_only: a process the program left holds a pipe open
+                if not stop and left <= 0:
+                    stop = "wall"
+                elif not stop and groups and groups.cpu_s() > cfg.cpu_s:
+                    stop = "cpu"
+                if stop and proc.poll() is None:
+                    _kill_tree(proc)
+                    deadline = time.monotonic() + 2.0  # pipes held by escaped processes
+                elif stop and left <= 0:
+                    break
+                for key, _ in sel.select(max(0.0, min(left, 0.05 if groups else left))):
+                    f = key.fileobj
+                    chunk = os.read(f.fileno(), 1 << 16)
+                    if not chunk:
+                        sel.unregister(f)
+                        if f is status_pipe and not stop:  # the launcher is done
+                            ended, deadline = True, min(deadline, time.monotonic() + 0.5)
+                        continue
+                    bufs[f] += chunk
+                    if len(bufs[f]) > caps[f]:
+                        if f is proc.stdout and not stop:
+                            stop = "output"
+                            _kill_tree(proc)
+                            deadline = time.monotonic() + 2.0
+                        del bufs[f][: len(bufs[f]) - caps[f]]  # keep the tail
+        _kill_tree(proc)  # rlimits_only: the process group may still hold children
+        proc.wait()
+        for f in (proc.stdout, proc.stderr):
+            f.close()
+        try:
+            status = json.loads(bytes(bufs[status_pipe]))
+        except ValueError:
+            status = None
+        text = lambda b: bytes(b).decode("utf-8", errors="replace")
+        return text(bufs[proc.stdout]), text(bufs[proc.stderr]), status, stop
+
+
+def _python_prefix(python: str) -> list[str]:
+    """Returns the directory to bind beside /usr for an interpreter that lives elsewhere."""
+    prefix = os.path.dirname(os.path.dirname(os.path.realpath(python)))
+    return [] if prefix in ("/", "/usr") or prefix.startswith("/usr/") else [prefix]
+
+
+_MEMORY_LAST_LINE = re.compile(r"(MemoryError(: .*)?|.*\[Errno 12\] Cannot allocate memory.*)")
+
+
+def _ended(status: dict | None, cpu_s: float) -> tuple[int | None, bool]:
+    """Returns (exit code, negative for a signal; whether the CPU rlimit killed it)."""
+    if status is None:
+        return None, False
+    code = status["exit"] if "exit" in status else -status["signal"]
+    rlimit = int(-(-cpu_s // 1))  # SIGXCPU at the soft limit, SIGKILL at the hard one
+    return code, code == -signal.SIGXCPU or (code == -signal.SIGKILL and status["cpu_s"] >= rlimit)
+
+
+def _result(status, stop, oom, stdout, stderr, wall, *, cpu_s) -> RunResult:
+    """Decides the verdict of a run from how it ended (never from its output alone).
+
+    `status` is the launcher's report on the program (or, for function tests, the checker,
+    with the candidate's own end under "candidate" when it died first).
+    """
+    code, cpu_killed = _ended(status, cpu_s)
+    _, candidate_cpu_killed = _ended((status or {}).get("candidate"), cpu_s)
+    lines = stderr.strip().splitlines()
+    if stop in ("wall", "cpu") or cpu_killed or candidate_cpu_killed:
+        verdict = TIMEOUT
+    elif oom or (lines and _MEMORY_LAST_LINE.fullmatch(lines[-1]) and code != 0):
+        verdict = MEMORY
+    elif code == 0 and not stop:
+        verdict = PASSED
+    else:
+        verdict = RUNTIME  # output limit, a crash, a signal it sent itself, no status
+    return RunResult(verdict, code, stdout, stderr, wall)
 
 
 def _uid_pids(uid: int) -> list[int]:
@@ -326,11 +458,6 @@ def _kill_tree(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
-def _read_capped(path: str, mb: int) -> str:
-    with open(path, "rb") as f:
-        return f.read(mb << 20).decode("utf-8", errors="replace")
-
-
 def _clean_env(home: str) -> dict[str, str]:
     return {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": home}
 
@@ -359,9 +486,37 @@ def _reward(verdicts, partial_credit: bool) -> float:
     return float(all(v == PASSED for v in verdicts))
 
 
+_ASCII_SPACE = re.compile(r"[ \t\n\r\f\v]+")
+
+
+def output_tokens(text: str) -> list[str]:
+    """Returns the tokens of a program's output: split on ASCII whitespace only.
+
+    As CP judges compare: runs of space, tab, newline, carriage return, form feed and vertical
+    tab separate tokens and their amount does not matter. Other characters, Unicode
+    separators included (U+00A0, U+2028, U+3000, ...), belong to tokens: "1\u00a02" is one
+    token, not equal to "1 2".
+    """
+    return [t for t in _ASCII_SPACE.split(text) if t]
+
+
 def outputs_match(got: str, want: str) -> bool:
-    """Token-wise comparison: whitespace and line breaks are not significant."""
-    return got.split() == want.split()
+    """Whether two outputs have the same `output_tokens`."""
+    return output_tokens(got) == output_tokens(want)
+
+
+def check_stdio_tests(tests) -> None:
+    """Raises ValueError naming the first test that is not {"input": str, "output": str}."""
+    if not isinstance(tests, list):
+        raise ValueError(f"tests must be a list, got {type(tests).__name__}")
+    for i, t in enumerate(tests):
+        if not isinstance(t, dict) or not {"input", "output"} <= set(t):
+            raise ValueError(f"tests[{i}] must have 'input' and 'output' fields: {t!r:.80}")
+        for field in ("input", "output"):
+            if not isinstance(t[field], str):
+                raise ValueError(
+                    f"tests[{i}][{field!r}] must be a string, got {type(t[field]).__name__}"
+                )
 
 
 def judge_stdio(
@@ -375,46 +530,30 @@ def judge_stdio(
     """Runs a Python program once per test ({"input", "output"}) and compares stdout.
 
     Reward 1 if every test passes, else 0 (k1.5: binary); `partial_credit` gives the fraction.
+    After a timeout (`SandboxConfig.stop_after_timeout`), any failure with
+    `stop_at_first_failure`, or once `problem_wall_s` is spent, the remaining tests are not
+    run and take that verdict (TIMEOUT for the wall budget). Malformed tests raise ValueError.
     """
+    check_stdio_tests(tests)
+    cfg = sandbox.cfg
+    deadline = time.monotonic() + cfg.problem_wall_s
     verdicts, details = [], []
     for i, test in enumerate(tests):
-        if "input" not in test or "output" not in test:
-            raise ValueError(f"test {i} needs 'input' and 'output' fields, has {sorted(test)}")
+        if time.monotonic() > deadline:
+            verdicts += [TIMEOUT] * (len(tests) - i)
+            details += ["the problem's wall budget is spent"] * (len(tests) - i)
+            break
         r = sandbox.run({"main.py": program}, ["python", "main.py"], test["input"])
         v = r.verdict
         if v == PASSED and not outputs_match(r.stdout, test["output"]):
             v = WRONG
         verdicts.append(v)
         details.append(r.stderr[-300:] if v in (RUNTIME, MEMORY) else "")
-        if stop_at_first_failure and v != PASSED:
+        if stop_at_first_failure and v != PASSED or cfg.stop_after_timeout and v == TIMEOUT:
             verdicts += [v] * (len(tests) - i - 1)
+            details += ["not run"] * (len(tests) - i - 1)
             break
     return Judgement(tuple(verdicts), _reward(verdicts, partial_credit), tuple(details))
-
-
-_HARNESS = """\
-import sys
-_token = sys.stdin.readline().strip()
-sys.stdin.close()
-_tests = {tests!r}
-_ns = {{"__name__": "solution"}}
-try:
-    exec(compile(open("solution.py").read(), "solution.py", "exec"), _ns)
-except MemoryError:
-    print("K15JAX-LOAD", "memory", flush=True); raise
-except BaseException as e:
-    print("K15JAX-LOAD", type(e).__name__, flush=True); raise
-for _i, _t in enumerate(_tests):
-    try:
-        exec(compile(_t, f"test_{{_i}}", "exec"), dict(_ns))
-        print(f"K15JAX {{_token}} {{_i}} passed", flush=True)
-    except AssertionError:
-        print(f"K15JAX {{_token}} {{_i}} wrong_answer", flush=True)
-    except MemoryError:
-        print(f"K15JAX {{_token}} {{_i}} memory", flush=True)
-    except BaseException as e:
-        print(f"K15JAX {{_token}} {{_i}} runtime_error", type(e).__name__, flush=True)
-"""
 
 
 def judge_function(
@@ -423,113 +562,32 @@ def judge_function(
     tests: list[str],
     *,
     partial_credit: bool = False,
+    prelude: str = "",
+    entry_point: str | None = None,
 ) -> Judgement:
-    """Loads `program` once and runs each test snippet (asserts) against its namespace.
+    """Runs each test snippet (asserts) in a checker that calls the program's functions.
 
     A test passes when it runs to the end without an exception (HumanEval style: pass
-    `test_code + "\\ncheck(entry_point)"` as one test). Results travel on stdout behind a
-    random token the program cannot see before it runs (it reads it from stdin, which is then
-    closed), so a solution that calls `exit(0)` early passes nothing. A run that dies
-    (timeout, memory) gives its verdict to every test without a result.
+    `test_code + "\\ncheck(entry_point)"` as one test). The program's process only answers
+    calls with plain data (`wire.py`); the tests run in another process, as another uid, and
+    the program never sees them. `prelude` is trusted problem code run in the checker first
+    (a HumanEval prompt's helpers); the program's functions stand in for names it does not
+    define, and always for `entry_point`. A test left without a verdict (the run timed out,
+    ran out of memory, or the program died) gets the run's verdict (else runtime_error).
     """
-    token = secrets.token_hex(16)
-    harness = _HARNESS.format(tests=list(tests))
-    r = sandbox.run({"solution.py": program, "harness.py": harness}, ["python", "harness.py"],
-                    token + "\n")  # fmt: skip
+    if not isinstance(tests, list) or not all(isinstance(t, str) for t in tests):
+        raise ValueError("function tests must be a list of strings")
+    checker = {"tests": tests, "prelude": prelude, "entry_point": entry_point}
+    r = sandbox.run_checked(program, checker)
     found: dict[int, str] = {}
+    errors: dict[int, str] = {}
     for line in r.stdout.splitlines():
-        parts = line.split()
-        if len(parts) >= 4 and parts[0] == "K15JAX" and parts[1] == token:
-            with contextlib.suppress(ValueError):
-                if parts[3] in VERDICTS:
-                    found.setdefault(int(parts[2]), parts[3])
+        with contextlib.suppress(ValueError, TypeError, KeyError, AttributeError):
+            row = json.loads(line)
+            i, v = row["test"], row["verdict"]
+            if type(i) is int and v in VERDICTS and i not in found:
+                found[i], errors[i] = v, str(row.get("error", ""))
     fallback = r.verdict if r.verdict in (TIMEOUT, MEMORY) else RUNTIME
     verdicts = [found.get(i, fallback) for i in range(len(tests))]
-    return Judgement(tuple(verdicts), _reward(verdicts, partial_credit), (r.stderr[-300:],))
-
-
-# --------------------------------------------------------- the in-namespace launcher
-
-_MS_RDONLY, _MS_REMOUNT, _MS_BIND, _MS_REC, _MS_PRIVATE = 1, 32, 4096, 16384, 1 << 18
-_MS_NOSUID, _MS_NODEV = 2, 4
-
-
-def _mount(source, target, fstype, flags, data=None) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    enc = lambda s: None if s is None else s.encode()
-    if libc.mount(enc(source), enc(target), enc(fstype), flags, enc(data)) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"mount {target}: {os.strerror(err)}")
-
-
-def _jail(spec_path: str) -> None:
-    """Sets up the namespace and files, then runs the program as a limited child (PID 1 here)."""
-    with open(spec_path) as f:
-        spec = json.load(f)
-    if spec["isolated"]:
-        # Library directories are opened before /tmp is covered: they may live under it.
-        libs = {
-            dst: os.open(src, os.O_PATH | os.O_DIRECTORY) for dst, src in spec["libraries"].items()
-        }
-        _mount(None, "/", None, _MS_REC | _MS_PRIVATE)
-        _mount("/", "/", None, _MS_BIND)
-        _mount(None, "/", None, _MS_REMOUNT | _MS_BIND | _MS_RDONLY)
-        for d in ("/tmp", "/var/tmp", "/dev/shm", "/run/lock"):
-            if os.path.isdir(d):
-                size = f"size={spec['tmpfs_mb']}m,mode=1777"
-                _mount("tmpfs", d, "tmpfs", _MS_NOSUID | _MS_NODEV, size)
-        for dst, fd in libs.items():
-            os.makedirs(dst)
-            _mount(f"/proc/self/fd/{fd}", dst, None, _MS_BIND | _MS_REC)
-            _mount(None, dst, None, _MS_REMOUNT | _MS_BIND | _MS_RDONLY)
-            os.close(fd)
-    work = spec["workdir"]
-    os.makedirs(work, exist_ok=True)
-    for name, text in spec["files"].items():
-        if os.path.basename(name) != name:
-            raise ValueError(f"file name {name!r} must not contain a directory")
-        with open(os.path.join(work, name), "w") as f:
-            f.write(text)
-    uid = spec["uid"]
-    if spec["isolated"]:
-        os.chown(work, uid, uid)
-        for name in spec["files"]:
-            os.chown(os.path.join(work, name), uid, uid)
-    os.chdir(work)
-    pid = os.fork()
-    if pid == 0:
-        try:
-            _limit_and_exec(spec, work)
-        except BaseException as err:  # noqa: BLE001 (report why the program never started)
-            os.write(2, f"sandbox: cannot start the program: {err!r}\n".encode())
-        os._exit(127)
-    # PID 1 of the namespace: when it exits, the kernel kills everything the program left.
-    _, status, _ = os.wait4(pid, 0)
-    os._exit(
-        os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
-    )
-
-
-def _limit_and_exec(spec: dict, work: str) -> None:
-    uid = spec["uid"]
-    cpu = int(-(-spec["cpu_s"] // 1))
-    limits = [
-        (resource.RLIMIT_CPU, cpu, cpu + 1),
-        (resource.RLIMIT_AS, spec["memory_mb"] << 20, spec["memory_mb"] << 20),
-        (resource.RLIMIT_NOFILE, spec["max_open_files"], spec["max_open_files"]),
-        (resource.RLIMIT_FSIZE, spec["max_output_mb"] << 20, spec["max_output_mb"] << 20),
-        (resource.RLIMIT_CORE, 0, 0),
-    ]
-    if spec["isolated"]:  # counted per uid: only meaningful for the slot's own uid
-        limits.append((resource.RLIMIT_NPROC, spec["max_processes"], spec["max_processes"]))
-    for which, soft, hard in limits:
-        resource.setrlimit(which, (soft, hard))
-    if spec["isolated"]:
-        os.setgroups([])
-        os.setgid(uid)
-        os.setuid(uid)
-    os.execve(spec["argv"][0], spec["argv"], _clean_env(work))
-
-
-if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--jail":
-    _jail(sys.argv[2])
+    details = [errors.get(i, r.stderr[-300:]) for i in range(len(tests))]
+    return Judgement(tuple(verdicts), _reward(verdicts, partial_credit), tuple(details))

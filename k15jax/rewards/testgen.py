@@ -11,7 +11,7 @@ Choices the paper leaves open (GAP), made here:
   and the same 10 decide both rules, so every run is used twice;
 - a problem also needs `min_valid_cases` valid cases (default 40, the threshold the paper
   reports its statistics with: 463 of 614 generators gave >= 40 valid cases, 323 kept);
-- outputs agree when their whitespace-separated tokens agree (`sandbox.outputs_match`);
+- outputs agree when their tokens (split on ASCII whitespace) agree (`sandbox.outputs_match`);
 - generator contract: `generator.py` prints one test input to stdout; it runs with
   `random` seeded by the case index (CYaRon draws from `random`) and CYaRon importable.
 
@@ -107,7 +107,9 @@ def build_tests(
                                      inputs[j[1]]), jobs)  # fmt: skip
     out, raw = {}, {}  # (solution, case) -> output tokens (None: the run failed) / text
     for (s, c), r in zip(jobs, runs, strict=True):
-        out[(s, c)] = tuple(r.stdout.split()) if r.verdict == sandbox_lib.PASSED else None
+        out[(s, c)] = (
+            tuple(sandbox_lib.output_tokens(r.stdout)) if r.verdict == sandbox_lib.PASSED else None
+        )
         raw[(s, c)] = r.stdout
     tests, expected, agreement = [], {}, []
     for c, text in enumerate(inputs):
