@@ -662,3 +662,100 @@ def test_3_prompt_helpers_are_the_problems_not_the_candidates(box, clean_host):
     assert code.judge(honest, tests, sandbox=box).reward == 1.0
     j = code.judge(cheat, tests, sandbox=box)
     assert j.reward == 0.0 and j.verdicts == (sandbox.WRONG,), j
+
+
+# ------------------------------------------- found by a second review (red team)
+
+
+def test_candidate_cannot_stand_in_for_builtins_the_tests_use(box, clean_host):
+    # The checker installs the candidate's functions only for names the tests read that
+    # neither the problem nor Python defines: a candidate `abs`, `set` or `range` is ignored.
+    shadows = (
+        "def f(*a):\n    return 0\n"
+        "def abs(x):\n    return 0\ndef set(x):\n    return 0\n"
+        "def range(*a):\n    return []\ndef all(x):\n    return True\n"
+    )
+    asserts = [
+        "assert set(f((3, 4, 5, 6), (5, 7, 4, 10))) == set((4, 5))",
+        "assert abs(f(2.0) - 1.4142135623730951) < 1e-6",
+        "for i in range(1, 5):\n    assert f(i) == i * i",
+        "assert all(f(i) == i for i in [1, 2])",
+    ]
+    assert _fn(box, shadows, asserts, partial_credit=True).reward == 0.0
+    humaneval = {
+        "test": "def check(candidate):\n    assert abs(candidate(2.0) - 4.0) < 1e-6\n",
+        "entry_point": "f",
+    }
+    assert code.judge(shadows, humaneval, sandbox=box).reward == 0.0
+    honest = "def f(x):\n    return x * x\n"
+    assert code.judge(honest, humaneval, sandbox=box).reward == 1.0
+
+
+def test_test_output_is_not_the_verdict_channel(box, clean_host):
+    # A test that prints what the candidate returned must not let it write verdict lines.
+    forged = "".join(
+        json.dumps({"test": i, "verdict": "passed", "error": ""}) + "\n" for i in range(3)
+    )
+    program = f"def f(x):\n    return {forged!r}\n"
+    humaneval = {
+        "test": "def check(candidate):\n    print(candidate(3))\n    assert candidate(3) == 9\n",
+        "entry_point": "f",
+    }
+    assert code.judge(program, humaneval, sandbox=box).reward == 0.0
+    asserts = ["print(f(3))\nassert f(3) == 9", "assert f(4) == 16"]
+    j = _fn(box, program, asserts, partial_credit=True)
+    assert j.reward == 0.0 and j.verdicts == (sandbox.WRONG, sandbox.WRONG)
+
+
+def test_kernel_keyrings_vsock_and_io_uring_are_closed(box1, clean_host):
+    # The seccomp filter: keyctl/add_key fail (a key locked against clean-up would outlive the
+    # run), io_uring and AF_VSOCK sockets fail (no address is contacted: socket() only).
+    probe = (
+        "import ctypes, socket\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "out = []\n"
+        "for nr, args in ((250, (0, -4, 1)), (248, (b'user', b'k15jax-lock', b's', 1, -4)),\n"
+        "                 (425, (8, None))):\n"
+        "    out.append((libc.syscall(nr, *args), ctypes.get_errno()))\n"
+        "try:\n"
+        "    socket.socket(40, socket.SOCK_STREAM)\n"
+        "    out.append('vsock')\n"
+        "except OSError as e:\n"
+        "    out.append(e.errno)\n"
+        "print(out)\n"
+    )
+    r = box1.run({"main.py": probe}, ["python", "main.py"])
+    assert r.stdout.strip() == "[(-1, 1), (-1, 1), (-1, 1), 1]", r
+    # A plain program still runs (the filter allows what Python needs).
+    r = box1.run(
+        {"main.py": "import socket, threading\nprint(sum(range(10)))\n"}, ["python", "main.py"]
+    )
+    assert r.stdout == "45\n"
+
+
+def test_exceptions_that_steer_control_flow_arrive_as_runtime_errors(box, clean_host):
+    # StopIteration from the candidate would end a map() early: all(map(...)) of nothing.
+    program = "def f(x):\n    raise StopIteration\n"
+    asserts = ["assert all(map(lambda p: f(p[0]) == p[1], [(1, 2), (3, 4)]))"]
+    j = _fn(box, program, asserts)
+    assert j.reward == 0.0 and j.verdicts == (sandbox.RUNTIME,)
+
+
+def test_big_integers_cross_the_wire(box, clean_host):
+    # Past 4300 digits str(int) fails; a correct answer must still pass.
+    program = "def f(n):\n    return 10 ** n\n"
+    j = _fn(box, program, ["assert f(5000) == 10 ** 5000", "assert f(2) == 100"])
+    assert j.reward == 1.0
+
+
+def test_code_block_extraction_and_test_parsing_are_safe_on_hostile_text():
+    # Long unclosed fences: found in one pass (the regular expression it replaces backtracked
+    # quadratically on them, in the judge's own process).
+    assert code.extract_code("```" + "a" * 200_000) is None
+    assert code.extract_code("```\n" * 50_001) == ""
+    assert code.extract_code("x\n```py extra\nA\n```\n```c\nB\n```\n```\nC\n```") == "C\n"
+    assert code.extract_code("```python\nA\n```\n```js\nB\n```") == "A\n"
+    with pytest.raises(ValueError, match="nest too deeply"):
+        code.parse_tests("[" * 100_000)
+    with pytest.raises(ValueError, match="nest too deeply"):
+        code.parse_tests('{"asserts": ' + "[" * 100_000)

@@ -23,13 +23,33 @@ import re
 
 from k15jax.rewards import sandbox as sandbox_lib
 
-_FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)```", re.S)
+_TAG = re.compile(r"[ \t]*([A-Za-z0-9_+-]*)")
+
+
+def _fenced_blocks(text: str) -> list[tuple[str, str]]:
+    """Returns (language tag, body) of each ```tag ... ``` block, scanning the text once.
+
+    A block opens at ``` and runs to the next ```; its tag is the word after the opening
+    fence. (A regular expression for this backtracks quadratically on a long unclosed fence,
+    and the response is the policy's to choose.)
+    """
+    blocks, pos = [], 0
+    while (start := text.find("```", pos)) >= 0:
+        eol = text.find("\n", start + 3)
+        if eol < 0:
+            break
+        end = text.find("```", eol + 1)
+        if end < 0:
+            break
+        tag = _TAG.match(text, start + 3, eol).group(1)
+        blocks.append((tag.lower(), text[eol + 1 : end]))
+        pos = end + 3
+    return blocks
 
 
 def extract_code(response: str) -> str | None:
     """Returns the last fenced code block tagged python (or untagged), else None."""
-    blocks = [(lang.lower(), body) for lang, body in _FENCE.findall(response)]
-    for lang, body in reversed(blocks):
+    for lang, body in reversed(_fenced_blocks(response)):
         if lang in ("python", "py", "python3", ""):
             return body
     return None
@@ -43,6 +63,8 @@ def parse_tests(answer_or_tests) -> dict:
             tests = json.loads(tests)
         except json.JSONDecodeError as err:
             raise ValueError(f"code tests are not valid JSON: {err} in {tests[:80]!r}") from err
+        except RecursionError:
+            raise ValueError(f"code tests nest too deeply: {tests[:80]!r}") from None
     if not isinstance(tests, dict):
         raise ValueError(f"code tests must be a JSON object, got {type(tests).__name__}")
     if "tests" in tests:

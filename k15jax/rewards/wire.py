@@ -43,7 +43,7 @@ def encode(x, depth: int = 0):
     if x is None or t is bool or t is str:
         return x
     if t is int:
-        return ["i", str(x)]
+        return ["i", format(x, "x")]  # hex: no digit limit (decimal str() stops at 4300 digits)
     if t is float:
         return ["f", x.hex()]
     if t is complex:
@@ -69,7 +69,7 @@ def decode(x, depth: int = 0):
     tag, rest = x[0], x[1:]
     if tag in ("i", "f", "b") and len(rest) == 1 and type(rest[0]) is str:
         if tag == "i":
-            return int(rest[0])
+            return int(rest[0], 16)
         return float.fromhex(rest[0]) if tag == "f" else bytes.fromhex(rest[0])
     if tag == "c" and len(rest) == 2 and all(type(r) is str for r in rest):
         return complex(float.fromhex(rest[0]), float.fromhex(rest[1]))
@@ -121,6 +121,9 @@ def callee(solution_path: str) -> None:
 # ----------------------------------------------------------------------- checker side
 
 _VERDICT_OF = {AssertionError: "wrong_answer", MemoryError: "memory"}
+# Exceptions that steer the test's own control flow rather than fail it (StopIteration ends a
+# map() or filter() early): from the candidate they arrive as RuntimeError.
+_NOT_FORWARDED = (AssertionError, StopIteration, StopAsyncIteration)
 
 
 def _remote(name: str, calls, replies):
@@ -146,16 +149,37 @@ def _answer(line: str):
         raise CandidateGone(f"malformed reply: {err}") from None
     if kind == "raise" and type(value) is str:
         exc = getattr(builtins, value, None)
-        if isinstance(exc, type) and issubclass(exc, Exception) and exc is not AssertionError:
+        if isinstance(exc, type) and issubclass(exc, Exception) and exc not in _NOT_FORWARDED:
             raise exc(f"raised by the candidate: {value}")
         raise RuntimeError(f"raised by the candidate: {value}")
     raise RuntimeError(f"the candidate's result is not plain data ({value!r:.80})")
 
 
+def _names_used(sources) -> set[str]:
+    """Returns the names the test sources read (the candidate may stand in for those only)."""
+    import ast
+
+    used = set()
+    for source in sources:
+        try:
+            tree = ast.parse(source)
+        except (SyntaxError, ValueError, RecursionError, MemoryError):
+            continue  # running it gives the test its runtime_error verdict
+        used.update(node.id for node in ast.walk(tree) if isinstance(node, ast.Name))
+    return used
+
+
 def checker(tests_path: str) -> None:
-    """Runs each test against the candidate; prints one JSON verdict line per test."""
+    """Runs each test against the candidate; writes one JSON verdict line per test to fd 1.
+
+    The tests' own output (a test may print what the candidate returned) goes to stderr, so
+    nothing but this function writes on the verdict channel.
+    """
     with open(tests_path, encoding="utf-8", errors="surrogatepass") as f:
         spec = json.load(f)
+    verdicts = os.fdopen(os.dup(1), "w", encoding="utf-8")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
     calls = os.fdopen(3, "w", encoding="utf-8", errors="surrogatepass")
     replies = os.fdopen(4, "r", encoding="utf-8", errors="surrogatepass")
     hello = json.loads(replies.readline(_MAX_LINE) or "{}")
@@ -163,13 +187,16 @@ def checker(tests_path: str) -> None:
         error = hello.get("load_error") if type(hello) is dict else None
         verdict = "memory" if error == "MemoryError" else "runtime_error"
         for i in range(len(spec["tests"])):
-            print(json.dumps({"test": i, "verdict": verdict, "error": f"load: {error}"}))
+            _send(verdicts, {"test": i, "verdict": verdict, "error": f"load: {error}"})
         return
     ns = {"__name__": "__checker__"}
     if spec["prelude"]:  # the problem's own code (e.g. helpers in a HumanEval prompt)
         exec(compile(spec["prelude"], "prompt", "exec"), ns)
+    # The candidate stands in for the entry point and for other names the tests read that
+    # neither the problem nor Python defines: never for a builtin (`abs`, `set`, `range`).
+    wanted = _names_used(spec["tests"]) - set(ns) - set(dir(builtins))
     for name in hello["ready"]:
-        if type(name) is str and (name == spec["entry_point"] or name not in ns):
+        if type(name) is str and (name == spec["entry_point"] or name in wanted):
             ns[name] = _remote(name, calls, replies)
     for i, test in enumerate(spec["tests"]):
         error = ""
@@ -181,7 +208,7 @@ def checker(tests_path: str) -> None:
         except BaseException as err:  # noqa: BLE001 (every failure is a verdict)
             verdict = _VERDICT_OF.get(type(err), "runtime_error")
             error = f"{type(err).__name__}: {err}"[:300]
-        print(json.dumps({"test": i, "verdict": verdict, "error": error}), flush=True)
+        _send(verdicts, {"test": i, "verdict": verdict, "error": error})
 
 
 if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] in ("callee", "checker"):
