@@ -759,3 +759,33 @@ def test_code_block_extraction_and_test_parsing_are_safe_on_hostile_text():
         code.parse_tests("[" * 100_000)
     with pytest.raises(ValueError, match="nest too deeply"):
         code.parse_tests('{"asserts": ' + "[" * 100_000)
+
+
+def test_a_run_in_another_sandbox_does_not_use_up_this_ones_processes(box1, clean_host):
+    # Two Sandboxes (say two RL runs on one host) share slot uids. With per-run cgroups, a run
+    # holding its process limit in one must not stop a thread starting in the other.
+    import threading
+
+    if box1.limits != "cgroups":
+        pytest.skip("per-uid rlimits are the documented fallback without cgroups")
+    hog = (
+        "import os, time\n"
+        "for _ in range(14):\n"
+        "    if os.fork() == 0:\n"
+        "        time.sleep(2.5)\n"
+        "        os._exit(0)\n"
+        "print('forked', flush=True)\n"
+        "time.sleep(2.5)\n"
+    )
+    threaded = (
+        "import threading\nout = []\n"
+        "t = threading.Thread(target=lambda: out.append(int(input()) * 2))\n"
+        "t.start()\nt.join()\nprint(out[0])\n"
+    )
+    with sandbox.Sandbox(dataclasses.replace(CFG, workers=1)) as other:
+        hogging = threading.Thread(target=lambda: other.run({"h.py": hog}, ["python", "h.py"]))
+        hogging.start()
+        time.sleep(0.8)
+        j = sandbox.judge_stdio(box1, threaded, [{"input": "21", "output": "42"}])
+        hogging.join()
+    assert j.reward == 1.0, j

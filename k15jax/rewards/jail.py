@@ -246,7 +246,10 @@ def _limit(spec: dict) -> None:
         (resource.RLIMIT_FSIZE, out, out),
         (resource.RLIMIT_CORE, 0, 0),
     ]
-    if spec["isolated"]:  # counted per uid: only meaningful for the slot's own uid
+    # RLIMIT_NPROC counts every process of the uid, host-wide: two Sandboxes (two runs on one
+    # host) share slot uids, so one run's processes would count against the other's. The pids
+    # cgroup limits the run alone; the rlimit is the fallback without cgroups.
+    if spec["isolated"] and not spec["cgroups"]:
         limits.append((resource.RLIMIT_NPROC, spec["max_processes"], spec["max_processes"]))
     for which, soft, hard in limits:
         resource.setrlimit(which, (soft, hard))
