@@ -7,9 +7,10 @@
       --samples_per_prompt=16 --budget=2048 --max_length=8192 --tau=0.01 --learning_rate=1e-6 \\
       --attention_impl=xla_chunked --logprob_impl=xla_chunked --remat   # O(t) trainer memory
 
-On 2 CPU cores the default finishes in about 10 minutes and writes runs/default/report.md with
-held-out pass@1 of the SFT and RL models (RL above SFT beyond the 95% intervals). Re-running the
-same command after an interruption resumes from the last checkpoint.
+On 2 CPU cores the default takes 10 to 20 minutes (the same code measured both, in different
+sessions) and writes runs/default/report.md with held-out pass@1 of the SFT and RL models
+(measured at this commit: 0.364 [0.330, 0.399] -> 0.439 [0.397, 0.482], one seed). Re-running
+the same command after an interruption resumes from the last checkpoint.
 """
 
 from __future__ import annotations
