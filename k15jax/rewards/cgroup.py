@@ -19,6 +19,7 @@ import contextlib
 import os
 import signal
 import time
+from collections.abc import Callable
 
 _ROOT = "/sys/fs/cgroup"
 CONTROLLERS = ("memory", "pids", "cpuacct")
@@ -45,6 +46,20 @@ def _write(path: str, value) -> None:
 def _read(path: str) -> str:
     with open(path) as f:
         return f.read()
+
+
+def kill_until_gone(
+    pids: Callable[[], list[int]], where: str, *, timeout_s: float, poll_s: float
+) -> None:
+    """SIGKILLs the processes `pids()` lists until it lists none; raises after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while found := pids():
+        for pid in found:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"sandbox processes {where} survive SIGKILL: {found[:10]}")
+        time.sleep(poll_s)
 
 
 class SlotCgroups:
@@ -99,14 +114,7 @@ class SlotCgroups:
 
     def empty(self, timeout_s: float = 10.0) -> None:
         """SIGKILLs whatever is left in the groups and waits until they are empty."""
-        deadline = time.monotonic() + timeout_s
-        while pids := self.pids():
-            for pid in pids:
-                with contextlib.suppress(OSError):
-                    os.kill(pid, signal.SIGKILL)
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"sandbox processes survive SIGKILL: {pids[:10]}")
-            time.sleep(0.005)
+        kill_until_gone(self.pids, "in the run's cgroup", timeout_s=timeout_s, poll_s=0.005)
 
     def remove(self) -> None:
         for path in self.dirs.values():

@@ -443,14 +443,9 @@ def _wait_uid_gone(uid: int, timeout_s: float = 10.0) -> None:
 
     Leftovers would count against the next run's process limit on the same slot.
     """
-    deadline = time.monotonic() + timeout_s
-    while pids := _uid_pids(uid):
-        for pid in pids:
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"sandbox processes of uid {uid} survive SIGKILL: {pids[:10]}")
-        time.sleep(0.01)
+    cgroup.kill_until_gone(
+        lambda: _uid_pids(uid), f"of uid {uid}", timeout_s=timeout_s, poll_s=0.01
+    )
 
 
 def _kill_tree(proc: subprocess.Popen) -> None:
