@@ -169,10 +169,11 @@ def select(problems: Sequence[Problem], ids: Sequence[str]) -> tuple[Problem, ..
 
 
 def prompt_ids(
-    problem: Problem, *, encode: Callable[[str], list[int]], template: str, max_tokens: int
+    problem: Problem, *, encode: Callable[[str], list[int]], max_tokens: int
 ) -> list[int]:
-    """Returns the token ids of `problem`'s prompt; refuses one longer than `max_tokens`."""
-    ids = encode(template.format(prompt=problem.prompt))
+    """Returns `encode(problem.prompt)` (the encoder applies any prompt template); refuses a
+    prompt longer than `max_tokens`."""
+    ids = encode(problem.prompt)
     if len(ids) > max_tokens:
         raise DataError(
             f"problem {problem.id}: prompt of {len(ids)} tokens exceeds "

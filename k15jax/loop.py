@@ -78,13 +78,12 @@ def run_sft(setup: Setup, progress) -> tuple[model.Params, list[dict]]:
 def start_rl(setup: Setup, engine, train: train_step.TrainState, console) -> run_state.RlState:
     """Returns the RL state before iteration 0: the SFT model's pass rates, the problems kept."""
     cfg = setup.cfg
-    encode = lambda text: setup.tok.encode(cfg.task.prompt_template.format(prompt=text))  # noqa: E731
     pool = setup.problems.train
     rates = difficulty.pass_rates(
         engine,
         pool,
         setup.scorer,
-        encode,
+        setup.encode_prompt,
         n=cfg.rl.difficulty_samples,
         temperature=1.0,
         max_tokens=cfg.partial.max_length,

@@ -30,13 +30,14 @@ class Setup:
     scorer: scoring.Scorer
     mesh: Mesh
 
+    def encode_prompt(self, text: str) -> list[int]:
+        """Returns the token ids of a problem text in the run's prompt template."""
+        return self.tok.encode(self.cfg.task.prompt_template.format(prompt=text))
+
     def prompt_ids(self, problem: data.Problem) -> list[int]:
-        t = self.cfg.task
+        """Returns `problem`'s prompt ids; refuses one over `task.max_prompt_tokens`."""
         return data.prompt_ids(
-            problem,
-            encode=self.tok.encode,
-            template=t.prompt_template,
-            max_tokens=t.max_prompt_tokens,
+            problem, encode=self.encode_prompt, max_tokens=self.cfg.task.max_prompt_tokens
         )
 
 

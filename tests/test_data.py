@@ -114,11 +114,11 @@ def test_problem_selection_and_prompt_length_are_checked():
     assert [p.id for p in data.select(problems, ["3", "1"])] == ["3", "1"]
     with pytest.raises(data.DataError, match=r"problems \['9'\] of the saved run"):
         data.select(problems, ["1", "9"])
-    encode = lambda s: [ord(c) for c in s]  # noqa: E731
-    ids = data.prompt_ids(problems[0], encode=encode, template="<{prompt}>", max_tokens=6)
-    assert ids == encode("<Q:0\n>")
+    encode = lambda s: [ord(c) for c in f"<{s}>"]  # noqa: E731  (a templated encoder)
+    ids = data.prompt_ids(problems[0], encode=encode, max_tokens=6)
+    assert ids == [ord(c) for c in "<Q:0\n>"]
     with pytest.raises(data.DataError, match="problem 0: prompt of 6 tokens exceeds"):
-        data.prompt_ids(problems[0], encode=encode, template="<{prompt}>", max_tokens=5)
+        data.prompt_ids(problems[0], encode=encode, max_tokens=5)
 
 
 def test_builtin_problem_set_is_deterministic_and_split():
