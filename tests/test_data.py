@@ -129,3 +129,125 @@ def test_builtin_problem_set_is_deterministic_and_split():
     assert not {p.prompt for p in a.train} & {p.prompt for p in a.held_out}
     short = sum(not r.startswith("plan:") for _, r in a.sft_traces)
     assert 0 < short < 10  # both kinds of trace at short_fraction 0.5
+
+
+# ----------------------------------------------------------------------------- screening
+
+
+def _p(prompt, answer, pid="x"):
+    return data.Problem(pid, prompt, answer)
+
+
+@pytest.mark.parametrize(
+    "prompt, answer",
+    [
+        # Capital option lists, whatever the answer (AMC: the answer is the option's value).
+        ("What is 6 times 7?\n(A) 40 (B) 41 (C) 42 (D) 43 (E) 44", "42"),
+        (
+            r"$k$ is $\textbf{(A) }\ 1 \qquad \textbf{(B) }\ 2 \qquad \textbf{(C) }\ 3 \qquad "
+            r"\textbf{(D) }\ 4$",
+            "2",
+        ),  # fmt: skip
+        (
+            r"$\mathrm{(A)}\ x \qquad\mathrm{(B)}\ y \qquad\mathrm{(C)}\ z \qquad\mathrm{(D)}\ w$",
+            "y",
+        ),
+        ("The curve is: (A) circle (B) parabola (C) ellipse (D) hyperbola.", "ellipse"),
+        ("Which number is even?\n\nA. 3\nB. 5\nC. 8\nD. 9", "8"),
+        ("Which is smallest?\nA) 0.5\nB) 0.25\nC) 0.125\nD) 1", "0.125"),
+        (
+            "Which is prime?\n$\\bullet$ A. 4\n$\\bullet$ B. 6\n$\\bullet$ C. 7\n$\\bullet$ D. 8",
+            "7",
+        ),
+        (r"Odd: $$\text A. \ 2 \qquad \text B. \ 3 \qquad \text C. \ 4 \qquad \text D. \ 6$$", "3"),
+        # Three labels when the answer is a letter.
+        ("Smallest?\nA) 0.5\nB) 0.25\nC) 0.125", "C"),
+        # A parenthesised letter as the answer.
+        ("Name the curve traced by the point.", "(C)"),
+        ("Name the curve traced by the point.", r"\text{(e)}"),
+        ("Classify the conic.", r"\boxed{\textbf{(B)}}"),
+        # A bare letter (or letters) with a prompt that asks for options.
+        ("Which of the following is largest: A = 2, B = 3, C = 1?", "B"),
+        ("Enter the letter of the correct option.", r"\text{D}"),
+        ("Express your answer as A, B, C, D, or E.", "$E$"),
+        ("Which of the following statements are true? List them.", r"\text{A, C}"),
+        ('Enter "C" for circle, "P" for parabola, "H" for hyperbola.', "H"),
+        ("Which set works?\n(a) {1}\n(b) {2}\n(c) {3}\n(d) {4}", "D"),
+    ],
+)
+def test_screen_removes_multiple_choice(prompt, answer):
+    assert data.screen_reason(_p(prompt, answer)) == "multiple_choice"
+
+
+@pytest.mark.parametrize(
+    "answer", ["True", "false", "YES", "no", r"\text{Yes}", r"\boxed{\text{No}}", "$True$", "No."]
+)
+def test_screen_removes_true_false(answer):
+    assert data.screen_reason(_p("Is 91 a prime number?", answer)) == "true_false"
+
+
+@pytest.mark.parametrize(
+    "prompt, answer",
+    [
+        ("Prove that the sum of two odd numbers is even.", "proof"),
+        ("Show that there are infinitely many primes.", r"\text{QED}"),
+        ("Prove that $a^2 + b^2 \\ge 2ab$ for all real $a, b$.", r"a^2 + b^2 \geq 2ab"),
+        ("Show that $n^3 - n$ is divisible by six.", r"6 \mid n^3 - n"),
+        ("Prove the triangle inequality for complex numbers.", "|z + w| <= |z| + |w|"),
+        ("Give a proof that every tree has a leaf.", "see solution"),
+        ("Show that the triangle is isosceles.", "The two base angles are equal"),
+        ("Prove that no such function exists.", "N/A"),
+    ],
+)
+def test_screen_removes_proofs(prompt, answer):
+    assert data.screen_reason(_p(prompt, answer)) == "proof"
+
+
+@pytest.mark.parametrize(
+    "prompt, answer",
+    [
+        # "(a)"/"(b)" part labels with a value as the answer.
+        ("(a) Find x if 2x = 10. (b) Then find x + 3.", "8"),
+        ("A box holds 12 eggs.\n(a) How many in 3 boxes?\n(b) In 4?\n(c) In 5?", "60"),
+        # Function values and angle names are not option labels.
+        (r"In triangle $ABC$, find $\sin (A) + \sin (B) + \sin (C)$ if $A = B = C$.", "3"),
+        ("If f(A) = 2, f(B) = 3, f(C) = 4, f(D) = 1, what is f(A) + f(B) + f(C) + f(D)?", "10"),
+        (r"$P (A) = P (B) = P (C) = P (D) = 0.1$. Find $P (A) + P (B)$.", "0.2"),
+        # Three labelled conditions and a count as the answer.
+        ("How many 3-digit numbers have (A) odd digits, (B) no repeats, (C) sum 9?", "10"),
+        # "show that" / "prove" inside a computation whose answer is a value.
+        ("Show that x = 2 solves x^2 = 4, then find the other root.", "-2"),
+        ("Records show that the team won 3 of 4 games. How many did it lose?", "1"),
+        ("How many ways can the letters of the word PROOF be arranged?", "60"),
+        ("Bread dough must proof for 2 hours and bake for 1. How many hours in all?", "3"),
+        ("Prove that the answer is at least 5, then find the least n.", "5"),
+        ("Show that one of them tells the truth. Who is it?", "Alice"),
+        # A letter computed, not chosen; a true/false quiz counted.
+        ("What is the 100th letter in the pattern ABCABCABC...?", "A"),
+        ("How many answer keys does a 5-question true-false quiz have?", "32"),
+        ("What is the median of 0, 1, a, b when 0 < a < 1 < b?", "b"),
+        ("A point has coordinates (3, 4). How far is it from the origin?", "5"),
+    ],
+)
+def test_screen_keeps_near_misses(prompt, answer):
+    assert data.screen_reason(_p(prompt, answer)) is None
+
+
+def test_screen_splits_ids_by_reason_and_keeps_order():
+    problems = [
+        _p("What is 2 + 2?", "4", "keep1"),
+        _p("Is 7 odd?", "Yes", "tf"),
+        _p("Which is 4? (A) 3 (B) 4 (C) 5 (D) 6", "4", "mc"),
+        _p("Prove that sqrt 2 is irrational.", "proof", "pr"),
+        _p("Show that 3 + 4 = 7, then compute 7 * 2.", "14", "keep2"),
+        # Both a lettered list and a True answer: the first rule (multiple_choice) names it.
+        _p("Pick one: (A) True (B) False (C) Unknown (D) Both", "True", "both"),
+    ]
+    kept, dropped = data.screen(problems)
+    assert [p.id for p in kept] == ["keep1", "keep2"]
+    assert dropped == {"multiple_choice": ("mc", "both"), "true_false": ("tf",), "proof": ("pr",)}
+    assert data.screen_line(dropped, len(problems)) == (
+        "screen removed 4 of 6 problems (multiple_choice 2, true_false 1, proof 1)"
+    )
+    kept, dropped = data.screen(problems[:1])
+    assert len(kept) == 1 and dropped == {"multiple_choice": (), "true_false": (), "proof": ()}
