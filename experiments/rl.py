@@ -19,7 +19,7 @@ import dataclasses
 
 from absl import app, flags, logging
 
-from k15jax import data, loop, partial, run_config, sampler
+from k15jax import data, distributed, loop, partial, preflight, run_config, sampler
 from k15jax.config import DTYPES, KernelConfig
 from k15jax.rewards import length as length_reward
 from k15jax.sharding import MESH_AXES
@@ -143,6 +143,28 @@ _LOGP_CHUNK = flags.DEFINE_integer(
 _BLOCK = flags.DEFINE_integer("attention_block", K.attention_block, "Tile of blockwise attention.")
 _REMAT = flags.DEFINE_bool("remat", K.remat, "Recompute each layer in the backward pass.")
 
+_PREFLIGHT = flags.DEFINE_bool(
+    "preflight", D.preflight.enabled, "Check before any rollout that the train step fits."
+)
+_DEVICE_GB = flags.DEFINE_float(
+    "device_memory_gb",
+    None,
+    "Memory of one trainer device in GiB for the pre-flight (default: JAX's limit on a GPU; "
+    "none known on CPU: the check is skipped).",
+)
+_ENGINE_FRACTION = flags.DEFINE_float(
+    "engine_memory_fraction",
+    D.preflight.engine_fraction,
+    "Share of --device_memory_gb the colocated rollout engine takes (0: it has its own).",
+)
+_COORD = flags.DEFINE_string(
+    "coordinator_address",
+    None,
+    "Multi-process run: host:port of process 0's coordinator (or JAX_COORDINATOR_ADDRESS).",
+)
+_NPROC = flags.DEFINE_integer("num_processes", None, "Multi-process run: number of processes.")
+_PROC_ID = flags.DEFINE_integer("process_id", None, "Multi-process run: this process's index.")
+
 
 def parse_mesh(text: str) -> tuple[int, int, int]:
     """Returns (data, fsdp, tensor) sizes from "data:2,fsdp:2,tensor:2" (absent axes are 1)."""
@@ -217,6 +239,11 @@ def make_config() -> run_config.RunConfig:
         sampler=sampler.SamplerConfig(
             curriculum_iterations=_CURRICULUM.value, hard_threshold=_HARD.value
         ),
+        preflight=preflight.PreflightConfig(
+            enabled=_PREFLIGHT.value,
+            device_memory_gb=_DEVICE_GB.value,
+            engine_fraction=_ENGINE_FRACTION.value,
+        ),
         vllm=r(
             D.vllm,
             dtype=_DTYPE.value,
@@ -234,9 +261,19 @@ def config_from_argv(argv) -> run_config.RunConfig:
     return make_config()
 
 
+def distributed_config() -> distributed.DistributedConfig:
+    """Returns how this process joins a multi-process run (flags; else JAX's environment)."""
+    return distributed.DistributedConfig(
+        coordinator_address=_COORD.value, num_processes=_NPROC.value, process_id=_PROC_ID.value
+    )
+
+
 def main(argv):
+    distributed.initialize(distributed_config())  # before anything touches a device
     cfg = config_from_argv(argv)
     results = loop.run(cfg)
+    if not distributed.is_main():
+        return
     sft, rl = results["sft"], results["rl"]
     print(
         f"done in {results['wall_seconds']:.0f}s: held-out pass@1 SFT {sft['pass_at_1']:.3f} "

@@ -4,6 +4,11 @@ Layout: `<dir>/step_<n>/` holds `state/` (orbax) and `extra.json` (JSON-serializ
 sampler, replay buffer, metric history). A checkpoint is built in a temporary directory and
 renamed to `step_<n>` only when complete, so a crash mid-save leaves earlier ones loadable and
 `latest_step` never sees a partial one.
+
+On several processes (`distributed`) every process calls `save` and `restore` with the same
+arguments: each writes and reads only the shards its devices hold (orbax), process 0 writes
+`extra.json` and makes the checkpoint visible. The directory must be one file system that every
+process sees (a shared mount or a bucket), as orbax requires.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import shutil
 import jax
 import orbax.checkpoint as ocp
 
-from k15jax import atomic
+from k15jax import atomic, distributed
 
 _STEP_RE = re.compile(r"^step_(\d+)$")
 
@@ -41,14 +46,38 @@ def save(directory: str, step: int, state, extra: dict | None = None, *, keep: i
     """
     directory = os.path.abspath(directory)
     final = os.path.join(directory, f"step_{step}")
-    with atomic.directory(final) as tmp:
-        with ocp.StandardCheckpointer() as ckpt:
-            ckpt.save(os.path.join(tmp, "state"), state)
+    if distributed.multi():
+        _save_multiprocess(final, state, extra)
+    else:
+        with atomic.directory(final) as tmp:
+            with ocp.StandardCheckpointer() as ckpt:
+                ckpt.save(os.path.join(tmp, "state"), state)
+            with open(os.path.join(tmp, "extra.json"), "w") as f:
+                json.dump(extra or {}, f)
+    if distributed.is_main():
+        for old in steps(directory)[:-keep]:
+            shutil.rmtree(os.path.join(directory, f"step_{old}"), ignore_errors=True)
+    distributed.barrier(f"checkpoint {final} complete")
+    return final
+
+
+def _save_multiprocess(final: str, state, extra: dict | None) -> None:
+    """`save` on several processes: one temporary directory named the same on every process,
+    renamed into place by process 0 once every process's shards are written."""
+    tmp = os.path.join(os.path.dirname(final), f".{os.path.basename(final)}.tmp-multiprocess")
+    if distributed.is_main():
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed mid-save
+        os.makedirs(tmp)
+    distributed.barrier(f"checkpoint {final} started")
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(os.path.join(tmp, "state"), state)
+    distributed.barrier(f"checkpoint {final} written")
+    if distributed.is_main():
         with open(os.path.join(tmp, "extra.json"), "w") as f:
             json.dump(extra or {}, f)
-    for old in steps(directory)[:-keep]:
-        shutil.rmtree(os.path.join(directory, f"step_{old}"), ignore_errors=True)
-    return final
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.rename(tmp, final)
 
 
 def restore(directory: str, step: int, target) -> tuple[object, dict]:

@@ -5,6 +5,10 @@ one run-state value (`run_state.SftState`, `run_state.RlState`) and is the whole
 every random choice derives from (seed, phase, step), so a run killed at any moment and started
 again with the same command continues from its last checkpoint and ends with the same params as
 an uninterrupted run (on CPU).
+
+On several processes (`distributed`) every process runs every function here; process 0 alone
+rolls out, scores, samples prompts, evaluates and writes files other than checkpoints, and what it
+decides reaches the others through `distributed.from_main`.
 """
 
 from __future__ import annotations
@@ -16,14 +20,17 @@ import os
 import time
 
 import jax
+import numpy as np
 
 from k15jax import (
     atomic,
     convert,
     data,
     difficulty,
+    distributed,
     model,
     partial,
+    preflight,
     report,
     rollout,
     run_state,
@@ -47,7 +54,7 @@ def run_sft(setup: Setup, progress) -> tuple[model.Params, list[dict]]:
     cfg = setup.cfg
     examples = sft.tokenize(setup.problems.sft_traces, setup.tok.encode, setup.tok.eos_id)
     if cfg.sft.steps == 0 or not examples:
-        return setup.params, []
+        return distributed.host_value(setup.params), []
     ckpt_dir = os.path.join(cfg.out_dir, "ckpt", "sft")
     step_cfg = train_step.StepConfig(objective="sft", group_size=1)
     trainer = train_step.make_trainer(setup.model_cfg, sft.optimizer(cfg.sft), step_cfg, setup.mesh)
@@ -69,7 +76,7 @@ def run_sft(setup: Setup, progress) -> tuple[model.Params, list[dict]]:
         if (i + 1) % cfg.sft.checkpoint_every == 0 or i + 1 == cfg.sft.steps:
             run_state.save(ckpt_dir, i + 1, state)
     bar.close()
-    return jax.device_get(state.train.params), list(state.history)
+    return distributed.host_value(state.train.params), list(state.history)
 
 
 # ---------------------------------------------------------------------------------- RL
@@ -78,26 +85,31 @@ def run_sft(setup: Setup, progress) -> tuple[model.Params, list[dict]]:
 def start_rl(setup: Setup, engine, train: train_step.TrainState, console) -> run_state.RlState:
     """Returns the RL state before iteration 0: the SFT model's pass rates, the problems kept."""
     cfg = setup.cfg
-    pool = setup.problems.train
-    rates = difficulty.pass_rates(
-        engine,
-        pool,
-        setup.scorer,
-        setup.encode_prompt,
-        n=cfg.rl.difficulty_samples,
-        temperature=1.0,
-        max_tokens=cfg.partial.max_length,
-        seed=cfg.seed,
-    )
-    if cfg.rl.drop_solved:
-        pool, rates = difficulty.filter_problems(pool, rates)
-    console(f"difficulty: {len(pool)} problems kept, mean SFT pass rate {rates.mean():.3f}")
+
+    def decide():  # process 0
+        pool = setup.problems.train
+        rates = difficulty.pass_rates(
+            engine,
+            pool,
+            setup.scorer,
+            setup.encode_prompt,
+            n=cfg.rl.difficulty_samples,
+            temperature=1.0,
+            max_tokens=cfg.partial.max_length,
+            seed=cfg.seed,
+        )
+        if cfg.rl.drop_solved:
+            pool, rates = difficulty.filter_problems(pool, rates)
+        console(f"difficulty: {len(pool)} problems kept, mean SFT pass rate {rates.mean():.3f}")
+        return {"rates": np.asarray(rates)}, {"train_ids": [p.id for p in pool]}
+
+    arrays, meta = distributed.from_main(decide)
     return run_state.RlState(
         train=train,
-        sampler=sampler.init_state(rates, seed=cfg.seed),
+        sampler=sampler.init_state(arrays["rates"], seed=cfg.seed),
         buffer=partial.ReplayBuffer(),
         history=(),
-        train_ids=tuple(p.id for p in pool),
+        train_ids=tuple(meta["train_ids"]),
     )
 
 
@@ -111,18 +123,44 @@ def rl_iteration(
 ) -> tuple[run_state.RlState, dict]:
     """Runs one k1.5 iteration (spec §11) on the problems `pool`; returns (state, metrics)."""
     t0 = time.perf_counter()
-    state, groups, metrics = _rollout(setup, engine, state, pool, iteration)
-    if not groups:
-        return state, metrics
-    rewards, correct, stats = scoring.score_groups(
-        groups, pool, setup.scorer, iteration=iteration, length=setup.cfg.length
+
+    def decide():  # process 0: prompts, rollouts, rewards, sampler update, packed batch
+        drawn, groups, metrics = _rollout(setup, engine, state, pool, iteration)
+        arrays = {}
+        if groups:
+            rewards, correct, stats = scoring.score_groups(
+                groups, pool, setup.scorer, iteration=iteration, length=setup.cfg.length
+            )
+            problems = [s.problem for g in groups for s in g.samples]
+            success = sampler.update(drawn.sampler, problems, correct.astype(float))
+            drawn, metrics = dataclasses.replace(drawn, sampler=success), {**metrics, **stats}
+            packed = partial.pack(
+                groups,
+                iteration=iteration,
+                loss_segments=setup.cfg.partial.loss_segments,
+                pad_to=setup.cfg.seq_len,
+            )
+            arrays = {**dataclasses.asdict(packed), "reward_b": rewards}
+        meta = {"sampler": drawn.sampler.to_json(), "buffer": drawn.buffer.to_json()}
+        return arrays, {**meta, "metrics": metrics}
+
+    arrays, meta = distributed.from_main(decide)
+    state = dataclasses.replace(
+        state,
+        sampler=sampler.SamplerState.from_json(meta["sampler"]),
+        buffer=partial.ReplayBuffer.from_json(meta["buffer"]),
     )
-    problems = [s.problem for g in groups for s in g.samples]
-    success = sampler.update(state.sampler, problems, correct.astype(float))
-    train, train_metrics = _train(setup, trainer, state.train, groups, rewards, iteration)
-    engine.load_weights(jax.device_get(train.params))
-    metrics = {**metrics, **stats, **train_metrics, "seconds": time.perf_counter() - t0}
-    return dataclasses.replace(state, train=train, sampler=success), metrics
+    metrics = meta["metrics"]
+    if not arrays:
+        return state, metrics
+    reward_b = arrays.pop("reward_b")
+    packed = partial.PackedGroups(**arrays)
+    train, train_metrics = _train(setup, trainer, state.train, packed, reward_b, iteration)
+    params = distributed.host_value(train.params)  # every process: a collective
+    if engine is not None:
+        engine.load_weights(params)
+    metrics = {**metrics, **train_metrics, "seconds": time.perf_counter() - t0}
+    return dataclasses.replace(state, train=train), metrics
 
 
 def _rollout(setup: Setup, engine, state: run_state.RlState, pool, iteration: int):
@@ -150,13 +188,9 @@ def _rollout(setup: Setup, engine, state: run_state.RlState, pool, iteration: in
     return dataclasses.replace(state, sampler=drawn_state, buffer=buffer), groups, metrics
 
 
-def _train(setup: Setup, trainer, train, groups, rewards, iteration: int):
-    """The mirror-descent update on finished `groups`; returns (train state, metrics)."""
-    cfg = setup.cfg
-    packed = partial.pack(
-        groups, iteration=iteration, loss_segments=cfg.partial.loss_segments, pad_to=cfg.seq_len
-    )
-    rows = cfg.rl.rows_per_step
+def _train(setup: Setup, trainer, train, packed: partial.PackedGroups, rewards, iteration: int):
+    """The mirror-descent update on the finished groups `packed`; returns (state, metrics)."""
+    rows = setup.cfg.rl.rows_per_step
     # π_{θ_i}: recomputed by the trainer, not trusted from the engine.
     ref = train_step.reference_logprobs(
         trainer, train.params, packed.tokens_bt, packed.segment_ids_bt, rows=rows
@@ -185,7 +219,9 @@ def run_rl(setup: Setup, engine, params, progress, console) -> tuple[model.Param
     fresh = train_step.init_state(params, setup.model_cfg, optimizer, setup.mesh)
     if restored := run_state.restore_latest(ckpt_dir, run_state.RlState, fresh):
         state, start = restored
-        engine.load_weights(jax.device_get(state.train.params))
+        params = distributed.host_value(state.train.params)
+        if engine is not None:
+            engine.load_weights(params)
         log.info("resumed RL at iteration %d", start)
     else:
         state, start = start_rl(setup, engine, fresh, console), 0
@@ -195,43 +231,98 @@ def run_rl(setup: Setup, engine, params, progress, console) -> tuple[model.Param
     for it in range(start, rl.iterations):
         state, m = rl_iteration(setup, engine, trainer, state, pool, it)
         if rl.eval_every and (it + 1) % rl.eval_every == 0 and it + 1 < rl.iterations:
-            m["heldout_pass_at_1"] = evaluate(setup, engine)["pass_at_1"]
+            if engine is not None:  # process 0; the others' history is never written
+                m["heldout_pass_at_1"] = evaluate(setup, engine)["pass_at_1"]
         state = dataclasses.replace(state, history=(*state.history, m))
         bar.update(1)
         console(report.iteration_line(m))
         if (it + 1) % rl.checkpoint_every == 0 or it + 1 == rl.iterations:
             run_state.save(ckpt_dir, it + 1, state)
     bar.close()
-    return jax.device_get(state.train.params), list(state.history)
+    return distributed.host_value(state.train.params), list(state.history)
 
 
 # ----------------------------------------------------------------------------------- run
 
 
-def _sft_and_rl(setup: Setup, engine, progress, console) -> tuple[model.Params, list, list, dict]:
-    """Runs SFT, its evaluation, RL and its evaluation; returns (params, histories, results)."""
-    cfg = setup.cfg
-    params, sft_history = run_sft(setup, progress)
-    hf_dir = convert.save_hf(
-        setup.model_cfg, params, os.path.join(cfg.out_dir, "sft_model"), tokenizer=setup.tok
+def check_memory(setup: Setup, console) -> None:
+    """The memory pre-flight (`preflight`): compiles the SFT and RL steps for the run's shapes
+    and refuses the run before any rollout if one will not fit; skipped where no limit is known."""
+    cfg, rl = setup.cfg, setup.cfg.rl
+    if not cfg.preflight.enabled:
+        return
+    limit, how = preflight.available_bytes(cfg.preflight)
+    if limit is None:
+        log.info("memory pre-flight skipped: %s", how)
+        return
+    plan = lambda opt, step_cfg, rows, what: preflight.plan_step(
+        setup.model_cfg, opt, step_cfg, setup.mesh, rows=rows, seq_len=cfg.seq_len, what=what
     )
+    rl_step = train_step.StepConfig(
+        tau=rl.tau, group_size=rl.samples_per_prompt, micro_batches=rl.micro_batches
+    )
+    optimizer = train_step.make_optimizer(rl.learning_rate, max_grad_norm=rl.max_grad_norm)
+    rows = rl.rows_per_step
+    plans = [plan(optimizer, rl_step, rows, f"RL step ({rows} x {cfg.seq_len} tokens)")]
+    if cfg.sft.steps and setup.problems.sft_traces:
+        sft_step = train_step.StepConfig(objective="sft", group_size=1)
+        n = cfg.sft.batch_size
+        plans.append(plan(sft.optimizer(cfg.sft), sft_step, n, f"SFT step ({n} x {cfg.seq_len})"))
+    console(preflight.check(cfg.preflight, plans, setup.model_cfg, setup.mesh, rl.micro_batches))
+
+
+def _sft_and_rl(setup: Setup, engine, progress, console) -> tuple[model.Params, list, list, dict]:
+    """Runs SFT, its evaluation, RL and its evaluation; returns (params, histories, results).
+
+    Process 0 starts (or reuses) the engine and evaluates; the other processes train only and
+    get empty results.
+    """
+    cfg = setup.cfg
+    main = distributed.is_main()
+    params, sft_history = run_sft(setup, progress)
+    results: dict = {}
     with contextlib.ExitStack() as stack:
-        if engine is None:
-            publish = os.path.join(cfg.vllm.publish_dir, f"run-{os.getpid()}")
-            engine = rollout.VllmEngine(hf_dir, dataclasses.replace(cfg.vllm, publish_dir=publish))
-            stack.callback(engine.close)
+        if main:
+            hf_dir = convert.save_hf(
+                setup.model_cfg, params, os.path.join(cfg.out_dir, "sft_model"), tokenizer=setup.tok
+            )
+            if engine is None:
+                publish = os.path.join(cfg.vllm.publish_dir, f"run-{os.getpid()}")
+                vcfg = dataclasses.replace(cfg.vllm, publish_dir=publish)
+                engine = rollout.VllmEngine(hf_dir, vcfg)
+                stack.callback(engine.close)
+            else:
+                engine.load_weights(params)
+            results["sft"] = atomic.json_once(
+                os.path.join(cfg.out_dir, "eval_sft.json"), lambda: evaluate(setup, engine)
+            )
+            console(report.eval_line("SFT", results["sft"]))
         else:
-            engine.load_weights(params)
-        results = {"sft": atomic.json_once(os.path.join(cfg.out_dir, "eval_sft.json"),
-                                     lambda: evaluate(setup, engine))}  # fmt: skip
-        console(report.eval_line("SFT", results["sft"]))
+            engine = None
         params, rl_history = run_rl(setup, engine, params, progress, console)
-        engine.load_weights(params)
-        results["rl"] = atomic.json_once(
-            os.path.join(cfg.out_dir, "eval_rl.json"), lambda: evaluate(setup, engine)
-        )
-    console(report.eval_line("RL ", results["rl"]))
+        if main:
+            engine.load_weights(params)
+            results["rl"] = atomic.json_once(
+                os.path.join(cfg.out_dir, "eval_rl.json"), lambda: evaluate(setup, engine)
+            )
+            console(report.eval_line("RL ", results["rl"]))
     return params, sft_history, rl_history, results
+
+
+class _Quiet:
+    """The progress bar of a process other than 0: prints nothing."""
+
+    def __init__(self, **kw):
+        pass
+
+    def update(self, n=1):
+        pass
+
+    def set_postfix(self, **kw):
+        pass
+
+    def close(self):
+        pass
 
 
 def run(cfg: RunConfig, *, engine=None, progress=None, console=print) -> dict:
@@ -241,25 +332,35 @@ def run(cfg: RunConfig, *, engine=None, progress=None, console=print) -> dict:
       cfg: the run.
       engine: a running `RolloutEngine` for this model shape to reuse (its weights are
         replaced); by default a `VllmEngine` is started on the SFT model and closed at the end.
+        Used by process 0 only.
       progress: tqdm-like progress-bar factory.
       console: receives the one-line summaries.
     """
     from tqdm import tqdm
 
+    main = distributed.is_main()
     progress = progress or (lambda **kw: tqdm(**kw, leave=False))
+    if not main:
+        progress, console = _Quiet, lambda *a, **k: None
     t_start = time.perf_counter()
-    check_out_dir(cfg)
+    if main:
+        check_out_dir(cfg)
+    distributed.barrier("run config checked")
     with contextlib.ExitStack() as stack:
         box = None
-        if cfg.task.reward == "code":
+        if cfg.task.reward == "code" and main:
             box = stack.enter_context(sandbox_lib.Sandbox(cfg.sandbox))
         setup = prepare(cfg, sandbox=box)
         n_params = sum(x.size for x in jax.tree.leaves(setup.params))
         console(
             f"model {setup.model_cfg.architecture} with {n_params:,} parameters; "
             f"{len(setup.problems.train)} RL problems, {len(setup.problems.held_out)} held-out"
+            + (f"; {jax.process_count()} processes" if distributed.multi() else "")
         )
+        check_memory(setup, console)
         params, sft_history, rl_history, results = _sft_and_rl(setup, engine, progress, console)
+    if not main:
+        return {"params": params}
     convert.save_hf(
         setup.model_cfg, params, os.path.join(cfg.out_dir, "rl_model"), tokenizer=setup.tok
     )

@@ -11,13 +11,13 @@ import dataclasses
 import json
 import os
 
-from k15jax import atomic, data, evaluation, partial, rollout, sampler, sft
+from k15jax import atomic, data, evaluation, partial, preflight, rollout, sampler, sft
 from k15jax.config import ModelConfig
 from k15jax.rewards import length as length_reward
 from k15jax.rewards import sandbox as sandbox_lib
 
 # Settings that may change when a run resumes: where it runs, not what it computes.
-RESUMABLE_CHANGES = ("out_dir", "vllm", "mesh", "sandbox")
+RESUMABLE_CHANGES = ("out_dir", "vllm", "mesh", "sandbox", "preflight")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -94,6 +94,7 @@ class RunConfig:
     # No prefix caching: a resumed run must see the numerics of an uninterrupted one.
     vllm: rollout.VllmConfig = rollout.VllmConfig(max_model_len=512, enable_prefix_caching=False)
     sandbox: sandbox_lib.SandboxConfig = sandbox_lib.SandboxConfig()  # used by reward="code"
+    preflight: preflight.PreflightConfig = preflight.PreflightConfig()
 
     def __post_init__(self):
         if (

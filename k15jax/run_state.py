@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
-
 from k15jax import checkpoint, partial, sampler, train_step
 
 
@@ -56,7 +54,7 @@ class RlState:
 
 def save(directory: str, step: int, state: SftState | RlState) -> str:
     """Writes `state` as checkpoint `step` of `directory`; returns its path."""
-    return checkpoint.save(directory, step, jax.device_get(state.train), state.to_json())
+    return checkpoint.save(directory, step, state.train, state.to_json())
 
 
 def restore_latest(

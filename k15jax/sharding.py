@@ -3,6 +3,11 @@
 The model names every parameter's axes (`model.logical_axes`); `LOGICAL_AXIS_RULES` maps each
 name to a mesh axis of the `("data", "fsdp", "tensor")` mesh. A dimension that the mapped mesh
 axes do not divide evenly stays replicated (small models on large meshes).
+
+FSDP shards every parameter: one the rules leave without the `fsdp` axis (norm scales, biases,
+a weight whose `embed` dimension `fsdp` does not divide) takes it on its largest dimension that
+the axes already there times `fsdp` divide. With fsdp = n, each device holds 1/n of every
+parameter and of its optimizer moments (`per_device_bytes`) wherever the shapes divide.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from k15jax import model
+from k15jax import distributed, model
 from k15jax.config import ModelConfig
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -58,16 +63,20 @@ def batch_shards(mesh: Mesh) -> int:
 
 def logical_to_spec(names: tuple, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
     """Returns the PartitionSpec of an array with logical axis `names` and `shape` on `mesh`."""
-    spec = []
+    spec: list[tuple[str, ...]] = []
     for name, dim in zip(names, shape):
         axes = LOGICAL_AXIS_RULES[name]
-        if axes is None:
-            spec.append(None)
-            continue
-        axes_t = (axes,) if isinstance(axes, str) else axes
+        axes_t = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
         size = math.prod(mesh.shape[a] for a in axes_t)
-        spec.append(axes if size > 1 and dim % size == 0 else None)
-    return PartitionSpec(*spec)
+        spec.append(axes_t if size > 1 and dim % size == 0 else ())
+    fsdp = mesh.shape["fsdp"]
+    if fsdp > 1 and not any("fsdp" in axes for axes in spec):
+        size = lambda axes: math.prod(mesh.shape[a] for a in axes)
+        fits = [d for d in range(len(shape)) if shape[d] % (size(spec[d]) * fsdp) == 0]
+        if fits:
+            d = max(fits, key=lambda d: shape[d] // size(spec[d]))
+            spec[d] = (*spec[d], "fsdp")
+    return PartitionSpec(*(None if not a else a[0] if len(a) == 1 else a for a in spec))
 
 
 def param_specs(cfg: ModelConfig, mesh: Mesh):
@@ -95,10 +104,19 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(BATCH, *([None] * (ndim - 1))))
 
 
+def per_device_bytes(tree) -> int:
+    """Returns the bytes of `tree`'s arrays that one device holds (the most loaded device)."""
+    held: dict = {}
+    for x in jax.tree.leaves(tree):
+        for shard in x.addressable_shards:
+            held[shard.device] = held.get(shard.device, 0) + shard.data.nbytes
+    return max(held.values(), default=0)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
 def shard_params(params, cfg: ModelConfig, mesh: Mesh):
     """Returns `params` placed on `mesh` by the rules."""
-    return jax.device_put(params, param_shardings(cfg, mesh))
+    return distributed.put(params, param_shardings(cfg, mesh))

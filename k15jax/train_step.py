@@ -24,7 +24,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from k15jax import losses, model, sharding
+from k15jax import distributed, losses, model, sharding
 from k15jax.config import ModelConfig
 
 
@@ -149,8 +149,9 @@ def init_state(
     """Returns a TrainState at step 0 on `mesh`: params placed by the sharding rules, the
     optimizer state created already sharded (never whole on one device)."""
     shardings = state_shardings(cfg, optimizer, mesh)
-    # A copy: the train step donates its state, and the caller may still hold `params`.
-    params = jax.device_put(params, shardings.params, may_alias=False)
+    # A copy (the train step donates its state, and the caller may still hold `params`); host
+    # arrays go shard by shard, each process transferring its own devices' shards.
+    params = distributed.put(params, shardings.params)
     init = lambda p: TrainState(
         step=jnp.zeros((), jnp.int32), params=p, opt_state=optimizer.init(p)
     )
@@ -283,16 +284,27 @@ class Trainer:
     optimizer: optax.GradientTransformation
     step: Callable[[TrainState, Batch], tuple[TrainState, dict]]
     logprobs: Callable[[model.Params, jax.Array, jax.Array], jax.Array]
+    mesh: Mesh
+
+    def put(self, batch: Batch) -> Batch:
+        """Returns a host batch (the same on every process) as arrays sharded over the batch."""
+        return distributed.put(batch, batch_shardings(self.mesh))
 
 
 def make_trainer(
     cfg: ModelConfig, optimizer: optax.GradientTransformation, step_cfg: StepConfig, mesh: Mesh
 ) -> Trainer:
     """Returns the jitted train step and per-token log-prob function for `cfg` on `mesh`."""
+    rows = sharding.batch_sharding(mesh, 2)
     return Trainer(
         optimizer=optimizer,
         step=make_train_step(cfg, optimizer, step_cfg, mesh),
-        logprobs=jax.jit(functools.partial(sequence_logprobs, cfg)),
+        logprobs=jax.jit(
+            functools.partial(sequence_logprobs, cfg),
+            in_shardings=(sharding.param_shardings(cfg, mesh), rows, rows),
+            out_shardings=rows,
+        ),
+        mesh=mesh,
     )
 
 
@@ -313,8 +325,10 @@ def reference_logprobs(
 ) -> np.ndarray:
     """Returns log π_θi of every token of every row [b, t], computed `rows` rows at a time."""
     out = np.zeros(tokens_bt.shape, np.float32)
+    put = lambda x: distributed.put(x, sharding.batch_sharding(trainer.mesh, 2))
     for idx, valid in row_blocks(tokens_bt.shape[0], rows):
-        logp = np.asarray(trainer.logprobs(params, tokens_bt[idx], segment_ids_bt[idx]))
+        logp = trainer.logprobs(params, put(tokens_bt[idx]), put(segment_ids_bt[idx]))
+        logp = distributed.host_value(logp)
         out[idx[valid > 0]] = logp[valid > 0]
     return out
 
@@ -351,7 +365,7 @@ def checked_step(
 ) -> tuple[TrainState, dict[str, float]]:
     """Returns (state, metrics as floats) of one step; raises `FloatingPointError` naming
     `where` when the step was refused for a non-finite loss or gradient."""
-    state, m = trainer.step(state, batch)
+    state, m = trainer.step(state, trainer.put(batch))
     if int(m["skipped"]):
         raise FloatingPointError(
             f"non-finite loss or gradient at {where}; the update was refused and the last "

@@ -92,12 +92,13 @@ def test_partition_spec_snapshot():
     want = {
         "embed": P("tensor", "fsdp"),
         "lm_head": P("fsdp", "tensor"),
-        "final_norm.scale": P(None),
-        "input_norm.scale": P(None),
+        # FSDP shards every parameter: those without an `embed` dimension on their largest one.
+        "final_norm.scale": P("fsdp"),
+        "input_norm.scale": P("fsdp"),
         "q_proj.kernel": P("fsdp", "tensor"),
-        "q_proj.bias": P("tensor"),
+        "q_proj.bias": P(("tensor", "fsdp")),
         "k_proj.kernel": P("fsdp", "tensor"),
-        "v_proj.bias": P("tensor"),
+        "v_proj.bias": P(("tensor", "fsdp")),
         "o_proj.kernel": P("tensor", "fsdp"),
         "gate_proj.kernel": P("fsdp", "tensor"),
         "up_proj.kernel": P("fsdp", "tensor"),
@@ -122,7 +123,13 @@ def test_partition_spec_snapshot():
     flat_specs = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))
     flat_names = jax.tree.leaves(model.logical_axes(CFG), is_leaf=lambda x: isinstance(x, tuple))
     for spec, names in zip(flat_specs, flat_names):
-        assert tuple(spec) == tuple(sharding.LOGICAL_AXIS_RULES[n] for n in names)
+        rules = tuple(sharding.LOGICAL_AXIS_RULES[n] for n in names)
+        if "embed" in names:
+            assert tuple(spec) == rules
+        else:  # the rule's axes, plus fsdp appended to exactly one dimension
+            as_tuple = lambda a: () if a is None else (a,) if isinstance(a, str) else tuple(a)
+            extra = [as_tuple(a)[len(as_tuple(r)) :] for a, r in zip(spec, rules)]
+            assert sorted(extra) == sorted([("fsdp",)] + [()] * (len(names) - 1)), (names, spec)
 
 
 def test_micro_batches_match_one_batch_and_reset(single_device_run):

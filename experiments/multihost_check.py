@@ -1,0 +1,252 @@
+"""Multi-process training equals single-process training: 2 processes x 4 CPU devices vs 1 x 8.
+
+  python -m experiments.multihost_check          # ~1-2 minutes on 2 cores
+
+Starts, on this machine, (1) one process with 8 CPU devices and (2) two processes with 4 CPU
+devices each, joined by `jax.distributed` on a loopback coordinator with gloo collectives. Each
+runs the same mirror-descent train steps (reference log-probs from the trainer, AdamW, two
+micro-batches, optimizer reset) from the same weights on the same batches, on meshes with data,
+fsdp and tensor axes, and writes its final params; the 2-process run also writes a checkpoint
+(orbax, every process its own shards), which (3) a 1-process run restores onto another mesh.
+Prints, per mesh, the largest parameter difference between (1) and (2), whether (3) restored
+the 2-process params exactly, and the overall max difference last.
+
+Tolerance: the two runs reduce gradients in a different order (XLA's in-process all-reduce vs
+gloo's), a float32 rounding difference. The default optimizer, momentum SGD (lr 0.1), is linear
+in the gradient, so that difference stays at rounding size and `--tolerance=1e-6` holds it;
+with `--optimizer=adamw` (lr 1e-3) the division by sqrt(v) enlarges it on near-zero gradient
+entries to a fraction of one step (measured 1e-4 after 6 steps), so pass a tolerance to match.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+
+_ROLE = flags.DEFINE_enum("role", "check", ["check", "train", "restore"], "What this process does.")
+_OUT = flags.DEFINE_string("out", "runs/multihost_check", "Where workers write their results.")
+_STEPS = flags.DEFINE_integer("steps", 3, "Optimizer steps per mesh.")
+_TOL = flags.DEFINE_float("tolerance", 1e-6, "Largest accepted parameter difference.")
+_OPT = flags.DEFINE_enum("optimizer", "sgd", ["sgd", "adamw"], "The optimizer of the steps.")
+_MESHES = flags.DEFINE_list("meshes", None, "Subset of the meshes to check (default: all).")
+_COORD = flags.DEFINE_string("coordinator_address", None, "Worker: host:port of process 0.")
+_NPROC = flags.DEFINE_integer("num_processes", 1, "Worker: number of processes.")
+_PROC_ID = flags.DEFINE_integer("process_id", 0, "Worker: this process's index.")
+
+DEVICES = 8  # in all, over every process
+MESHES = {"data2_fsdp2_tensor2": (2, 2, 2), "fsdp4_tensor2": (1, 4, 2), "data2_fsdp4": (2, 4, 1)}
+GROUP, ROWS, SEQ = 4, 16, 24
+
+
+def _model_cfg():
+    from k15jax.config import ModelConfig
+
+    return ModelConfig(
+        vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, attention_bias=True,
+    )  # fmt: skip
+
+
+def _meshes() -> dict[str, tuple[int, int, int]]:
+    names = _MESHES.value or list(MESHES)
+    unknown = [n for n in names if n not in MESHES]
+    if unknown:
+        raise app.UsageError(f"--meshes: unknown {unknown}; known: {list(MESHES)}")
+    return {n: MESHES[n] for n in names}
+
+
+def _optimizer():
+    import optax
+
+    from k15jax import train_step
+
+    if _OPT.value == "adamw":
+        return train_step.make_optimizer(1e-3)
+    return optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.1, momentum=0.9))
+
+
+def _batch(step: int):
+    """The host batch of `step`, the same on every process."""
+    import numpy as np
+
+    rng = np.random.default_rng(1000 + step)
+    tokens = rng.integers(3, 64, (ROWS, SEQ)).astype(np.int32)
+    lengths = rng.integers(SEQ // 2, SEQ + 1, ROWS)
+    seg = (np.arange(SEQ)[None] < lengths[:, None]).astype(np.int32)
+    mask = (seg * (np.arange(SEQ)[None] >= 6)).astype(np.float32)
+    reward = rng.integers(0, 2, ROWS).astype(np.float32)
+    return tokens, seg, mask, reward
+
+
+def train(out: str) -> None:
+    """Worker: the train steps on every mesh; process 0 writes the params, every process the
+    checkpoint of the last mesh."""
+    import jax
+    import numpy as np
+
+    from k15jax import checkpoint, distributed, model, sharding, train_step
+
+    cfg = _model_cfg()
+    optimizer = _optimizer()
+    step_cfg = train_step.StepConfig(tau=0.5, group_size=GROUP, micro_batches=2)
+    host_params = jax.device_get(model.init(cfg, jax.random.key(0)))  # the same everywhere
+    results = {}
+    for name, shape in _meshes().items():
+        mesh = sharding.make_mesh(shape)
+        trainer = train_step.make_trainer(cfg, optimizer, step_cfg, mesh)
+        state = train_step.init_state(host_params, cfg, optimizer, mesh)
+        losses = []
+        for i in range(_STEPS.value):
+            tokens, seg, mask, reward = _batch(i)
+            ref = train_step.reference_logprobs(trainer, state.params, tokens, seg, rows=ROWS)
+            batch = train_step.Batch.for_rl(tokens, mask, ref, reward, seg)
+            state, metrics = train_step.iteration_update(
+                trainer, state, batch, rows=ROWS // 2, where=f"{name} step {i}"
+            )
+            losses.append(metrics[-1]["loss"])
+        per_device = sharding.per_device_bytes(state.params)
+        params = distributed.host_value(state.params)
+        if distributed.is_main():
+            np.savez(os.path.join(out, f"{name}.npz"), **_flat(params))
+            results[name] = {"losses": losses, "param_bytes_per_device": per_device}
+        ckpt_state = state
+    checkpoint.save(os.path.join(out, "ckpt"), 1, ckpt_state, {"mesh": list(shape)})
+    if distributed.is_main():
+        with open(os.path.join(out, "results.json"), "w") as f:
+            json.dump({"processes": jax.process_count(), "meshes": results}, f)
+
+
+def restore(out: str, ckpt_dir: str) -> None:
+    """Worker (1 process): restores the checkpoint onto a data-parallel mesh, writes params."""
+    import jax
+    import numpy as np
+
+    from k15jax import checkpoint, model, sharding, train_step
+
+    cfg = _model_cfg()
+    optimizer = _optimizer()
+    mesh = sharding.make_mesh((-1, 1, 1))
+    target = train_step.init_state(model.init(cfg, jax.random.key(1)), cfg, optimizer, mesh)
+    state, extra = checkpoint.restore(ckpt_dir, 1, target)
+    np.savez(os.path.join(out, "restored.npz"), **_flat(jax.device_get(state.params)))
+
+
+def _flat(params) -> dict:
+    import jax
+
+    return {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(params)}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(role: str, out: str, processes: int, extra=()) -> list[subprocess.Popen]:
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES // processes}",
+    )
+    os.makedirs(out, exist_ok=True)
+    port = _free_port()
+    procs = []
+    for i in range(processes):
+        cmd = [sys.executable, "-m", "experiments.multihost_check", f"--role={role}",
+               f"--out={out}", f"--steps={_STEPS.value}", f"--optimizer={_OPT.value}",
+               f"--meshes={','.join(_meshes())}",
+               f"--num_processes={processes}",
+               f"--process_id={i}", *extra]  # fmt: skip
+        if processes > 1:
+            cmd.append(f"--coordinator_address=127.0.0.1:{port}")
+        log = open(os.path.join(out, f"log_{role}_{i}.txt"), "w")
+        procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
+    return procs
+
+
+def _wait(procs, what: str, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        try:
+            rc = p.wait(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise SystemExit(f"{what}: timed out after {timeout:.0f} s") from None
+        if rc != 0:
+            for q in procs:
+                q.kill()
+            raise SystemExit(f"{what}: a process exited with {rc}; see its log in {_OUT.value}")
+
+
+def check() -> float:
+    import numpy as np
+
+    out = os.path.abspath(_OUT.value)
+    one, two = os.path.join(out, "1x8"), os.path.join(out, "2x4")
+    t0 = time.perf_counter()
+    procs = _launch("train", one, 1) + _launch("train", two, 2)
+    _wait(procs, "training")
+    t_train = time.perf_counter() - t0
+    _wait(_launch("restore", one, 1, [f"--restore_from={two}/ckpt"]), "restore")
+    with open(os.path.join(one, "results.json")) as f:
+        r1 = json.load(f)
+    with open(os.path.join(two, "results.json")) as f:
+        r2 = json.load(f)
+    assert r1["processes"] == 1 and r2["processes"] == 2, (r1["processes"], r2["processes"])
+    print(f"trained in {t_train:.0f} s (both runs side by side)")
+    print("| mesh (data, fsdp, tensor) | max param diff 1x8 vs 2x4 | param bytes/device 1x8, 2x4 |")
+    print("|---|---|---|")
+    worst = 0.0
+    for name, shape in _meshes().items():
+        a, b = np.load(os.path.join(one, f"{name}.npz")), np.load(os.path.join(two, f"{name}.npz"))
+        assert sorted(a.files) == sorted(b.files)
+        diff = max(float(np.abs(a[k] - b[k]).max()) for k in a.files)
+        moved = max(float(np.abs(a[k]).max()) for k in a.files)
+        worst = max(worst, diff)
+        bytes1 = r1["meshes"][name]["param_bytes_per_device"]
+        bytes2 = r2["meshes"][name]["param_bytes_per_device"]
+        print(f"| {shape} | {diff:.2e} (largest |param| {moved:.2f}) | {bytes1:,}, {bytes2:,} |")
+    last = np.load(os.path.join(two, f"{list(_meshes())[-1]}.npz"))
+    restored = np.load(os.path.join(one, "restored.npz"))
+    exact = all(np.array_equal(last[k], restored[k]) for k in last.files)
+    print(f"2-process checkpoint restored by 1 process on mesh (8, 1, 1): "
+          f"{'bit-identical' if exact else 'DIFFERENT'}")  # fmt: skip
+    print(f"max difference: {worst:.3e} (tolerance {_TOL.value:.0e})")
+    if not exact or worst > _TOL.value:
+        raise SystemExit(1)
+    return worst
+
+
+_RESTORE_FROM = flags.DEFINE_string("restore_from", None, "Restore worker: checkpoint dir.")
+
+
+def main(argv):
+    del argv
+    if _ROLE.value == "check":
+        check()
+        return
+    from k15jax import distributed
+
+    distributed.initialize(
+        distributed.DistributedConfig(
+            coordinator_address=_COORD.value,
+            num_processes=_NPROC.value if _COORD.value else None,
+            process_id=_PROC_ID.value if _COORD.value else None,
+        )
+    )
+    if _ROLE.value == "train":
+        train(_OUT.value)
+    else:
+        restore(_OUT.value, _RESTORE_FROM.value)
+
+
+if __name__ == "__main__":
+    app.run(main)
