@@ -19,6 +19,7 @@ import safetensors
 from safetensors.numpy import save_file
 
 from k15jax import atomic, model
+from k15jax import tokenizer as tokenizer_lib
 from k15jax.config import ARCHITECTURES, KernelConfig, ModelConfig
 
 MODEL_TYPES = {
@@ -289,11 +290,22 @@ def save_hf(
       cfg: the model configuration.
       params: the parameters (any sharding; gathered to the host here).
       path: target directory; replaced atomically if it exists.
-      tokenizer: optional object with `save_pretrained(dir)` (a `transformers` tokenizer).
+      tokenizer: optional object with `save_pretrained(dir)` (a `tokenizer.Tokenizer` or a
+        `transformers` tokenizer).
       max_shard_bytes: split into model-0000i-of-0000n.safetensors plus an index above this.
+
+    Raises:
+      ValueError: for a `tokenizer.Tokenizer` that `AutoTokenizer` would load differently
+        under this model type (`tokenizer.auto_tokenizer_mismatch`), before anything is written.
     """
     path = os.path.abspath(path)
     hf_config = config_to_hf(cfg)
+    if isinstance(tokenizer, tokenizer_lib.Tokenizer):
+        problem = tokenizer_lib.auto_tokenizer_mismatch(tokenizer, hf_config["model_type"])
+        if problem:
+            raise ValueError(
+                f"{path}: AutoTokenizer (and vLLM) would load this tokenizer differently: {problem}"
+            )
     with atomic.directory(path) as tmp:
         tensors = to_hf_tensors(cfg, params)
         shards, current, size = [], {}, 0
