@@ -9,9 +9,10 @@ Extraction, in order (the first that applies decides):
      boxes hold different answers, every one must be equivalent to the reference (two different
      boxed answers are a hedge, not a self-correction); at most `MAX_BOXES` different ones.
   2. "answer is" / "answer:": the last such phrase in the response's tail.
-  3. last expression: math-verify's own extraction (`parse` with LaTeX and plain-expression
-     configs) over the tail of the response, then the last number of the tail, then (only when
-     the final sentence has no digits and no math) the last number written in words.
+  3. last expression: a number written in words in a final sentence without digits or math
+     ("... She has twenty-one left."), else math-verify's own extraction (`parse` with LaTeX
+     and plain-expression configs, its first-ranked match only) over the tail of the response,
+     else the last number of the tail.
 
 Forms math-verify does not know are rewritten on both sides (`normalize`) before its parse:
 escaped dollar amounts (`\\$18`, `\\\\$18.00`), thin-space / `\\,` / `{,}` / `\\!` / U+2009 /
@@ -19,14 +20,18 @@ U+202F / U+00A0 thousands separators, a Unicode minus (U+2212), an en dash in th
 sign, and numbers written in words (`twelve`, `twenty-one`, `one hundred and five`). An
 inequality in one variable is compared with an interval reference as a set; an open pair
 `(a, b)` with finite ends reads as an interval only when the problem mentions "interval" (else
-it may be a point).
+it may be a point); "x <= -1 or x >= 4" is the union of the two sets.
 
 Attack-minded limits (the policy searches for any reward it can get without solving the task):
 only the response's last `TAIL_CHARS` characters are searched for "answer is" and the last
 expression (an early right number in a long response does not count), answers longer than
 `MAX_ANSWER_CHARS` are refused, an answer that lists alternatives ("12 or 13", "twelve or
-thirteen", `x=1 \\lor x=2`) is refused unless the reference itself contains "or", and each
-math-verify call runs under its time limit (SIGALRM, so on the main thread only).
+thirteen", `x=1 \\lor x=2`) is refused unless the reference itself contains "or", an
+equation between two different numbers (`12 = 13`, read by math-verify as its right side) is
+refused, math-verify's plain-expression reading of an answer is taken only when it covers the
+whole answer (alone it returns the last number of any text: `12 \\top 13`, `12 | 13` -> 13),
+and the whole call runs under one time limit (math-verify's SIGALRM alarms, so it is enforced
+on the main thread only; elsewhere a pathological answer such as `9^{9^{9^9}}` can block).
 """
 
 from __future__ import annotations
