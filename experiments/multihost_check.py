@@ -11,6 +11,11 @@ fsdp and tensor axes, and writes its final params; the 2-process run also writes
 Prints, per mesh, the largest parameter difference between (1) and (2), whether (3) restored
 the 2-process params exactly, and the overall max difference last.
 
+`--loop` (default) also runs the RL job itself (`loop.run`: SFT, difficulty estimate, two RL
+iterations with partial rollouts, checkpoints, evaluation; process 0 generates with the JAX
+sampler) as 1x8 and 2x4, compares the samples, rewards and final params, then deletes the 2x4
+run's last checkpoint and runs it again: it must resume and end with the same params.
+
 Tolerance: the two runs reduce gradients in a different order (XLA's in-process all-reduce vs
 gloo's), a float32 rounding difference. The default optimizer, momentum SGD (lr 0.1), is linear
 in the gradient, so that difference stays at rounding size and `--tolerance=1e-6` holds it;
@@ -29,11 +34,19 @@ import time
 
 from absl import app, flags
 
-_ROLE = flags.DEFINE_enum("role", "check", ["check", "train", "restore"], "What this process does.")
+_ROLE = flags.DEFINE_enum(
+    "role", "check", ["check", "train", "restore", "loop"], "What this process does."
+)
 _OUT = flags.DEFINE_string("out", "runs/multihost_check", "Where workers write their results.")
 _STEPS = flags.DEFINE_integer("steps", 3, "Optimizer steps per mesh.")
 _TOL = flags.DEFINE_float("tolerance", 1e-6, "Largest accepted parameter difference.")
 _OPT = flags.DEFINE_enum("optimizer", "sgd", ["sgd", "adamw"], "The optimizer of the steps.")
+_LOOP = flags.DEFINE_bool("loop", True, "Also check the RL loop (1x8, 2x4, 2x4 resumed).")
+_LOOP_TOL = flags.DEFINE_float(
+    "loop_tolerance",
+    1e-4,
+    "Largest accepted param difference of the RL loop (AdamW: see the module docstring).",
+)
 _MESHES = flags.DEFINE_list("meshes", None, "Subset of the meshes to check (default: all).")
 _COORD = flags.DEFINE_string("coordinator_address", None, "Worker: host:port of process 0.")
 _NPROC = flags.DEFINE_integer("num_processes", 1, "Worker: number of processes.")
@@ -143,6 +156,44 @@ def _flat(params) -> dict:
     return {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(params)}
 
 
+def loop_run(out: str) -> None:
+    """Worker: the RL run (`loop.run`: SFT, difficulty, RL iterations with partial rollouts,
+    checkpoints, evaluation) on a tiny built-in task, with the JAX-sampler engine on process 0."""
+    import dataclasses
+
+    import jax
+    import numpy as np
+
+    from k15jax import data, distributed, evaluation, loop, partial, rollout, run_config, sft
+    from k15jax import tokenizer as tokenizer_lib
+
+    d = run_config.RunConfig()
+    cfg = dataclasses.replace(
+        d,
+        out_dir=os.path.join(out, "run"),
+        model=dataclasses.replace(d.model, hidden_size=64, intermediate_size=128, head_dim=16),
+        mesh=(2, 2, 2),
+        task=data.TaskConfig(train_problems=16, sft_examples=64, max_terms=2, max_prompt_tokens=16),
+        sft=sft.SftConfig(steps=4, batch_size=8, checkpoint_every=2),
+        rl=run_config.RlConfig(
+            iterations=2, prompts_per_iteration=4, samples_per_prompt=4, groups_per_step=2,
+            difficulty_samples=2, checkpoint_every=1, eval_every=0,
+        ),
+        eval=evaluation.EvalConfig(problems=4, samples=2),
+        partial=partial.PartialConfig(budget=24, max_length=32),
+    )  # fmt: skip
+    engine = None
+    if distributed.is_main():
+        tok = tokenizer_lib.builtin()
+        shape = dataclasses.replace(cfg.model, vocab_size=tok.vocab_size, eos_token_id=tok.eos_id)
+        engine = rollout.FakeEngine(shape, None, eos_id=tok.eos_id)
+    result = loop.run(cfg, engine=engine, progress=None, console=print)
+    if distributed.is_main():
+        np.savez(os.path.join(out, "loop.npz"), **_flat(jax.device_get(result["params"])))
+        with open(os.path.join(out, "loop.json"), "w") as f:
+            json.dump({"rl": result["rl"], "processes": jax.process_count()}, f)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -219,10 +270,57 @@ def check() -> float:
     exact = all(np.array_equal(last[k], restored[k]) for k in last.files)
     print(f"2-process checkpoint restored by 1 process on mesh (8, 1, 1): "
           f"{'bit-identical' if exact else 'DIFFERENT'}")  # fmt: skip
+    ok = exact and worst <= _TOL.value
+    if _LOOP.value:
+        loop_diff, loop_ok = check_loop(out)
+        ok = ok and loop_ok
+        print(f"RL loop: 1x8 vs 2x4 max param difference {loop_diff:.3e} "
+              f"(tolerance {_LOOP_TOL.value:.0e})")  # fmt: skip
     print(f"max difference: {worst:.3e} (tolerance {_TOL.value:.0e})")
-    if not exact or worst > _TOL.value:
+    if not ok:
         raise SystemExit(1)
     return worst
+
+
+SAMPLED = ("finished_groups", "pending_samples", "resumed", "reward", "accuracy", "mean_length")
+
+
+def _loop_result(out: str):
+    import glob
+
+    import numpy as np
+
+    (last,) = sorted(glob.glob(os.path.join(out, "run", "ckpt", "rl", "step_2", "extra.json")))
+    with open(last) as f:
+        history = json.load(f)["history"]
+    sampled = [{k: m[k] for k in SAMPLED if k in m} for m in history]
+    return dict(np.load(os.path.join(out, "loop.npz"))), sampled
+
+
+def check_loop(out: str) -> tuple[float, bool]:
+    """The RL run on 1x8 and 2x4, then the 2x4 run resumed from its iteration-1 checkpoint."""
+    import shutil
+
+    import numpy as np
+
+    one, two = os.path.join(out, "loop_1x8"), os.path.join(out, "loop_2x4")
+    t0 = time.perf_counter()
+    _wait(_launch("loop", one, 1) + _launch("loop", two, 2), "RL loop")
+    print(f"RL loop (SFT, difficulty, 2 iterations) in {time.perf_counter() - t0:.0f} s")
+    p1, h1 = _loop_result(one)
+    p2, h2 = _loop_result(two)
+    diff = max(float(np.abs(p1[k] - p2[k]).max()) for k in p1)
+    same_samples = h1 == h2
+    print(f"RL loop: the same samples and rewards in every iteration: {same_samples} ({h2})")
+    # Resume: drop the last checkpoint and what the run wrote after it; run the same command.
+    run = os.path.join(two, "run")
+    shutil.rmtree(os.path.join(run, "ckpt", "rl", "step_2"))
+    os.remove(os.path.join(run, "eval_rl.json"))
+    _wait(_launch("loop", two, 2), "RL loop resume")
+    p3, h3 = _loop_result(two)
+    resumed = h3 == h2 and all(np.array_equal(p2[k], p3[k]) for k in p2)
+    print(f"RL loop: 2x4 run resumed at iteration 1 ends with the same params: {resumed}")
+    return diff, same_samples and resumed and diff <= _LOOP_TOL.value
 
 
 _RESTORE_FROM = flags.DEFINE_string("restore_from", None, "Restore worker: checkpoint dir.")
@@ -233,8 +331,11 @@ def main(argv):
     if _ROLE.value == "check":
         check()
         return
+    from absl import logging
+
     from k15jax import distributed
 
+    logging.set_verbosity(logging.WARNING)
     distributed.initialize(
         distributed.DistributedConfig(
             coordinator_address=_COORD.value,
@@ -244,6 +345,8 @@ def main(argv):
     )
     if _ROLE.value == "train":
         train(_OUT.value)
+    elif _ROLE.value == "loop":
+        loop_run(_OUT.value)
     else:
         restore(_OUT.value, _RESTORE_FROM.value)
 
