@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint install clean gpu-wheels
+.PHONY: run test lint install clean gpu-wheels gpu-check
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -27,10 +27,28 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check k15jax kernels experiments tests
 
-# Pure-Python wheels a bare GPU image may lack, for an offline `pip install --no-deps wheels/*.whl`
-# there (BUILD.md, "Kernels and long contexts").
+# The GPU check (BUILD.md, "The GPU check"). Here, with network: `make gpu-wheels` downloads the
+# wheels the GPU image (Python 3.12, CUDA JAX, torch, Triton, no vLLM) lacks; there, offline:
+# `make gpu-check` installs them into .gpu-venv (over the image's packages) and runs the check.
+GPU_PY ?= python3
+GPU_PYVER ?= 3.12
+GPU_PKGS := jaxtyping==0.3.11 tokenizers==0.23.3 safetensors==0.8.0 math-verify==0.9.0 \
+	tqdm==4.70.1 absl-py==2.5.1 pytest==9.2.0
+GPU_PLATFORMS := --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+	--platform manylinux2014_x86_64
+
 gpu-wheels: $(STAMP)
-	$(PY) -m pip download -q --no-deps -d wheels jax-triton==0.3.1 jaxtyping==0.3.11 wadler-lindig==0.1.8
+	$(PY) -m pip download -q -d wheels --only-binary=:all: --implementation cp \
+		--python-version $(GPU_PYVER) $(GPU_PLATFORMS) $(GPU_PKGS)
+	$(PY) -m pip download -q -d wheels --no-deps --only-binary=:all: \
+		--python-version $(GPU_PYVER) jax-triton==0.3.1
+
+gpu-check:
+	@test -d wheels || { echo "wheels/ missing: run 'make gpu-wheels' where there is network"; exit 2; }
+	test -x .gpu-venv/bin/python || $(GPU_PY) -m venv --system-site-packages .gpu-venv
+	.gpu-venv/bin/python -m pip install -q --no-index --find-links=wheels $(GPU_PKGS)
+	.gpu-venv/bin/python -m pip install -q --no-index --no-deps --find-links=wheels jax-triton==0.3.1
+	.gpu-venv/bin/python -m experiments.gpu_check --out=$${OUT:-runs/gpu_check} $(GPU_CHECK_FLAGS)
 
 clean:
 	rm -rf $(VENV) runs

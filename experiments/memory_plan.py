@@ -16,24 +16,11 @@ import time
 
 from absl import app, flags
 
-from k15jax import atomic
+from k15jax import atomic, config
 
 _OUT = flags.DEFINE_string("out", "runs/memory_plan.json", "Where to write the results.")
 _LENGTHS = flags.DEFINE_list("memory_lengths", ["8192", "32768", "131072"], "Tokens.")
 GPU_BYTES = 141e9
-
-
-def qwen25_05b(**overrides):
-    """Returns the ModelConfig of Qwen2.5-0.5B's shape (random weights; no download)."""
-    from k15jax.config import ModelConfig
-
-    shape = dict(
-        vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-        num_attention_heads=14, num_key_value_heads=2, head_dim=64, rms_norm_eps=1e-6,
-        rope_theta=1e6, max_position_embeddings=131072, tie_word_embeddings=True,
-        attention_bias=True, dtype="bfloat16",
-    )  # fmt: skip
-    return ModelConfig(**{**shape, **overrides})
 
 
 def train_step_memory(t: int, plan: str) -> dict:
@@ -49,7 +36,7 @@ def train_step_memory(t: int, plan: str) -> dict:
     kernels = KernelConfig(
         attention_impl=impl[0], logprob_impl=impl[1], logprob_chunk=1024, remat=True
     )
-    cfg = qwen25_05b(kernels=kernels)
+    cfg = config.qwen25_05b(kernels=kernels)
     step_cfg = train_step.StepConfig(tau=0.1, group_size=1)
     mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
     opt = train_step.make_optimizer(1e-6)

@@ -103,3 +103,15 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+
+
+def qwen25_05b(**overrides) -> ModelConfig:
+    """Returns the ModelConfig of Qwen2.5-0.5B's shape (for memory plans and benchmarks with
+    random weights: nothing is downloaded); `overrides` replace fields."""
+    shape = dict(
+        vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+        num_attention_heads=14, num_key_value_heads=2, head_dim=64, rms_norm_eps=1e-6,
+        rope_theta=1e6, max_position_embeddings=131072, tie_word_embeddings=True,
+        attention_bias=True, dtype="bfloat16",
+    )  # fmt: skip
+    return ModelConfig(**{**shape, **overrides})

@@ -85,6 +85,11 @@ def plan_step(
     what: str,
 ) -> MemoryPlan:
     """Compiles the train step for `rows` x `seq_len` on `mesh`; returns its per-device plan."""
+    return compile_step(cfg, optimizer, step_cfg, mesh, rows=rows, seq_len=seq_len, what=what)[1]
+
+
+def abstract_step_inputs(cfg, optimizer, mesh, *, rows: int, seq_len: int):
+    """Returns (TrainState, Batch) of ShapeDtypeStructs with the step's shardings."""
     shardings = train_step.state_shardings(cfg, optimizer, mesh)
     shapes = jax.eval_shape(
         lambda p: train_step.TrainState(
@@ -105,16 +110,23 @@ def plan_step(
         segment_ids_bt=spec((rows, seq_len), jnp.int32, bt),
         valid_b=spec((rows,), jnp.float32, b),
     )
+    return state, batch
+
+
+def compile_step(cfg, optimizer, step_cfg, mesh, *, rows: int, seq_len: int, what: str):
+    """`plan_step` that also returns the compiled step: (executable, MemoryPlan)."""
+    state, batch = abstract_step_inputs(cfg, optimizer, mesh, rows=rows, seq_len=seq_len)
     step = train_step.make_train_step(cfg, optimizer, step_cfg, mesh)
-    ma = step.lower(state, batch).compile().memory_analysis()
-    state_bytes = _sharded_bytes(state)
-    return MemoryPlan(
+    compiled = step.lower(state, batch).compile()
+    ma = compiled.memory_analysis()
+    plan = MemoryPlan(
         what=what,
-        state_bytes=state_bytes,
+        state_bytes=_sharded_bytes(state),
         batch_bytes=_sharded_bytes(batch),
         temp_bytes=int(ma.temp_size_in_bytes),
         output_bytes=max(0, int(ma.output_size_in_bytes) - int(ma.alias_size_in_bytes)),
     )
+    return compiled, plan
 
 
 def available_bytes(cfg: PreflightConfig) -> tuple[int | None, str]:
