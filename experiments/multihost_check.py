@@ -35,12 +35,16 @@ import time
 from absl import app, flags
 
 _ROLE = flags.DEFINE_enum(
-    "role", "check", ["check", "train", "restore", "loop"], "What this process does."
+    "role",
+    "check",
+    ["check", "train", "restore", "loop", "restore_loop"],
+    "What this process does.",
 )
 _OUT = flags.DEFINE_string("out", "runs/multihost_check", "Where workers write their results.")
 _STEPS = flags.DEFINE_integer("steps", 3, "Optimizer steps per mesh.")
 _TOL = flags.DEFINE_float("tolerance", 1e-6, "Largest accepted parameter difference.")
 _OPT = flags.DEFINE_enum("optimizer", "sgd", ["sgd", "adamw"], "The optimizer of the steps.")
+_TRAIN = flags.DEFINE_bool("train", True, "Check train steps on every mesh (SGD, 1x8 vs 2x4).")
 _LOOP = flags.DEFINE_bool("loop", True, "Also check the RL loop (1x8, 2x4, 2x4 resumed).")
 _LOOP_TOL = flags.DEFINE_float(
     "loop_tolerance",
@@ -164,11 +168,55 @@ def loop_run(out: str) -> None:
     import jax
     import numpy as np
 
-    from k15jax import data, distributed, evaluation, loop, partial, rollout, run_config, sft
+    from k15jax import distributed, loop, rollout
     from k15jax import tokenizer as tokenizer_lib
 
+    cfg = _loop_cfg(out)
+    engine = None
+    if distributed.is_main():
+        tok = tokenizer_lib.builtin()
+        shape = dataclasses.replace(cfg.model, vocab_size=tok.vocab_size, eos_token_id=tok.eos_id)
+        engine = rollout.FakeEngine(shape, None, eos_id=tok.eos_id)
+    result = loop.run(cfg, engine=engine, progress=None, console=print)
+    if distributed.is_main():
+        np.savez(os.path.join(out, "loop.npz"), **_flat(jax.device_get(result["params"])))
+        with open(os.path.join(out, "loop.json"), "w") as f:
+            json.dump({"rl": result["rl"], "processes": jax.process_count()}, f)
+
+
+def restore_loop(out: str, run_dir: str) -> None:
+    """Worker (1 process): restores the RL run's latest checkpoint onto a data-parallel mesh."""
+    import dataclasses
+
+    import jax
+    import numpy as np
+
+    from k15jax import model, run_state, sharding, train_step
+    from k15jax import tokenizer as tokenizer_lib
+
+    cfg = _loop_cfg(run_dir)
+    tok = tokenizer_lib.builtin()
+    model_cfg = dataclasses.replace(
+        cfg.model, vocab_size=tok.vocab_size, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id
+    )
+    opt = train_step.make_optimizer(cfg.rl.learning_rate, max_grad_norm=cfg.rl.max_grad_norm)
+    mesh = sharding.make_mesh((-1, 1, 1))
+    target = train_step.init_state(model.init(model_cfg, jax.random.key(9)), model_cfg, opt, mesh)
+    state, _ = run_state.restore_latest(
+        os.path.join(cfg.out_dir, "ckpt", "rl"), run_state.RlState, target
+    )
+    params = jax.device_get(state.train.params)
+    np.savez(os.path.join(out, "restored_loop.npz"), **_flat(params))
+
+
+def _loop_cfg(out: str):
+    """The RL run of the check: a tiny built-in task, SFT, two iterations with partial rollouts."""
+    import dataclasses
+
+    from k15jax import data, evaluation, partial, run_config, sft
+
     d = run_config.RunConfig()
-    cfg = dataclasses.replace(
+    return dataclasses.replace(
         d,
         out_dir=os.path.join(out, "run"),
         model=dataclasses.replace(d.model, hidden_size=64, intermediate_size=128, head_dim=16),
@@ -182,16 +230,6 @@ def loop_run(out: str) -> None:
         eval=evaluation.EvalConfig(problems=4, samples=2),
         partial=partial.PartialConfig(budget=24, max_length=32),
     )  # fmt: skip
-    engine = None
-    if distributed.is_main():
-        tok = tokenizer_lib.builtin()
-        shape = dataclasses.replace(cfg.model, vocab_size=tok.vocab_size, eos_token_id=tok.eos_id)
-        engine = rollout.FakeEngine(shape, None, eos_id=tok.eos_id)
-    result = loop.run(cfg, engine=engine, progress=None, console=print)
-    if distributed.is_main():
-        np.savez(os.path.join(out, "loop.npz"), **_flat(jax.device_get(result["params"])))
-        with open(os.path.join(out, "loop.json"), "w") as f:
-            json.dump({"rl": result["rl"], "processes": jax.process_count()}, f)
 
 
 def _free_port() -> int:
@@ -238,9 +276,27 @@ def _wait(procs, what: str, timeout: float = 600) -> None:
 
 
 def check() -> float:
+    out = os.path.abspath(_OUT.value)
+    ok, worst, tol = True, 0.0, _TOL.value
+    if _TRAIN.value:
+        worst, ok = check_train(out)
+    if _LOOP.value:
+        loop_diff, loop_ok = check_loop(out)
+        ok = ok and loop_ok
+        print(f"RL loop: 1x8 vs 2x4 max param difference {loop_diff:.3e} "
+              f"(tolerance {_LOOP_TOL.value:.0e})")  # fmt: skip
+        if not _TRAIN.value:
+            worst, tol = loop_diff, _LOOP_TOL.value
+    print(f"max difference: {worst:.3e} (tolerance {tol:.0e})")
+    if not ok:
+        raise SystemExit(1)
+    return worst
+
+
+def check_train(out: str) -> tuple[float, bool]:
+    """Train steps on every mesh as 1x8 and 2x4; the 2x4 checkpoint restored by 1 process."""
     import numpy as np
 
-    out = os.path.abspath(_OUT.value)
     one, two = os.path.join(out, "1x8"), os.path.join(out, "2x4")
     t0 = time.perf_counter()
     procs = _launch("train", one, 1) + _launch("train", two, 2)
@@ -270,16 +326,7 @@ def check() -> float:
     exact = all(np.array_equal(last[k], restored[k]) for k in last.files)
     print(f"2-process checkpoint restored by 1 process on mesh (8, 1, 1): "
           f"{'bit-identical' if exact else 'DIFFERENT'}")  # fmt: skip
-    ok = exact and worst <= _TOL.value
-    if _LOOP.value:
-        loop_diff, loop_ok = check_loop(out)
-        ok = ok and loop_ok
-        print(f"RL loop: 1x8 vs 2x4 max param difference {loop_diff:.3e} "
-              f"(tolerance {_LOOP_TOL.value:.0e})")  # fmt: skip
-    print(f"max difference: {worst:.3e} (tolerance {_TOL.value:.0e})")
-    if not ok:
-        raise SystemExit(1)
-    return worst
+    return worst, exact and worst <= _TOL.value
 
 
 SAMPLED = ("finished_groups", "pending_samples", "resumed", "reward", "accuracy", "mean_length")
@@ -320,7 +367,13 @@ def check_loop(out: str) -> tuple[float, bool]:
     p3, h3 = _loop_result(two)
     resumed = h3 == h2 and all(np.array_equal(p2[k], p3[k]) for k in p2)
     print(f"RL loop: 2x4 run resumed at iteration 1 ends with the same params: {resumed}")
-    return diff, same_samples and resumed and diff <= _LOOP_TOL.value
+    # The 2-process run's RL checkpoint, restored by one process onto another mesh.
+    _wait(_launch("restore_loop", one, 1, [f"--restore_from={two}"]), "RL checkpoint restore")
+    restored = np.load(os.path.join(one, "restored_loop.npz"))
+    exact = all(np.array_equal(p3[k], restored[k]) for k in p3)
+    print(f"RL loop: 2-process RL checkpoint restored by 1 process on mesh (8, 1, 1): "
+          f"{'bit-identical' if exact else 'DIFFERENT'}")  # fmt: skip
+    return diff, same_samples and resumed and exact and diff <= _LOOP_TOL.value
 
 
 _RESTORE_FROM = flags.DEFINE_string("restore_from", None, "Restore worker: checkpoint dir.")
@@ -347,6 +400,8 @@ def main(argv):
         train(_OUT.value)
     elif _ROLE.value == "loop":
         loop_run(_OUT.value)
+    elif _ROLE.value == "restore_loop":
+        restore_loop(_OUT.value, _RESTORE_FROM.value)
     else:
         restore(_OUT.value, _RESTORE_FROM.value)
 
