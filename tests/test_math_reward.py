@@ -145,6 +145,12 @@ LAST_EXPRESSION = [
         "Adding them up,\n$$\nx = 1024 = 2^{9}\n$$",
     ),
     ("first 12, then 5, and in total 3", "3", "first 12, then 5, and in total 3 and 4"),
+    # math-verify's text of this match does not parse again the same way; its parse is used
+    (
+        "The sides are $3, 4\\text{, and }5$.",
+        "3, 4\\text{, and }5",
+        "The sides are $3, 4\\text{, and }6$.",
+    ),
 ]
 
 
@@ -200,6 +206,9 @@ FORMS = [
     ("\\boxed{75\u00b0}", "75^\\circ", ""),
     ("\\boxed{75 \\text{ degrees}}", "75^\\circ", ""),
     ("\\boxed{12 \\text{ cm}^2}", "12", ""),
+    # a period inside braces does not end an "answer is" sentence; a newline inside \text{}
+    ("The answer is 12\\text{ sq. ft}.", "12\\text{ sq. ft}", ""),
+    ("\\boxed{40\\text{ cubic\ninches}}", "40\\text{ cubic\ninches}", ""),
 ]
 
 

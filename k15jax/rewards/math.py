@@ -255,10 +255,23 @@ def extract_answer(response: str, *, timeout_s: float = 5) -> tuple[str | None, 
     `how` is "answer_is", "last_expression" (math-verify's extraction of the tail), "last_number"
     or "number_words"; (None, "none") when nothing is found. Boxes: `boxed_answers`.
     """
+    text, how, _ = _extract(response, timeout_s=timeout_s)
+    return text, how
+
+
+def _extract(response: str, *, timeout_s: float) -> tuple[str | None, str, list | None]:
+    """Returns `extract_answer`'s pair and math-verify's parse of a last expression (or None).
+
+    The parse is kept because math-verify's text of a match is normalized and does not always
+    parse again the same way (`6, 8\\text{, and }10`).
+    """
     tail = _tail(response)
-    matches = list(_ANSWER_IS_MATH.finditer(tail)) or list(_ANSWER_IS.finditer(tail))
+    matches = list(_ANSWER_IS_MATH.finditer(tail))
     if matches:
-        return matches[-1].group(1).strip().strip("$").strip(), "answer_is"
+        return matches[-1].group(1).strip().strip("$").strip(), "answer_is", None
+    matches = list(_ANSWER_IS.finditer(tail))
+    if matches:
+        return _sentence(tail, matches[-1].start(1)).strip().strip("$").strip(), "answer_is", None
     norm = normalize(tail)
     # "First 12, then 5. She has twenty-one left.": a final sentence without digits or math
     # that spells a number answers with it (a bare "one" is too often prose: "one more").
@@ -267,25 +280,37 @@ def extract_answer(response: str, *, timeout_s: float = 5) -> tuple[str | None, 
         spelled = _replace_number_words(final, bare_one=False)
         if spelled != final:
             if _hedged(spelled):
-                return spelled, "number_words"
+                return spelled, "number_words", None
             numbers = _NUMBER.findall(spelled)
             if numbers:
-                return numbers[-1], "number_words"
+                return numbers[-1], "number_words", None
     found = _last_expression(norm, timeout_s=timeout_s)
-    if found:
-        return found, "last_expression"
+    if found is not None:
+        return found[-1], "last_expression", found if len(found) == 2 else None
     numbers = _NUMBER.findall(norm)
     if numbers:
-        return numbers[-1].replace(",", ""), "last_number"
-    return None, "none"
+        return numbers[-1].replace(",", ""), "last_number", None
+    return None, "none", None
 
 
-def _last_expression(text: str, *, timeout_s: float) -> str | None:
-    """Returns math-verify's extraction of the last LaTeX or plain expression of `text`, or None.
+def _sentence(text: str, start: int) -> str:
+    """Returns `text` from `start` to the end of its sentence: a newline, or a period followed by
+    a space or the end, outside braces (`34\\text{ sq. units}.` is one sentence)."""
+    depth = 0
+    for j in range(start, len(text)):
+        c = text[j]
+        depth += {"{": 1, "}": -1}.get(c, 0)
+        if depth <= 0 and (c == "\n" or (c == "." and text[j + 1 : j + 2] in ("", " ", "\n"))):
+            return text[start:j]
+    return text[start:]
 
-    Only the match math-verify ranks first is tried (`extraction_mode="first_match"`): when it
-    does not parse, its text is returned all the same (it then fails as an answer), so that an
-    earlier expression or number is not taken in its place.
+
+def _last_expression(text: str, *, timeout_s: float) -> list | None:
+    """Returns math-verify's parse of the last LaTeX or plain expression of `text`, or None.
+
+    The list is math-verify's: [parsed, text of the match], or [text] when the match did not
+    parse. Only the match math-verify ranks first is tried (`extraction_mode="first_match"`): an
+    earlier expression or number is not taken in place of one that does not parse.
     """
     found = parse(
         text,
@@ -293,8 +318,11 @@ def _last_expression(text: str, *, timeout_s: float) -> str | None:
         extraction_mode="first_match",
         parsing_timeout=_timeout(timeout_s),
     )
-    strings = [x for x in found if isinstance(x, str) and x.strip()]
-    return strings[-1].strip() if strings else None
+    if not found or not isinstance(found[-1], str) or not found[-1].strip():
+        return None
+    if len(found) == 2 and isinstance(found[0], (sympy.Basic, sympy.MatrixBase)):
+        return [found[0], found[1].strip()]
+    return [found[-1].strip()]
 
 
 def _timeout(seconds: float | None) -> int | None:
@@ -312,8 +340,9 @@ def parse_answer(text: str, *, timeout_s: float | None = 5):
     last number of any text, so `12 \\top 13`, `12 | 13` or `1, 2, ..., 100` would read as 13
     or 100.
     """
-    # Surrounding whitespace is not content, but math-verify parses "$\n...\n$" differently.
-    text = normalize(text.strip(), words=True)
+    # Surrounding whitespace is not content, but math-verify parses "$\n...\n$" differently;
+    # inside, a newline is a space to LaTeX but ends math-verify's inline math.
+    text = normalize(re.sub(r"\s*\n\s*", " ", text.strip()), words=True)
     found = parse(f"${text}$", extraction_config=_LATEX, parsing_timeout=_timeout(timeout_s))
     if found and isinstance(found[0], (sympy.Basic, sympy.MatrixBase)):
         return found
@@ -393,13 +422,15 @@ def _interval_reference(gold: list, answer: str, prompt: str) -> bool:
     return True
 
 
-def _equivalent(gold: list, extracted: str, *, sets: bool, deadline: float) -> tuple[bool, str]:
+def _equivalent(
+    gold: list, extracted: str, *, sets: bool, deadline: float, parsed: list | None = None
+) -> tuple[bool, str]:
     """Returns (whether `extracted` is equivalent to the parsed reference by `deadline`, reason)."""
     if not extracted.strip():
         return False, "empty answer"
     if len(extracted) > MAX_ANSWER_CHARS:
         return False, f"answer longer than {MAX_ANSWER_CHARS} characters"
-    pred = parse_answer(extracted, timeout_s=deadline - time.monotonic())
+    pred = parsed or parse_answer(extracted, timeout_s=deadline - time.monotonic())
     if not pred:
         return False, "answer unparseable"
     if _false_equation(pred[0], timeout_s=deadline - time.monotonic()):
@@ -426,6 +457,7 @@ def reward(prompt: str, response: str, answer: str, *, timeout_s: float = 5) -> 
     boxes, refused = boxed_answers(response)
     if refused is not None:
         return 0.0, {"extracted": None, "extraction": "boxed", "reason": refused}
+    parsed = None  # math-verify's parse of a last expression, when that is the answer
     if boxes:
         answers = list(dict.fromkeys(b for b in boxes if b))
         info = {"extracted": answers[-1] if answers else "", "extraction": "boxed"}
@@ -437,7 +469,7 @@ def reward(prompt: str, response: str, answer: str, *, timeout_s: float = 5) -> 
         line = response[response.rfind("\n", 0, last) + 1 :].split("\n", 1)[0]
         region = [*answers, line[-1000:]]  # the line of the last box: "12 or \\boxed{13}"
     else:
-        extracted, how = extract_answer(response, timeout_s=deadline - time.monotonic())
+        extracted, how, parsed = _extract(response, timeout_s=deadline - time.monotonic())
         info = {"extracted": extracted, "extraction": how}
         if extracted is None:
             return 0.0, dict(info, reason="no answer found")
@@ -451,7 +483,7 @@ def reward(prompt: str, response: str, answer: str, *, timeout_s: float = 5) -> 
     for extracted in answers:
         if time.monotonic() >= deadline:
             return 0.0, dict(info, reason=f"time limit of {timeout_s}s spent")
-        ok, reason = _equivalent(gold, extracted, sets=sets, deadline=deadline)
+        ok, reason = _equivalent(gold, extracted, sets=sets, deadline=deadline, parsed=parsed)
         if not ok:
             if len(answers) > 1:
                 reason = f"boxed answers differ: {extracted!r} {reason}"
