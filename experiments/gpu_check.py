@@ -29,6 +29,8 @@ _OUT = flags.DEFINE_string("out", "runs/gpu_check", "Directory of the table and 
 _SMOKE = flags.DEFINE_bool("smoke", False, "Toy sizes (CPU): checks the check itself.")
 _PART = flags.DEFINE_string("part", None, "Internal: run one train-step case in this process.")
 _TOKENS = flags.DEFINE_integer("tokens", 8192, "Internal: tokens of the train-step case.")
+PARTS = ("tests", "speed", "step", "rl")
+_PARTS = flags.DEFINE_list("parts", list(PARTS), f"Parts to run, of {PARTS}.")
 _BUDGET = flags.DEFINE_float("budget_s", 450, "Stop starting new parts after this many seconds.")
 
 
@@ -258,12 +260,17 @@ def check() -> list[dict]:
     t_start = time.perf_counter()
     rows = environment()
     parts = [
-        ("GPU kernel tests", lambda: kernel_tests(env)),
-        ("kernel speed", lambda: kernel_speed(env, out)),
-        ("train step", lambda: train_steps(env)),
-        ("RL", rl_iterations),
+        ("tests", "GPU kernel tests", lambda: kernel_tests(env)),
+        ("speed", "kernel speed", lambda: kernel_speed(env, out)),
+        ("step", "train step", lambda: train_steps(env)),
+        ("rl", "RL", rl_iterations),
     ]
-    for name, part in parts:
+    unknown = set(_PARTS.value) - set(PARTS)
+    if unknown:
+        raise app.UsageError(f"--parts: unknown {sorted(unknown)}; known: {PARTS}")
+    for key, name, part in parts:
+        if key not in _PARTS.value:
+            continue
         if time.perf_counter() - t_start > _BUDGET.value:
             rows.append(dict(part=name, case="-", result="not run: time budget spent", seconds=0))
             continue
