@@ -1,6 +1,8 @@
 """The long-context memory plan: what one train step needs at 8k, 32k and 128k tokens.
 
   python -m experiments.memory_plan        # any machine: compiles, runs nothing (~5 min on CPU)
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m experiments.memory_plan \
+      --which=meshes                       # per-device state by mesh, from shardings (seconds)
 
 Temporary memory of one full train step (log-probs + mirror-descent loss + gradients + AdamW
 update, remat on) of a Qwen2.5-0.5B-shaped model (bf16, tied embeddings), read from
@@ -20,6 +22,8 @@ from k15jax import atomic, config
 
 _OUT = flags.DEFINE_string("out", "runs/memory_plan.json", "Where to write the results.")
 _LENGTHS = flags.DEFINE_list("memory_lengths", ["8192", "32768", "131072"], "Tokens.")
+_WHICH = flags.DEFINE_list("which", ["lengths", "meshes"], "Tables: lengths, meshes.")
+MESHES = ((8, 1, 1), (4, 2, 1), (2, 4, 1), (1, 8, 1), (2, 2, 2), (1, 4, 2), (1, 2, 4), (1, 1, 8))
 GPU_BYTES = 141e9
 
 
@@ -84,11 +88,46 @@ def run_memory() -> list[dict]:
     return rows
 
 
+def run_meshes() -> list[dict]:
+    """Per-device bytes of the Qwen2.5-0.5B-shaped train state (bf16 params + AdamW moments) on
+    8-device meshes, from the shardings alone (abstract arrays: nothing is allocated)."""
+    import jax
+
+    from k15jax import model, preflight, sharding, train_step
+
+    cfg = config.qwen25_05b()
+    opt = train_step.make_optimizer(1e-6)
+    devices = jax.devices()
+    if len(devices) < 8:
+        print("meshes: needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
+        return []
+    rows = []
+    for shape in MESHES:
+        mesh = sharding.make_mesh(shape, devices[:8])
+        state, _ = preflight.abstract_step_inputs(cfg, opt, mesh, rows=8, seq_len=8)
+        per = preflight._sharded_bytes(state.params), preflight._sharded_bytes(state.opt_state)
+        total = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(model.abstract_params(cfg)))
+        rows.append(dict(mesh=shape, params=per[0], opt=per[1], whole_params=total))
+    print("\nPer-device state of a Qwen2.5-0.5B-shaped model (bf16 params and AdamW moments), "
+          "8 devices:")  # fmt: skip
+    print("| mesh (data, fsdp, tensor) | params / device | AdamW moments / device | params share |")
+    print("|---|---|---|---|")
+    for r in rows:
+        mib = lambda b: f"{b / 2**20:,.1f} MiB"
+        print(f"| {r['mesh']} | {mib(r['params'])} | {mib(r['opt'])} | "
+              f"1/{r['whole_params'] / r['params']:.2f} |")  # fmt: skip
+    return rows
+
+
 def main(argv):
     del argv
     import jax
 
-    results = dict(device=str(jax.devices()[0].device_kind), memory=run_memory())
+    results = dict(device=str(jax.devices()[0].device_kind))
+    if "meshes" in _WHICH.value:
+        results["meshes"] = run_meshes()
+    if "lengths" in _WHICH.value:
+        results["memory"] = run_memory()
     atomic.write_text(_OUT.value, json.dumps(results, indent=2, default=str))
     print(f"\nwrote {_OUT.value}")
 
