@@ -29,13 +29,16 @@ lint: $(STAMP)
 
 # The GPU check (BUILD.md, "The GPU check"). Here, with network: `make gpu-wheels` downloads the
 # wheels the GPU image (Python 3.12, CUDA JAX, torch, Triton, no vLLM) lacks; there, offline:
-# `make gpu-check` installs them into .gpu-venv (over the image's packages) and runs the check.
+# `make gpu-check` installs the missing ones into that Python's own environment (the lent
+# machine is thrown away afterwards; packages it already has that satisfy the pins stay) and
+# runs the check.
 GPU_PY ?= python3
 GPU_PYVER ?= 3.12
 GPU_PKGS := jaxtyping==0.3.11 tokenizers==0.23.3 safetensors==0.8.0 math-verify==0.9.0 \
 	tqdm==4.70.1 absl-py==2.5.1 pytest==9.2.0
 GPU_PLATFORMS := --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
 	--platform manylinux2014_x86_64
+GPU_PIP := $(GPU_PY) -m pip install -q --no-index --find-links=wheels
 
 gpu-wheels: $(STAMP)
 	$(PY) -m pip download -q -d wheels --only-binary=:all: --implementation cp \
@@ -45,10 +48,9 @@ gpu-wheels: $(STAMP)
 
 gpu-check:
 	@test -d wheels || { echo "wheels/ missing: run 'make gpu-wheels' where there is network"; exit 2; }
-	test -x .gpu-venv/bin/python || $(GPU_PY) -m venv --system-site-packages .gpu-venv
-	.gpu-venv/bin/python -m pip install -q --no-index --find-links=wheels $(GPU_PKGS)
-	.gpu-venv/bin/python -m pip install -q --no-index --no-deps --find-links=wheels jax-triton==0.3.1
-	.gpu-venv/bin/python -m experiments.gpu_check --out=$${OUT:-runs/gpu_check} $(GPU_CHECK_FLAGS)
+	$(GPU_PIP) $(GPU_PKGS) || $(GPU_PIP) --break-system-packages $(GPU_PKGS)
+	$(GPU_PIP) --no-deps jax-triton==0.3.1 || $(GPU_PIP) --no-deps --break-system-packages jax-triton==0.3.1
+	$(GPU_PY) -m experiments.gpu_check --out=$${OUT:-runs/gpu_check} $(GPU_CHECK_FLAGS)
 
 clean:
 	rm -rf $(VENV) runs
