@@ -145,6 +145,11 @@ LAST_EXPRESSION = [
         "Adding them up,\n$$\nx = 1024 = 2^{9}\n$$",
     ),
     ("first 12, then 5, and in total 3", "3", "first 12, then 5, and in total 3 and 4"),
+    (
+        "The locus is $\\text{three points}$.",
+        "\\text{three points}",
+        "The locus is $\\text{four points}$.",
+    ),
     # math-verify's text of this match does not parse again the same way; its parse is used
     (
         "The sides are $3, 4\\text{, and }5$.",

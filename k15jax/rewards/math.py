@@ -425,21 +425,29 @@ def _interval_reference(gold: list, answer: str, prompt: str) -> bool:
 def _equivalent(
     gold: list, extracted: str, *, sets: bool, deadline: float, parsed: list | None = None
 ) -> tuple[bool, str]:
-    """Returns (whether `extracted` is equivalent to the parsed reference by `deadline`, reason)."""
+    """Returns (whether `extracted` is equivalent to the parsed reference by `deadline`, reason).
+
+    `parsed`, math-verify's own parse of the same match, is a second reading of it (its text
+    does not always parse back the same way); either may match.
+    """
     if not extracted.strip():
         return False, "empty answer"
     if len(extracted) > MAX_ANSWER_CHARS:
         return False, f"answer longer than {MAX_ANSWER_CHARS} characters"
-    pred = parsed or parse_answer(extracted, timeout_s=deadline - time.monotonic())
-    if not pred:
+    readings = [parse_answer(extracted, timeout_s=deadline - time.monotonic()), parsed or []]
+    readings = [r for r in readings if r]
+    if not readings:
         return False, "answer unparseable"
-    if _false_equation(pred[0], timeout_s=deadline - time.monotonic()):
-        return False, "an equation between two different numbers"
-    if sets:
-        pred = [_union_of_relations(pred[0])] + pred[1:]
-    left = _timeout(deadline - time.monotonic())
-    ok = verify(gold, pred, allow_set_relation_comp=sets, timeout_seconds=left)
-    return ok, "equivalent" if ok else "not equivalent"
+    for pred in readings:
+        if _false_equation(pred[0], timeout_s=deadline - time.monotonic()):
+            return False, "an equation between two different numbers"
+    for pred in readings:
+        if sets:
+            pred = [_union_of_relations(pred[0])] + pred[1:]
+        left = _timeout(deadline - time.monotonic())
+        if verify(gold, pred, allow_set_relation_comp=sets, timeout_seconds=left):
+            return True, "equivalent"
+    return False, "not equivalent"
 
 
 def reward(prompt: str, response: str, answer: str, *, timeout_s: float = 5) -> tuple[float, dict]:
