@@ -20,6 +20,7 @@ import numpy as np
 from k15jax import tasks
 
 REWARDS = ("task", "math", "code")  # scoring.reward_fn builds each
+OVERLONG = ("drop", "error")  # what a run does with a prompt over max_prompt_tokens
 
 
 class DataError(ValueError):
@@ -105,6 +106,12 @@ class TaskConfig:
     reward: str = "task"  # "task" (built-in checker), "math" (math-verify), "code" (sandbox)
     prompt_template: str = "{prompt}"
     max_prompt_tokens: int = 24  # longest prompt (sets the trainer's sequence length)
+    # A prompt over max_prompt_tokens: "drop" it before training (counted in the report, as
+    # verl does) or stop the run ("error", naming the first one).
+    overlong_prompts: str = "drop"
+    screen: bool = True  # JSONL RL pool: leave out multiple-choice, true/false, proofs (`screen`)
+    # The easy-to-hack check's forced response start: the model answers with no reasoning.
+    answer_prefix: str = "answer: "
     train_problems: int = 512  # built-in task: size of the RL pool
     sft_examples: int = 8000  # built-in task: warm-up traces
     # Fraction of warm-up traces that answer directly (the solver's short trace) instead of
@@ -123,6 +130,10 @@ class TaskConfig:
             raise ValueError(f"prompt_template={self.prompt_template!r} must contain {{prompt}}")
         if self.max_prompt_tokens < 1:
             raise ValueError(f"max_prompt_tokens={self.max_prompt_tokens} must be >= 1")
+        if self.overlong_prompts not in OVERLONG:
+            raise ValueError(
+                f"overlong_prompts={self.overlong_prompts!r} must be one of {OVERLONG}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,6 +169,54 @@ def load_problems(task: TaskConfig, *, held_out_problems: int, seed: int) -> Pro
         train = [p for p in problems if not tasks.is_held_out(p.prompt)]
         held_out = [p for p in problems if tasks.is_held_out(p.prompt)]
     return ProblemSet(tuple(train), tuple(held_out[:held_out_problems]), ())
+
+
+@dataclasses.dataclass(frozen=True)
+class Removed:
+    """The problems a run leaves out before training, by why (ids, in file order)."""
+
+    screened: dict[str, tuple[str, ...]]  # `screen` reason -> RL-pool ids (JSONL pools only)
+    overlong_train: tuple[str, ...] = ()  # RL-pool prompts over max_prompt_tokens
+    overlong_held_out: tuple[str, ...] = ()  # held-out prompts over max_prompt_tokens
+
+    def counts(self) -> dict:
+        """Returns the numbers removed: {"screen": {reason: n}, "overlong": {split: n}}."""
+        return {
+            "screen": {reason: len(ids) for reason, ids in self.screened.items()},
+            "overlong": {
+                "train": len(self.overlong_train),
+                "held_out": len(self.overlong_held_out),
+            },
+        }
+
+
+def drop_overlong(
+    problems: Sequence[Problem],
+    *,
+    encode: Callable[[str], list[int]],
+    max_tokens: int,
+    overlong: str,
+    what: str,
+) -> tuple[tuple[Problem, ...], tuple[str, ...]]:
+    """Returns (problems whose prompt fits `max_tokens`, ids of the others), order kept.
+
+    `encode` applies the prompt template. With `overlong="error"` an over-long prompt raises
+    `DataError` naming the first one of `what` (e.g. "RL pool") and its token count.
+    """
+    kept, dropped = [], []
+    for problem in problems:
+        n = len(encode(problem.prompt))
+        if n <= max_tokens:
+            kept.append(problem)
+        elif overlong == "error":
+            raise DataError(
+                f"{what}: problem {problem.id}: prompt of {n} tokens exceeds "
+                f"--max_prompt_tokens={max_tokens} (raise it, or --overlong_prompts=drop to "
+                "leave such prompts out)"
+            )
+        else:
+            dropped.append(problem.id)
+    return tuple(kept), tuple(dropped)
 
 
 def select(problems: Sequence[Problem], ids: Sequence[str]) -> tuple[Problem, ...]:

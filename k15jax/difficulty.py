@@ -28,14 +28,21 @@ def pass_rates(
     max_tokens: int = 256,
     seed: int = 0,
     prefix: str = "",
+    encode_raw: Callable[[str], list[int]] | None = None,
 ) -> np.ndarray:
     """Returns each problem's fraction of `n` sampled responses that are correct.
 
-    `encode` turns a problem's text into prompt ids. `prefix` is appended to every prompt and
-    prepended to every response before scoring (used by the easy-to-hack filter to force an
-    answer without reasoning).
+    `encode` turns a problem's text into prompt ids. `prefix` is a forced start of every
+    response (the easy-to-hack filter's answer without reasoning): it ends every prompt and is
+    prepended to every response before scoring. With `encode_raw` (an encoder without the
+    prompt template) a prompt is `encode(text) + encode_raw(prefix)`, so the forced start
+    follows the template; without it, `encode(text + prefix)` (a template-free `encode`).
     """
-    prompts = [encode(p.prompt + prefix) for p in problems]
+    if encode_raw is not None and prefix:
+        tail = encode_raw(prefix)
+        prompts = [encode(p.prompt) + tail for p in problems]
+    else:
+        prompts = [encode(p.prompt + prefix) for p in problems]
     spec = SamplingSpec(n=n, temperature=temperature, max_tokens=max_tokens, seed=seed)
     passed = np.zeros(len(problems))
     for c in engine.generate(prompts, spec):
@@ -56,8 +63,13 @@ def easy_to_hack(
     tries: int = 8,
     max_tokens: int = 16,
     seed: int = 0,
+    encode_raw: Callable[[str], list[int]] | None = None,
 ) -> np.ndarray:
-    """Returns a bool per problem: answered right within `tries` no-reasoning attempts."""
+    """Returns a bool per problem: answered right within `tries` no-reasoning attempts.
+
+    Each attempt is a response forced to start with `answer_prefix` right after the prompt
+    (`pass_rates`' `prefix` and `encode_raw`), sampled at temperature 1.
+    """
     rates = pass_rates(
         engine,
         problems,
@@ -68,6 +80,7 @@ def easy_to_hack(
         max_tokens=max_tokens,
         seed=seed,
         prefix=answer_prefix,
+        encode_raw=encode_raw,
     )
     return rates > 0
 

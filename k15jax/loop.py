@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import time
@@ -33,6 +34,7 @@ from k15jax import (
     preflight,
     report,
     rollout,
+    run_config,
     run_state,
     sampler,
     scoring,
@@ -86,22 +88,11 @@ def start_rl(setup: Setup, engine, train: train_step.TrainState, console) -> run
     """Returns the RL state before iteration 0: the SFT model's pass rates, the problems kept."""
     cfg = setup.cfg
 
-    def decide():  # process 0
-        pool = setup.problems.train
-        rates = difficulty.pass_rates(
-            engine,
-            pool,
-            setup.scorer,
-            setup.encode_prompt,
-            n=cfg.rl.difficulty_samples,
-            temperature=1.0,
-            max_tokens=cfg.partial.max_length,
-            seed=cfg.seed,
-        )
-        if cfg.rl.drop_solved:
-            pool, rates = difficulty.filter_problems(pool, rates)
-        console(f"difficulty: {len(pool)} problems kept, mean SFT pass rate {rates.mean():.3f}")
-        return {"rates": np.asarray(rates)}, {"train_ids": [p.id for p in pool]}
+    def decide():  # process 0; a run restarted before its first RL checkpoint reads the file
+        path = os.path.join(cfg.out_dir, "difficulty.json")
+        chosen = atomic.json_once(path, lambda: select_problems(setup, engine))
+        console(difficulty_line(chosen))
+        return {"rates": np.asarray(chosen["rates"])}, {"train_ids": chosen["train_ids"]}
 
     arrays, meta = distributed.from_main(decide)
     return run_state.RlState(
@@ -110,6 +101,61 @@ def start_rl(setup: Setup, engine, train: train_step.TrainState, console) -> run
         buffer=partial.ReplayBuffer(),
         history=(),
         train_ids=tuple(meta["train_ids"]),
+    )
+
+
+def select_problems(setup: Setup, engine) -> dict:
+    """Returns the RL pool the SFT model leaves (k1.5 §2.1): ids, pass rates and counts.
+
+    Pass rates from `rl.difficulty_samples` samples at temperature 1; the easy-to-hack filter
+    (`rl.easy_to_hack_tries` answers forced to start with `task.answer_prefix`, no reasoning;
+    not for the code reward, whose answers are programs) and, with `rl.drop_solved`, the
+    problems solved every time are removed. Runs on process 0.
+    """
+    cfg, pool = setup.cfg, setup.problems.train
+    rates = difficulty.pass_rates(
+        engine,
+        pool,
+        setup.scorer,
+        setup.encode_prompt,
+        n=cfg.rl.difficulty_samples,
+        temperature=1.0,
+        max_tokens=cfg.partial.max_length,
+        seed=cfg.seed,
+    )
+    hackable = np.zeros(len(pool), bool)
+    if cfg.rl.easy_to_hack_tries and cfg.task.reward != "code":
+        hackable = difficulty.easy_to_hack(
+            engine,
+            pool,
+            setup.scorer,
+            setup.encode_prompt,
+            answer_prefix=cfg.task.answer_prefix,
+            tries=cfg.rl.easy_to_hack_tries,
+            seed=cfg.seed + 2,
+            encode_raw=setup.tok.encode,
+        )
+    solved = (rates >= 1.0) & ~hackable if cfg.rl.drop_solved else np.zeros(len(pool), bool)
+    keep = np.flatnonzero(~hackable & ~solved)
+    return {
+        "train_ids": [pool[i].id for i in keep],
+        "rates": rates[keep].tolist(),
+        "pool": len(pool),
+        "easy_to_hack": int(hackable.sum()),
+        "easy_to_hack_tries": cfg.rl.easy_to_hack_tries,
+        "solved": int(solved.sum()),
+        "mean_pass_rate": float(rates.mean()),
+    }
+
+
+def difficulty_line(chosen: dict) -> str:
+    """Returns the one-line log of `select_problems`' result."""
+    tries = chosen["easy_to_hack_tries"]
+    hack = f"easy-to-hack ({tries} tries) {chosen['easy_to_hack']}" if tries else "easy-to-hack off"
+    return (
+        f"difficulty: {len(chosen['train_ids'])} of {chosen['pool']} problems kept (removed: "
+        f"{hack}, always solved {chosen['solved']}), mean SFT pass rate "
+        f"{chosen['mean_pass_rate']:.3f}"
     )
 
 
@@ -287,8 +333,9 @@ def _sft_and_rl(setup: Setup, engine, progress, console) -> tuple[model.Params, 
                 setup.model_cfg, params, os.path.join(cfg.out_dir, "sft_model"), tokenizer=setup.tok
             )
             if engine is None:
-                publish = os.path.join(cfg.vllm.publish_dir, f"run-{os.getpid()}")
-                vcfg = dataclasses.replace(cfg.vllm, publish_dir=publish)
+                vcfg = run_config.engine_config(cfg)
+                publish = os.path.join(vcfg.publish_dir, f"run-{os.getpid()}")
+                vcfg = dataclasses.replace(vcfg, publish_dir=publish)
                 engine = rollout.VllmEngine(hf_dir, vcfg)
                 stack.callback(engine.close)
             else:
@@ -307,6 +354,50 @@ def _sft_and_rl(setup: Setup, engine, progress, console) -> tuple[model.Params, 
             )
             console(report.eval_line("RL ", results["rl"]))
     return params, sft_history, rl_history, results
+
+
+def check_problems(setup: Setup) -> None:
+    """Refuses a run whose RL pool or held-out set is empty after the prompt filters."""
+    task = setup.cfg.task
+    for what, problems in (
+        ("RL pool", setup.problems.train),
+        ("held-out set", setup.problems.held_out),
+    ):
+        if not problems:
+            raise data.DataError(
+                f"{what} of {task.data or 'the built-in task'}: no problem left after the screen "
+                f"and --max_prompt_tokens={task.max_prompt_tokens}"
+            )
+
+
+def removed_lines(setup: Setup) -> list[str]:
+    """Returns the console lines of the problems left out before training."""
+    removed, task = setup.removed, setup.cfg.task
+    lines = []
+    if removed.screened:
+        total = len(setup.problems.train) + sum(len(i) for i in removed.screened.values())
+        total += len(removed.overlong_train)
+        lines.append(data.screen_line(removed.screened, total))
+    if removed.overlong_train or removed.overlong_held_out:
+        lines.append(
+            f"prompts over --max_prompt_tokens={task.max_prompt_tokens} dropped: "
+            f"{len(removed.overlong_train)} of the RL pool, {len(removed.overlong_held_out)} "
+            f"held-out (first: {(removed.overlong_train or removed.overlong_held_out)[0]})"
+        )
+    return lines
+
+
+def removed_counts(setup: Setup) -> dict:
+    """Returns the numbers of problems left out, for the report (process 0, after RL)."""
+    counts = setup.removed.counts()
+    path = os.path.join(setup.cfg.out_dir, "difficulty.json")
+    if os.path.exists(path):  # absent when RL was resumed from an older run's checkpoint
+        with open(path) as f:
+            chosen = json.load(f)
+        counts.update(
+            {key: chosen[key] for key in ("pool", "easy_to_hack", "easy_to_hack_tries", "solved")}
+        )
+    return counts
 
 
 class _Quiet:
@@ -352,6 +443,9 @@ def run(cfg: RunConfig, *, engine=None, progress=None, console=print) -> dict:
             box = stack.enter_context(sandbox_lib.Sandbox(cfg.sandbox))
         setup = prepare(cfg, sandbox=box)
         n_params = sum(x.size for x in jax.tree.leaves(setup.params))
+        for line in removed_lines(setup):
+            console(line)
+        check_problems(setup)
         console(
             f"model {setup.model_cfg.architecture} with {n_params:,} parameters; "
             f"{len(setup.problems.train)} RL problems, {len(setup.problems.held_out)} held-out"
@@ -364,7 +458,11 @@ def run(cfg: RunConfig, *, engine=None, progress=None, console=print) -> dict:
     convert.save_hf(
         setup.model_cfg, params, os.path.join(cfg.out_dir, "rl_model"), tokenizer=setup.tok
     )
-    results.update(wall_seconds=time.perf_counter() - t_start, parameters=n_params)
+    results.update(
+        wall_seconds=time.perf_counter() - t_start,
+        parameters=n_params,
+        removed=removed_counts(setup),
+    )
     report.write(cfg.out_dir, as_json(cfg), sft_history, rl_history, results)
     console(f"report: {os.path.join(cfg.out_dir, 'report.md')}")
     return {**results, "params": params}

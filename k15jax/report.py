@@ -55,6 +55,25 @@ def iteration_line(m: dict) -> str:
     return line
 
 
+def removed_lines(removed: dict, max_prompt_tokens: int) -> list[str]:
+    """Returns the report's lines on the problems left out before training (`loop`'s counts)."""
+    lines = ["| left out | problems |", "|---|---|"]
+    for reason, n in removed["screen"].items():
+        lines.append(f"| screen: {reason.replace('_', ' ')} | {n} |")
+    overlong = removed["overlong"]
+    lines.append(f"| RL pool: prompt over {max_prompt_tokens} tokens | {overlong['train']} |")
+    lines.append(f"| held-out: prompt over {max_prompt_tokens} tokens | {overlong['held_out']} |")
+    if "pool" in removed:
+        tries = removed["easy_to_hack_tries"]
+        hack = f"{removed['easy_to_hack']}" if tries else "off"
+        lines.append(f"| easy to hack (right within {tries} no-reasoning tries) | {hack} |")
+        lines.append(f"| always solved by the SFT model | {removed['solved']} |")
+    if not removed["screen"]:
+        lines.append("")
+        lines.append("The screen (multiple-choice, true/false, proof) applies to JSONL pools only.")
+    return lines
+
+
 def _series(history: list[dict], key: str):
     pts = [(m["iteration"], m[key]) for m in history if key in m]
     return [p[0] for p in pts], [p[1] for p in pts]
@@ -141,6 +160,10 @@ def write(out_dir: str, config: dict, sft_history, rl_history, results: dict) ->
         f"{'do not overlap (RL above SFT)' if separated else 'overlap'}.",
         f"Wall time: {results['wall_seconds']:.0f} s; {results['parameters']:,} parameters; "
         f"{len(rl_history)} RL iterations.",
+        "",
+        "## Prompt set",
+        "",
+        *removed_lines(results["removed"], config["task"]["max_prompt_tokens"]),
         "",
         "## Per iteration",
         "",

@@ -32,7 +32,9 @@ class VllmConfig:
     """Engine knobs of vLLM (the names match `vllm.LLM` arguments where they exist)."""
 
     dtype: str = "float32"
-    max_model_len: int = 1024
+    # Context of one sequence, prompt + response. None: vLLM's default, the model's own limit
+    # (a run derives it instead: `run_config.engine_config`).
+    max_model_len: int | None = 1024
     gpu_memory_utilization: float = 0.2  # used when kv_cache_memory_bytes is None
     # An explicit KV-cache size. On CPU vLLM otherwise sizes the cache as utilization x host
     # memory minus this process's resident memory, which fails once JAX shares the process.
@@ -55,7 +57,7 @@ class VllmConfig:
             raise ValueError(
                 f"gpu_memory_utilization={self.gpu_memory_utilization} must be in (0, 1]"
             )
-        if self.max_model_len <= 0:
+        if self.max_model_len is not None and self.max_model_len <= 0:
             raise ValueError(f"max_model_len={self.max_model_len} must be > 0")
 
 

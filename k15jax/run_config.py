@@ -11,7 +11,7 @@ import dataclasses
 import json
 import os
 
-from k15jax import atomic, data, evaluation, partial, preflight, rollout, sampler, sft
+from k15jax import atomic, checkpoint, data, evaluation, partial, preflight, rollout, sampler, sft
 from k15jax.config import ModelConfig
 from k15jax.rewards import length as length_reward
 from k15jax.rewards import sandbox as sandbox_lib
@@ -31,8 +31,11 @@ class RlConfig:
     groups_per_step: int = 16  # prompts per optimizer step; steps/iteration = finished / this
     micro_batches: int = 1  # gradient accumulation: each step in this many slices of groups
     max_grad_norm: float = 1.0
-    difficulty_samples: int = 8  # samples per prompt for the pass-rate estimate
+    difficulty_samples: int = 10  # samples per prompt for the pass-rate estimate (the paper)
     drop_solved: bool = True  # drop problems the SFT model always solves
+    # Easy-to-hack filter (k1.5 §2.1): drop a problem the SFT model answers right within this
+    # many tries without reasoning (`difficulty.easy_to_hack`); 0: off. The paper: 8.
+    easy_to_hack_tries: int = 8
     checkpoint_every: int = 5
     eval_every: int = 15  # held-out evaluation every this many iterations (0: never)
 
@@ -48,6 +51,11 @@ class RlConfig:
             )
         if self.checkpoint_every < 1:
             raise ValueError(f"checkpoint_every={self.checkpoint_every} must be >= 1")
+        if self.difficulty_samples < 1 or self.easy_to_hack_tries < 0:
+            raise ValueError(
+                f"need difficulty_samples={self.difficulty_samples} >= 1 and "
+                f"easy_to_hack_tries={self.easy_to_hack_tries} >= 0"
+            )
 
     @property
     def rows_per_step(self) -> int:
@@ -91,8 +99,9 @@ class RunConfig:
     repeat: rollout.RepeatSpec | None = rollout.RepeatSpec(
         min_pattern=2, max_pattern=32, min_count=4
     )
-    # No prefix caching: a resumed run must see the numerics of an uninterrupted one.
-    vllm: rollout.VllmConfig = rollout.VllmConfig(max_model_len=512, enable_prefix_caching=False)
+    # No prefix caching: a resumed run must see the numerics of an uninterrupted one. The
+    # context, max_model_len, is derived (`engine_config`) unless set.
+    vllm: rollout.VllmConfig = rollout.VllmConfig(max_model_len=None, enable_prefix_caching=False)
     sandbox: sandbox_lib.SandboxConfig = sandbox_lib.SandboxConfig()  # used by reward="code"
     preflight: preflight.PreflightConfig = preflight.PreflightConfig()
 
@@ -105,6 +114,13 @@ class RunConfig:
             raise ValueError(
                 f"mesh={self.mesh} must be (data, fsdp, tensor) sizes >= 1, at most one -1"
             )
+        context = self.vllm.max_model_len
+        if context is not None and context < self.seq_len:
+            raise ValueError(
+                f"max_model_len={context} is below max_prompt_tokens + max_length = "
+                f"{self.task.max_prompt_tokens} + {self.partial.max_length} = {self.seq_len}: "
+                "the engine could not hold a prompt and its response; raise it or leave it unset"
+            )
 
     @property
     def seq_len(self) -> int:
@@ -112,28 +128,56 @@ class RunConfig:
         return self.task.max_prompt_tokens + self.partial.max_length
 
 
+def engine_config(cfg: RunConfig) -> rollout.VllmConfig:
+    """Returns the run's engine knobs with the context derived: `max_model_len` defaults to
+    `seq_len` (the longest prompt plus the longest response); a larger explicit value stays."""
+    return dataclasses.replace(cfg.vllm, max_model_len=cfg.vllm.max_model_len or cfg.seq_len)
+
+
+class ConfigError(ValueError):
+    """A run configuration that cannot run, naming the flag or directory to change."""
+
+
 def as_json(cfg) -> dict:
     """Returns a config dataclass as plain JSON data."""
     return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
 
 
-def check_out_dir(cfg: RunConfig) -> None:
-    """Refuses an output directory that holds a different run; records this run's config.
+# What a run leaves in its directory once it has computed something: a different config may
+# not continue from it. A directory with run_config.json alone (a run that stopped before its
+# first result) takes the new config.
+PRODUCTS = ("eval_sft.json", "difficulty.json", "eval_rl.json", "results.json")
 
-    Only `RESUMABLE_CHANGES` may differ between a run and its resumption.
+
+def run_products(out_dir: str) -> list[str]:
+    """Returns what `out_dir` holds of a run's results: checkpoint steps and `PRODUCTS`."""
+    found = []
+    for phase in ("sft", "rl"):
+        step = checkpoint.latest_step(os.path.join(out_dir, "ckpt", phase))
+        if step is not None:
+            found.append(f"ckpt/{phase} step {step}")
+    return found + [name for name in PRODUCTS if os.path.exists(os.path.join(out_dir, name))]
+
+
+def check_out_dir(cfg: RunConfig) -> None:
+    """Refuses an output directory that holds a different run's results; records this config.
+
+    Only `RESUMABLE_CHANGES` may differ between a run and its resumption. A directory whose run
+    stopped before any result (`run_products`) is reused: the new config replaces the old.
     """
     path = os.path.join(cfg.out_dir, "run_config.json")
     mine = as_json(cfg)
-    if os.path.exists(path):
+    if os.path.exists(path) and (products := run_products(cfg.out_dir)):
         with open(path) as f:
             theirs = json.load(f)
         keys = (set(mine) | set(theirs)) - set(RESUMABLE_CHANGES)
         diff = sorted(k for k in keys if mine.get(k) != theirs.get(k))
         if diff:
             detail = "; ".join(_first_difference(k, mine.get(k), theirs.get(k)) for k in diff)
-            raise ValueError(
-                f"{cfg.out_dir} holds a different run's checkpoints (config differs in {diff}: "
-                f"{detail}); use another --out_dir or the same flags to resume"
+            raise ConfigError(
+                f"{cfg.out_dir} holds a different run's checkpoints ({', '.join(products)}; "
+                f"config differs in {diff}: {detail}); use another --out_dir or the same flags "
+                "to resume"
             )
     atomic.write_json(path, mine)
 

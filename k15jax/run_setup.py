@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+from collections.abc import Callable
 
 import jax
 from jax.sharding import Mesh
@@ -15,7 +16,7 @@ from jax.sharding import Mesh
 from k15jax import convert, data, evaluation, model, rollout, scoring, sharding, tokenizer
 from k15jax.config import ModelConfig
 from k15jax.rewards import sandbox as sandbox_lib
-from k15jax.run_config import RunConfig
+from k15jax.run_config import ConfigError, RunConfig, engine_config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,10 +30,11 @@ class Setup:
     problems: data.ProblemSet
     scorer: scoring.Scorer
     mesh: Mesh
+    removed: data.Removed  # problems left out before training (screen, over-long prompts)
 
     def encode_prompt(self, text: str) -> list[int]:
         """Returns the token ids of a problem text in the run's prompt template."""
-        return self.tok.encode(self.cfg.task.prompt_template.format(prompt=text))
+        return encode_prompt(self.tok, self.cfg.task, text)
 
     def prompt_ids(self, problem: data.Problem) -> list[int]:
         """Returns `problem`'s prompt ids; refuses one over `task.max_prompt_tokens`."""
@@ -41,19 +43,42 @@ class Setup:
         )
 
 
+def encode_prompt(tok: tokenizer.Tokenizer, task: data.TaskConfig, text: str) -> list[int]:
+    """Returns the token ids of a problem text in `task`'s prompt template."""
+    return tok.encode(task.prompt_template.format(prompt=text))
+
+
 def prepare(cfg: RunConfig, *, sandbox: sandbox_lib.Sandbox | None = None) -> Setup:
-    """Loads or builds the model, tokenizer, problems and scorer of the run."""
-    mesh = sharding.make_mesh(cfg.mesh)
+    """Loads or builds the model, tokenizer, problems and scorer of the run.
+
+    The flags, the prompt files and the model's limits are checked before any weights are
+    loaded or built, so a mistake stops the run within seconds.
+    """
+    try:
+        mesh = sharding.make_mesh(cfg.mesh)
+    except ValueError as e:
+        raise ConfigError(f"--mesh: {e}") from None
     check_batches(cfg, sharding.batch_shards(mesh))
     if cfg.model_dir is not None:
         if not os.path.isdir(cfg.model_dir):
             raise FileNotFoundError(f"--model={cfg.model_dir}: no such directory")
+        positions = convert.read_config(cfg.model_dir).max_position_embeddings
+        tok = tokenizer.load(cfg.model_dir)
+    else:
+        positions = cfg.model.max_position_embeddings
+        tok = tokenizer.builtin()
+    context = engine_config(cfg).max_model_len
+    if context > positions:
+        raise ConfigError(
+            f"the engine's context of {context} tokens (max_model_len, else max_prompt_tokens + "
+            f"max_length) exceeds the model's max_position_embeddings={positions}"
+        )
+    problems, removed = load_problems(cfg, functools.partial(encode_prompt, tok, cfg.task))
+    if cfg.model_dir is not None:
         shape, params = convert.load_hf(cfg.model_dir, dtype=cfg.model.dtype)
         model_cfg = dataclasses.replace(shape, kernels=cfg.model.kernels)
         params = sharding.shard_params(params, model_cfg, mesh)  # host arrays to their shards
-        tok = tokenizer.load(cfg.model_dir)
     else:
-        tok = tokenizer.builtin()
         model_cfg = dataclasses.replace(
             cfg.model, vocab_size=tok.vocab_size, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id
         )
@@ -67,8 +92,35 @@ def prepare(cfg: RunConfig, *, sandbox: sandbox_lib.Sandbox | None = None) -> Se
         truncation_penalty=cfg.partial.truncation_penalty,
         repeat_penalty=cfg.partial.repeat_penalty,
     )
-    problems = data.load_problems(cfg.task, held_out_problems=cfg.eval.problems, seed=cfg.seed)
-    return Setup(cfg, model_cfg, params, tok, problems, scorer, mesh)
+    return Setup(cfg, model_cfg, params, tok, problems, scorer, mesh, removed)
+
+
+def load_problems(
+    cfg: RunConfig, encode: Callable[[str], list[int]]
+) -> tuple[data.ProblemSet, data.Removed]:
+    """Returns the run's problems without those it leaves out, and what it left out.
+
+    A JSONL RL pool is screened (`data.screen`, unless `task.screen` is off); prompts over
+    `task.max_prompt_tokens` in the RL pool and the held-out set are dropped or refused
+    (`task.overlong_prompts`). `encode` applies the prompt template.
+    """
+    task = cfg.task
+    problems = data.load_problems(task, held_out_problems=cfg.eval.problems, seed=cfg.seed)
+    train, screened = problems.train, {}
+    if task.data is not None and task.screen:
+        train, screened = data.screen(train)
+    fit = functools.partial(
+        data.drop_overlong,
+        encode=encode,
+        max_tokens=task.max_prompt_tokens,
+        overlong=task.overlong_prompts,
+    )
+    train, overlong_train = fit(train, what=f"RL pool ({task.data or 'built-in task'})")
+    held_out, overlong_held_out = fit(
+        problems.held_out, what=f"held-out set ({task.eval_data or task.data or 'built-in task'})"
+    )
+    removed = data.Removed(screened, overlong_train, overlong_held_out)
+    return dataclasses.replace(problems, train=train, held_out=held_out), removed
 
 
 def check_batches(cfg: RunConfig, shards: int) -> None:
@@ -76,7 +128,7 @@ def check_batches(cfg: RunConfig, shards: int) -> None:
     micro = cfg.rl.rows_per_step // cfg.rl.micro_batches
     for name, rows in (("RL micro-batch", micro), ("SFT batch", cfg.sft.batch_size)):
         if rows % shards:
-            raise ValueError(
+            raise ConfigError(
                 f"{name} of {rows} rows does not split over the mesh's data x fsdp = {shards} "
                 "devices (RL: groups_per_step x samples_per_prompt / micro_batches; SFT: "
                 "sft_batch_size); change them or --mesh"

@@ -251,3 +251,25 @@ def test_screen_splits_ids_by_reason_and_keeps_order():
     )
     kept, dropped = data.screen(problems[:1])
     assert len(kept) == 1 and dropped == {"multiple_choice": (), "true_false": (), "proof": ()}
+
+
+def test_overlong_prompts_are_dropped_or_refused():
+    texts = {"a": "Q:1\n", "long": "Q:1+2+3\n", "b": "Q:22\n", "longer": "Q:1+2+3+4\n"}
+    problems = [data.Problem(pid, prompt, "1") for pid, prompt in texts.items()]
+    encode = lambda s: [ord(c) for c in f"<{s}>"]  # noqa: E731  (a templated encoder: +2 tokens)
+    keep = dict(encode=encode, max_tokens=7, what="RL pool (x.jsonl)")
+    kept, dropped = data.drop_overlong(problems, overlong="drop", **keep)
+    assert [p.id for p in kept] == ["a", "b"] and dropped == ("long", "longer")
+    # The template counts: "<Q:22\n>" is 7 tokens and fits; 6 would not.
+    kept, _ = data.drop_overlong(problems, overlong="drop", **dict(keep, max_tokens=6))
+    assert [p.id for p in kept] == ["a"]
+    with pytest.raises(
+        data.DataError, match=r"RL pool \(x.jsonl\): problem long: prompt of 10 tokens exceeds "
+        r"--max_prompt_tokens=7"
+    ):  # fmt: skip
+        data.drop_overlong(problems, overlong="error", **keep)
+    assert data.drop_overlong(problems[:1], overlong="error", **keep) == ((problems[0],), ())
+    with pytest.raises(ValueError, match="overlong_prompts='cut' must be one of"):
+        data.TaskConfig(overlong_prompts="cut")
+    removed = data.Removed({"proof": ("p1", "p2")}, ("long",), ())
+    assert removed.counts() == {"screen": {"proof": 2}, "overlong": {"train": 1, "held_out": 0}}

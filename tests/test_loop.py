@@ -28,6 +28,7 @@ TINY = dataclasses.replace(
         samples_per_prompt=4,
         groups_per_step=2,
         difficulty_samples=2,
+        easy_to_hack_tries=2,
         checkpoint_every=1,
         eval_every=2,
         learning_rate=1e-4,
@@ -108,6 +109,86 @@ def test_rl_loop_end_to_end(vllm_engine, tiny_hf_dir, tmp_path):
     _, params = convert.load_hf(os.path.join(out, "rl_model"))
     jax.tree.map(np.testing.assert_array_equal, params, jax.device_get(result["params"]))
     assert any(line.startswith("it   2 |") for line in lines)
+    # The easy-to-hack and always-solved filters ran on the SFT model; their counts add up.
+    removed = hist["removed"]
+    assert (removed["pool"], removed["easy_to_hack_tries"]) == (24, 2)
+    kept = removed["pool"] - removed["easy_to_hack"] - removed["solved"]
+    assert len(extra["train_ids"]) == kept
+    assert any(line.startswith(f"difficulty: {kept} of 24 problems kept") for line in lines)
+    report = open(os.path.join(out, "report.md")).read()
+    hack = f"| easy to hack (right within 2 no-reasoning tries) | {removed['easy_to_hack']} |"
+    assert hack in report, report
+
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_jsonl_prompt_set_drops_overlong_prompts_and_restarts_after_a_failed_start(
+    vllm_engine, tiny_hf_dir, tmp_path
+):
+    from k15jax import tasks
+
+    # Built-in-task problems in JSONL files, with prompts over the limit in both, and a
+    # multiple-choice, a true/false and a proof problem in the RL pool.
+    long = lambda i: "Q:" + "+".join(["1"] * (15 + i)) + "\n"  # noqa: E731  (32+ tokens)
+    row = lambda e, i: {"id": f"p{i}", "prompt": e.prompt, "answer": e.answer}  # noqa: E731
+    pool = [row(e, i) for i, e in enumerate(tasks.generate(16, seed=5, max_terms=3))]
+    pool[3:3] = [{"id": f"long{i}", "prompt": long(i), "answer": str(15 + i)} for i in range(3)]
+    pool += [
+        {"id": "mc", "prompt": "Q:1+1\n(A) 1 (B) 2 (C) 3 (D) 4", "answer": "B"},
+        {"id": "tf", "prompt": "Is 1+1 two?", "answer": "True"},
+        {"id": "pr", "prompt": "Prove that 1+1=2.", "answer": "proof"},
+    ]
+    held = [row(e, i) for i, e in enumerate(tasks.generate(6, seed=5, split="held_out"))]
+    held += [{"id": f"hlong{i}", "prompt": long(i), "answer": str(15 + i)} for i in range(2)]
+    task = data.TaskConfig(
+        data=_jsonl(tmp_path / "pool.jsonl", pool),
+        eval_data=_jsonl(tmp_path / "held.jsonl", held),
+        max_prompt_tokens=24,
+        overlong_prompts="error",
+    )
+    cfg = dataclasses.replace(
+        TINY,
+        out_dir=str(tmp_path / "run"),
+        task=task,
+        rl=dataclasses.replace(TINY.rl, iterations=1, eval_every=0),
+        partial=partial.PartialConfig(budget=32, max_length=32),
+    )
+    # A failed start: the first over-long prompt stops the run after run_config.json is written.
+    with pytest.raises(data.DataError, match="problem long0: prompt of 32 tokens exceeds"):
+        loop.run(cfg, engine=vllm_engine, progress=_quiet, console=lambda line: None)
+    assert os.path.exists(os.path.join(cfg.out_dir, "run_config.json"))
+    # The corrected command runs in the same directory.
+    cfg = dataclasses.replace(cfg, task=dataclasses.replace(task, overlong_prompts="drop"))
+    lines = []
+    try:
+        loop.run(cfg, engine=vllm_engine, progress=_quiet, console=lines.append)
+    finally:
+        vllm_engine.load_weights(tiny_hf_dir[2])  # leave the shared engine as it was
+    saved = json.load(open(os.path.join(cfg.out_dir, "run_config.json")))
+    assert saved["task"]["overlong_prompts"] == "drop"
+    results = json.load(open(os.path.join(cfg.out_dir, "results.json")))
+    removed = results["removed"]
+    assert removed["screen"] == {"multiple_choice": 1, "true_false": 1, "proof": 1}
+    assert removed["overlong"] == {"train": 3, "held_out": 2}
+    assert removed["pool"] == 16  # what the difficulty and easy-to-hack filters saw
+    assert results["sft"]["problems"] == results["rl"]["problems"] == 6
+    assert "screen removed 3 of 22 problems (multiple_choice 1, true_false 1, proof 1)" in lines
+    assert (
+        "prompts over --max_prompt_tokens=24 dropped: 3 of the RL pool, 2 held-out (first: long0)"
+    ) in lines
+    assert any(line.startswith("it   0 |") for line in lines), lines
+    report = open(os.path.join(cfg.out_dir, "report.md")).read()
+    for row_text in (
+        "| screen: multiple choice | 1 |",
+        "| screen: proof | 1 |",
+        "| RL pool: prompt over 24 tokens | 3 |",
+        "| held-out: prompt over 24 tokens | 2 |",
+        "| easy to hack (right within 2 no-reasoning tries) |",
+    ):
+        assert row_text in report, report
 
 
 def _state_target(cfg, params):
@@ -121,6 +202,7 @@ def _state_target(cfg, params):
 def test_bad_input_stops_with_a_clear_message(tmp_path):
     cfg = dataclasses.replace(TINY, out_dir=str(tmp_path / "a"))
     run_config.check_out_dir(cfg)
+    (tmp_path / "a" / "eval_sft.json").write_text("{}")  # a result: the directory is taken
     other = dataclasses.replace(cfg, rl=dataclasses.replace(cfg.rl, tau=0.5))
     with pytest.raises(ValueError, match=r"different run's checkpoints .*\['rl'\]: rl.tau"):
         run_config.check_out_dir(other)
@@ -147,6 +229,7 @@ def test_another_trainer_dtype_refuses_to_resume(tmp_path):
     # run's checkpoints, and the message names the field and both values.
     cfg = dataclasses.replace(TINY, out_dir=str(tmp_path / "run"))
     run_config.check_out_dir(cfg)
+    os.makedirs(tmp_path / "run" / "ckpt" / "sft" / "step_5")  # a checkpoint: the run is taken
     bf16 = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype="bfloat16"))
     with pytest.raises(ValueError, match="model.dtype: saved 'float32', now 'bfloat16'"):
         run_config.check_out_dir(bf16)
