@@ -9,17 +9,21 @@
 
 On 2 CPU cores the default takes 10 to 20 minutes (the same code measured both, in different
 sessions) and writes runs/default/report.md with held-out pass@1 of the SFT and RL models
-(measured at this commit: 0.364 [0.330, 0.399] -> 0.439 [0.397, 0.482], one seed). Re-running
-the same command after an interruption resumes from the last checkpoint.
+(measured before the easy-to-hack filter and 10 difficulty samples became the defaults: 0.364
+[0.330, 0.399] -> 0.439 [0.397, 0.482], one seed; not measured since). Re-running the same
+command after an interruption resumes from the last checkpoint. A mistake in flags, prompt files
+or the run directory ends it with one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import sys
+from typing import NoReturn
 
 from absl import app, flags, logging
 
-from k15jax import data, distributed, loop, partial, preflight, run_config, sampler
+from k15jax import convert, data, distributed, loop, partial, preflight, run_config, sampler
 from k15jax.config import DTYPES, KernelConfig
 from k15jax.rewards import length as length_reward
 from k15jax.sharding import MESH_AXES
@@ -56,6 +60,20 @@ _MAX_PROMPT = flags.DEFINE_integer(
     D.task.max_prompt_tokens,
     "Longest prompt in tokens (sets the training length).",
 )
+_OVERLONG = flags.DEFINE_enum(
+    "overlong_prompts",
+    D.task.overlong_prompts,
+    data.OVERLONG,
+    "A prompt over --max_prompt_tokens: drop it (counted in the report) or stop with an error.",
+)
+_SCREEN = flags.DEFINE_bool(
+    "screen", D.task.screen, "JSONL RL pool: leave out multiple-choice, true/false and proofs."
+)
+_ANSWER_PREFIX = flags.DEFINE_string(
+    "answer_prefix",
+    D.task.answer_prefix,
+    "Easy-to-hack check: the forced response start that asks for the answer directly.",
+)
 _SFT_BATCH = flags.DEFINE_integer("sft_batch_size", D.sft.batch_size, "SFT batch size.")
 _SFT_STEPS = flags.DEFINE_integer("sft_steps", D.sft.steps, "Long-CoT SFT steps (0: skip).")
 _SFT_LR = flags.DEFINE_float("sft_learning_rate", D.sft.learning_rate, "SFT peak LR.")
@@ -71,6 +89,11 @@ _DIFF_N = flags.DEFINE_integer(
     "difficulty_samples",
     D.rl.difficulty_samples,
     "Samples per prompt for the SFT pass-rate estimate.",
+)
+_HACK_TRIES = flags.DEFINE_integer(
+    "easy_to_hack_tries",
+    D.rl.easy_to_hack_tries,
+    "Drop problems the SFT model answers right within this many no-reasoning tries (0: off).",
 )
 _CKPT = flags.DEFINE_integer(
     "checkpoint_every", D.rl.checkpoint_every, "RL iterations between checkpoints."
@@ -122,6 +145,11 @@ _GPU_UTIL = flags.DEFINE_float(
     "gpu_memory_utilization",
     D.vllm.gpu_memory_utilization,
     "vLLM KV-cache fraction (GPU hosts, with --kv_cache_bytes=0).",
+)
+_CONTEXT = flags.DEFINE_integer(
+    "max_model_len",
+    D.vllm.max_model_len,
+    "vLLM context per sequence (default: --max_prompt_tokens + --max_length).",
 )
 _KV = flags.DEFINE_integer(
     "kv_cache_bytes",
@@ -206,6 +234,9 @@ def make_config() -> run_config.RunConfig:
             reward=_REWARD.value,
             prompt_template=_TEMPLATE.value,
             max_prompt_tokens=_MAX_PROMPT.value,
+            overlong_prompts=_OVERLONG.value,
+            screen=_SCREEN.value,
+            answer_prefix=_ANSWER_PREFIX.value,
             train_problems=_TRAIN_N.value,
             sft_examples=_SFT_N.value,
             short_fraction=_SHORT.value,
@@ -226,6 +257,7 @@ def make_config() -> run_config.RunConfig:
             groups_per_step=_GROUPS.value,
             micro_batches=_MICRO.value,
             difficulty_samples=_DIFF_N.value,
+            easy_to_hack_tries=_HACK_TRIES.value,
             checkpoint_every=_CKPT.value,
             eval_every=_EVAL_EVERY.value,
         ),
@@ -247,6 +279,7 @@ def make_config() -> run_config.RunConfig:
         vllm=r(
             D.vllm,
             dtype=_DTYPE.value,
+            max_model_len=_CONTEXT.value,
             gpu_memory_utilization=_GPU_UTIL.value,
             kv_cache_memory_bytes=_KV.value or None,
         ),
@@ -268,10 +301,34 @@ def distributed_config() -> distributed.DistributedConfig:
     )
 
 
+# Mistakes in flags, files or the run directory: reported in one line, without a traceback
+# (any other exception is a bug and keeps its traceback). ValueErrors of the dataclasses'
+# checks are caught only while the flags become a config.
+USER_ERRORS = (
+    data.DataError,
+    run_config.ConfigError,
+    convert.CheckpointError,
+    FileNotFoundError,
+    preflight.DoesNotFit,
+)
+
+
+def fail(error: Exception) -> NoReturn:
+    """Prints `error` as one line on stderr and exits with status 2 (a usage error)."""
+    print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv):
     distributed.initialize(distributed_config())  # before anything touches a device
-    cfg = config_from_argv(argv)
-    results = loop.run(cfg)
+    try:
+        cfg = config_from_argv(argv)
+    except ValueError as e:
+        fail(e)
+    try:
+        results = loop.run(cfg)
+    except USER_ERRORS as e:
+        fail(e)
     if not distributed.is_main():
         return
     sft, rl = results["sft"], results["rl"]

@@ -37,8 +37,16 @@ def test_flags_reach_the_config():
         "--mesh=data:2,tensor:-1",
         "--micro_batches=4",
         "--param_dtype=bfloat16",
+        "--easy_to_hack_tries=0",
+        "--overlong_prompts=error",
+        "--noscreen",
+        "--answer_prefix=The answer is ",
+        "--max_model_len=4096",
     )
     cfg = rl.make_config()
+    assert cfg.rl.easy_to_hack_tries == 0 and cfg.task.overlong_prompts == "error"
+    assert not cfg.task.screen and cfg.task.answer_prefix == "The answer is "
+    assert cfg.vllm.max_model_len == run_config.engine_config(cfg).max_model_len == 4096
     assert cfg.model.kernels == KernelConfig(
         attention_impl="xla_chunked", logprob_impl="xla_chunked", remat=True
     )
@@ -48,7 +56,15 @@ def test_flags_reach_the_config():
     assert (cfg.partial.budget, cfg.partial.max_length) == (100, 200)
     assert cfg.length.weight == 0.3 and cfg.sampler.curriculum_iterations == 4
     assert cfg.vllm.kv_cache_memory_bytes is None
-    assert dataclasses.replace(cfg.task, data=None, reward="task") == run_config.RunConfig().task
+    task = dataclasses.replace(
+        cfg.task,
+        data=None,
+        reward="task",
+        overlong_prompts="drop",
+        screen=True,
+        answer_prefix="answer: ",
+    )
+    assert task == run_config.RunConfig().task
     _parse()
 
 
@@ -93,3 +109,57 @@ def test_bad_mesh_flag_is_refused():
 def test_sandbox_bench_runs(tmp_path):
     text = _run_script("sandbox_bench", "--programs=4", "--repeats=1", tmp_path=tmp_path)
     assert "| rlimits_only | stdio |" in text
+
+
+def test_user_errors_are_one_line_and_bugs_keep_their_traceback(monkeypatch, capsys, tmp_path):
+    import pytest
+
+    from k15jax import data, loop
+
+    def fails_with(error):
+        def run(cfg):
+            raise error
+
+        return run
+
+    cases = [
+        (("--tau=0",), None, "error: tau=0.0 must be > 0"),
+        (("--max_model_len=100",), None, "error: max_model_len=100 is below"),
+        ((), data.DataError("x.jsonl:3: invalid JSON"), "error: x.jsonl:3: invalid JSON"),
+        ((), run_config.ConfigError("runs/x holds a\ndifferent run"), "runs/x holds a different"),
+        ((), FileNotFoundError("--model=/m: no such directory"), "error: --model=/m: no such"),
+    ]
+    for args, error, line in cases:
+        _parse(f"--out_dir={tmp_path}", *args)
+        monkeypatch.setattr(loop, "run", fails_with(error))
+        with pytest.raises(SystemExit) as exit_info:
+            rl.main(["rl"])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and line in err, err
+    # Anything else is a bug: its traceback stays.
+    monkeypatch.setattr(loop, "run", fails_with(KeyError("sft")))
+    with pytest.raises(KeyError):
+        rl.main(["rl"])
+    _parse()
+
+
+def test_broken_prompt_file_is_one_line_before_any_model_is_built(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "Q:1+1\\n", "answer": "2"}\n{"prompt": "Q:2+2\\n", "answer": }\n')
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.rl", f"--out_dir={tmp_path / 'run'}", f"--data={bad}"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert lines == [f"error: {bad}:2: invalid JSON (Expecting value at column 33)"], lines
+    assert time.perf_counter() - t0 < 60  # imports only: no model, no engine
