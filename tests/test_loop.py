@@ -267,6 +267,7 @@ RESUME_FLAGS = [
     "--max_terms=3",
     "--sft_batch_size=8",
     "--difficulty_samples=2",
+    "--easy_to_hack_tries=2",
     "--checkpoint_every=1",
     "--eval_every=0",
     "--max_prompt_tokens=24",
