@@ -23,7 +23,7 @@ from absl import app, flags
 from experiments import rl as rl_script  # its flags are this script's flags too
 from k15jax import atomic, data, evaluation, rollout, run_setup
 from k15jax.rewards import sandbox
-from k15jax.run_config import RunConfig
+from k15jax.run_config import RunConfig, engine_config
 
 _SAMPLES = flags.DEFINE_integer("samples", 16, "Samples per problem (n of pass@k).")
 _KS = flags.DEFINE_string("k", "1,4,16", "Comma-separated k of pass@k, avg@k and maj@k.")
@@ -101,7 +101,7 @@ def main(argv):
             sets = {os.path.basename(f): data.load_jsonl(f)[: eval_cfg.problems] for f in files}
         else:
             sets = {"built-in held-out": setup.problems.held_out}
-        engine = rollout.VllmEngine(cfg.model_dir, cfg.vllm)
+        engine = rollout.VllmEngine(cfg.model_dir, engine_config(cfg))
         stack.callback(engine.close)
         results = evaluate_sets(setup, engine, sets, eval_cfg)
     print(markdown(results))

@@ -208,6 +208,7 @@ def rl_iterations() -> list[dict]:
             prompts_per_iteration=4 if small else 16,
             groups_per_step=2 if small else 8,
             difficulty_samples=2,
+            easy_to_hack_tries=2,
         ),
         partial=dataclasses.replace(
             d.partial, budget=32 if small else 192, max_length=48 if small else 256

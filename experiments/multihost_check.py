@@ -225,7 +225,7 @@ def _loop_cfg(out: str):
         sft=sft.SftConfig(steps=4, batch_size=8, checkpoint_every=2),
         rl=run_config.RlConfig(
             iterations=2, prompts_per_iteration=4, samples_per_prompt=4, groups_per_step=2,
-            difficulty_samples=2, checkpoint_every=1, eval_every=0,
+            difficulty_samples=2, easy_to_hack_tries=2, checkpoint_every=1, eval_every=0,
         ),
         eval=evaluation.EvalConfig(problems=4, samples=2),
         partial=partial.PartialConfig(budget=24, max_length=32),

@@ -42,7 +42,7 @@ from k15jax import (
     train_step,
 )
 from k15jax.rewards import sandbox as sandbox_lib
-from k15jax.run_config import RunConfig, as_json, check_out_dir
+from k15jax.run_config import ConfigError, RunConfig, as_json, check_out_dir
 from k15jax.run_setup import Setup, evaluate, prepare
 
 log = logging.getLogger(__name__)
@@ -400,6 +400,24 @@ def removed_counts(setup: Setup) -> dict:
     return counts
 
 
+def _check_out_dir_everywhere(cfg: RunConfig) -> None:
+    """`check_out_dir` on process 0; its refusal is raised on every process (the others would
+    otherwise wait for process 0 at the next collective)."""
+
+    def decide():
+        try:
+            check_out_dir(cfg)
+        except ConfigError as err:
+            return {}, {"refused": str(err)}
+        return {}, {"refused": None}
+
+    _, meta = distributed.from_main(decide)
+    if meta["refused"] is not None:
+        if distributed.is_main():
+            raise ConfigError(meta["refused"])
+        raise ConfigError(f"process 0 refused the run: {meta['refused']}")
+
+
 class _Quiet:
     """The progress bar of a process other than 0: prints nothing."""
 
@@ -434,9 +452,7 @@ def run(cfg: RunConfig, *, engine=None, progress=None, console=print) -> dict:
     if not main:
         progress, console = _Quiet, lambda *a, **k: None
     t_start = time.perf_counter()
-    if main:
-        check_out_dir(cfg)
-    distributed.barrier("run config checked")
+    _check_out_dir_everywhere(cfg)
     with contextlib.ExitStack() as stack:
         box = None
         if cfg.task.reward == "code" and main:
