@@ -192,6 +192,9 @@ _COORD = flags.DEFINE_string(
 )
 _NPROC = flags.DEFINE_integer("num_processes", None, "Multi-process run: number of processes.")
 _PROC_ID = flags.DEFINE_integer("process_id", None, "Multi-process run: this process's index.")
+_DIST_AUTO = flags.DEFINE_bool(
+    "distributed", False, "Multi-process run found by JAX's cluster detection (Kubernetes, TPU)."
+)
 
 
 def parse_mesh(text: str) -> tuple[int, int, int]:
@@ -297,7 +300,10 @@ def config_from_argv(argv) -> run_config.RunConfig:
 def distributed_config() -> distributed.DistributedConfig:
     """Returns how this process joins a multi-process run (flags; else JAX's environment)."""
     return distributed.DistributedConfig(
-        coordinator_address=_COORD.value, num_processes=_NPROC.value, process_id=_PROC_ID.value
+        coordinator_address=_COORD.value,
+        num_processes=_NPROC.value,
+        process_id=_PROC_ID.value,
+        auto=_DIST_AUTO.value,
     )
 
 

@@ -3,7 +3,8 @@
 A run on several processes (hosts, or several processes on one host) is started by the user's
 launcher (a shell loop, SLURM, Kubernetes): every process runs the same command, and
 `initialize` joins them through `jax.distributed.initialize`, from flags or from what JAX reads
-itself (`JAX_COORDINATOR_ADDRESS`, and the SLURM / Open MPI / Kubernetes environments).
+itself (`JAX_COORDINATOR_ADDRESS`, a SLURM or Open MPI launch of several tasks, or with `auto`
+any cluster JAX detects, such as Kubernetes with the `kubernetes` package).
 
 Division of work (`loop.py`): every process holds the full host copy of each batch and feeds the
 shards its own devices hold (`put`), runs every jitted step, and writes its shards of each
@@ -34,6 +35,7 @@ class DistributedConfig:
     coordinator_address: str | None = None  # host:port of process 0's coordination service
     num_processes: int | None = None
     process_id: int | None = None
+    auto: bool = False  # join through JAX's own cluster detection (e.g. Kubernetes, TPU pods)
 
     def __post_init__(self):
         n, i = self.num_processes, self.process_id
@@ -44,9 +46,18 @@ class DistributedConfig:
 
     @property
     def wanted(self) -> bool:
-        """Whether this process should join a multi-process run."""
+        """Whether this process should join a multi-process run: flags, `auto`,
+        `JAX_COORDINATOR_ADDRESS`, or a SLURM / Open MPI launch of more than one task."""
         given = (self.coordinator_address, self.num_processes, self.process_id)
-        return any(x is not None for x in given) or "JAX_COORDINATOR_ADDRESS" in os.environ
+        env = os.environ
+        launched = int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env
+        launched |= int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+        return (
+            self.auto
+            or any(x is not None for x in given)
+            or "JAX_COORDINATOR_ADDRESS" in env
+            or launched
+        )
 
 
 def initialize(cfg: DistributedConfig) -> None:

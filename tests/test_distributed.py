@@ -122,6 +122,24 @@ def test_distributed_config_is_checked():
     assert not distributed.multi()
 
 
+def test_launchers_are_recognized(monkeypatch):
+    for var in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "SLURM_PROCID", "OMPI_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    cfg = distributed.DistributedConfig()
+    assert not cfg.wanted and distributed.DistributedConfig(auto=True).wanted
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    assert not cfg.wanted  # a one-task SLURM job is a single process
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    assert cfg.wanted
+    monkeypatch.delenv("SLURM_NTASKS")
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
+    assert cfg.wanted
+    monkeypatch.delenv("OMPI_COMM_WORLD_SIZE")
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "127.0.0.1:1234")
+    assert cfg.wanted
+
+
 @pytest.mark.slow
 def test_two_processes_train_like_one(tmp_path):
     """2 processes x 4 CPU devices (gloo, loopback coordinator) vs 1 x 8: the RL job itself on a
