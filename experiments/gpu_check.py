@@ -192,9 +192,7 @@ def rl_iterations() -> list[dict]:
     """Three RL iterations of the built-in task with the JAX sampler."""
     import dataclasses
 
-    import jax
-
-    from k15jax import data, distributed, loop, partial, rollout, run_config, train_step
+    from k15jax import data, distributed, loop, rollout, run_config, train_step
 
     d = run_config.RunConfig()
     small = _SMOKE.value
@@ -238,7 +236,6 @@ def rl_iterations() -> list[dict]:
         )  # fmt: skip
         rows.append(dict(part="RL (JAX sampler)", case=f"iteration {it}", result=result,
                          seconds=s))  # fmt: skip
-    del partial, jax
     return rows
 
 
