@@ -23,7 +23,17 @@ from typing import NoReturn
 
 from absl import app, flags, logging
 
-from k15jax import convert, data, distributed, loop, partial, preflight, run_config, sampler
+from k15jax import (
+    convert,
+    data,
+    distributed,
+    loop,
+    partial,
+    preflight,
+    run_config,
+    sampler,
+    servers,
+)
 from k15jax.config import DTYPES, KernelConfig
 from k15jax.rewards import length as length_reward
 from k15jax.sharding import MESH_AXES
@@ -157,6 +167,25 @@ _KV = flags.DEFINE_integer(
     "vLLM KV-cache size in bytes (0: use --gpu_memory_utilization).",
 )
 
+_PUBLISH = flags.DEFINE_string(
+    "publish_dir",
+    D.vllm.publish_dir,
+    "Where weights are published for the engine (every rollout server must read it).",
+)
+_SERVERS = flags.DEFINE_list(
+    "rollout_servers",
+    [],
+    "host:port of running vLLM servers (VLLM_SERVER_DEV_MODE=1, --enable-scale-out) to roll "
+    "out on instead of the in-process engine (deploy/README.md).",
+)
+_LAUNCH = flags.DEFINE_integer(
+    "launch_servers", 0, "Start this many vLLM servers on loopback and roll out on them."
+)
+_SERVER_TIMEOUT = flags.DEFINE_float(
+    "server_timeout_s",
+    servers.ServerPoolConfig(launch=1).request_timeout_s,
+    "A rollout request unanswered this long marks its server hung (it is sent elsewhere).",
+)
 
 K = D.model.kernels
 _ATTN = flags.DEFINE_enum(
@@ -285,7 +314,20 @@ def make_config() -> run_config.RunConfig:
             max_model_len=_CONTEXT.value,
             gpu_memory_utilization=_GPU_UTIL.value,
             kv_cache_memory_bytes=_KV.value or None,
+            publish_dir=_PUBLISH.value,
         ),
+        servers=server_pool_config(),
+    )
+
+
+def server_pool_config() -> servers.ServerPoolConfig | None:
+    """Returns the rollout servers the flags name, or None for the in-process engine."""
+    if not _SERVERS.value and not _LAUNCH.value:
+        return None
+    return servers.ServerPoolConfig(
+        addresses=tuple(_SERVERS.value),
+        launch=_LAUNCH.value,
+        request_timeout_s=_SERVER_TIMEOUT.value,
     )
 
 

@@ -115,3 +115,19 @@ def qwen25_05b(**overrides) -> ModelConfig:
         attention_bias=True, dtype="bfloat16",
     )  # fmt: skip
     return ModelConfig(**{**shape, **overrides})
+
+
+def qwen25_15b(**overrides) -> ModelConfig:
+    """Returns the ModelConfig of Qwen2.5-1.5B's shape (random weights, as `qwen25_05b`)."""
+    return qwen25_05b(
+        **{
+            **dict(
+                hidden_size=1536,
+                intermediate_size=8960,
+                num_hidden_layers=28,
+                num_attention_heads=12,
+                head_dim=128,
+            ),  # fmt: skip
+            **overrides,
+        }
+    )

@@ -38,6 +38,7 @@ from k15jax import (
     run_state,
     sampler,
     scoring,
+    servers,
     sft,
     train_step,
 )
@@ -172,6 +173,7 @@ def rl_iteration(
 
     def decide():  # process 0: prompts, rollouts, rewards, sampler update, packed batch
         drawn, groups, metrics = _rollout(setup, engine, state, pool, iteration)
+        _sleep(engine)  # a colocated engine frees the device while the trainer runs
         arrays = {}
         if groups:
             rewards, correct, stats = scoring.score_groups(
@@ -209,6 +211,14 @@ def rl_iteration(
     return dataclasses.replace(state, train=train), metrics
 
 
+def _sleep(engine) -> None:
+    """Puts an engine that can sleep (`VllmEngine`, `ServerPool`) to sleep; the next
+    `load_weights` wakes it."""
+    sleep = getattr(engine, "sleep", None)
+    if sleep is not None:
+        sleep()
+
+
 def _rollout(setup: Setup, engine, state: run_state.RlState, pool, iteration: int):
     """Draws this iteration's prompts and generates; returns (state, finished groups, metrics)."""
     cfg, rl = setup.cfg, setup.cfg.rl
@@ -231,6 +241,8 @@ def _rollout(setup: Setup, engine, state: run_state.RlState, pool, iteration: in
         "finished_groups": len(groups),
         "resumed": rstats["resumed"],
     }
+    if isinstance(engine, servers.ServerPool):  # what happened on the servers: failures, retries
+        metrics.update({f"servers/{k}": v for k, v in engine.take_metrics().items()})
     return dataclasses.replace(state, sampler=drawn_state, buffer=buffer), groups, metrics
 
 
@@ -317,6 +329,13 @@ def check_memory(setup: Setup, console) -> None:
     console(preflight.check(cfg.preflight, plans, setup.model_cfg, setup.mesh, rl.micro_batches))
 
 
+def make_engine(model_dir: str, vcfg: rollout.VllmConfig, pool: servers.ServerPoolConfig | None):
+    """Returns the run's rollout engine: vLLM in this process, or a pool of vLLM servers."""
+    if pool is None:
+        return rollout.VllmEngine(model_dir, vcfg)
+    return servers.ServerPool(model_dir, vcfg, pool)
+
+
 def _sft_and_rl(setup: Setup, engine, progress, console) -> tuple[model.Params, list, list, dict]:
     """Runs SFT, its evaluation, RL and its evaluation; returns (params, histories, results).
 
@@ -336,7 +355,7 @@ def _sft_and_rl(setup: Setup, engine, progress, console) -> tuple[model.Params, 
                 vcfg = run_config.engine_config(cfg)
                 publish = os.path.join(vcfg.publish_dir, f"run-{os.getpid()}")
                 vcfg = dataclasses.replace(vcfg, publish_dir=publish)
-                engine = rollout.VllmEngine(hf_dir, vcfg)
+                engine = make_engine(hf_dir, vcfg, cfg.servers)
                 stack.callback(engine.close)
             else:
                 engine.load_weights(params)

@@ -51,8 +51,15 @@ class VllmConfig:
     # seeded generator, which the CPU backend cannot do ("CPU Generator does not use offset"):
     # off by default so per-request seeds work on CPU.
     enable_chunked_prefill: bool = False
+    # Colocated with the trainer (k1.5 §2.6): sleep while the trainer runs. 1: weights to host
+    # memory, KV cache freed; 2: both freed (the next weights come from the published
+    # directory anyway); 0: never sleep. vLLM has sleep mode on GPUs only: on CPU a sleep
+    # pauses and resumes the scheduler and frees nothing.
+    sleep_level: int = 0
 
     def __post_init__(self):
+        if self.sleep_level not in (0, 1, 2):
+            raise ValueError(f"sleep_level={self.sleep_level} must be 0, 1 or 2")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(
                 f"gpu_memory_utilization={self.gpu_memory_utilization} must be in (0, 1]"
@@ -147,6 +154,27 @@ class RolloutEngine(Protocol):
         """Makes later `generate` calls sample from `params`."""
 
 
+def _has_sleep_mode() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_sleep_mode_available()
+
+
+def finish_reason(reason: str) -> str:
+    """Returns the project's name ("stop" | "length" | "repeat") for vLLM's finish reason."""
+    return _FINISH.get(reason, "length")
+
+
+def check_params(cfg: ModelConfig, params: model.Params, model_dir: str) -> None:
+    """Raises ValueError unless `params` has the shapes of the model `cfg` (from `model_dir`)."""
+    want = jax.tree.map(lambda x: x.shape, model.abstract_params(cfg))
+    got = jax.tree.map(lambda x: x.shape, params)
+    if want != got:
+        raise ValueError(
+            f"params do not fit the engine's model ({model_dir}): expected shapes {want}, got {got}"
+        )
+
+
 @contextlib.contextmanager
 def _environment(**values: str):
     """Sets environment variables for the block only, restoring the previous values after."""
@@ -178,6 +206,7 @@ class VllmEngine:
         self.model_dir = model_dir
         self._publish_count = 0
         self._restart_dir: str | None = None  # the directory the current engine was started on
+        self.asleep = False
         self.llm = self._start(model_dir)
 
     def _start(self, model_dir: str):
@@ -205,10 +234,25 @@ class VllmEngine:
             enable_prefix_caching=self.engine.enable_prefix_caching,
             kv_cache_memory_bytes=self.engine.kv_cache_memory_bytes,
             enable_chunked_prefill=self.engine.enable_chunked_prefill,
+            enable_sleep_mode=self.engine.sleep_level > 0 and _has_sleep_mode(),
         )
+
+    def sleep(self) -> None:
+        """Frees the engine's device memory for the trainer (`VllmConfig.sleep_level`)."""
+        if self.engine.sleep_level and not self.asleep:
+            self.llm.sleep(level=self.engine.sleep_level)
+            self.asleep = True
+
+    def wake(self) -> None:
+        """Makes a sleeping engine ready to generate again."""
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
 
     def generate(self, prompts, spec, *, max_tokens=None, seeds=None) -> list[Completion]:
         import vllm
+
+        self.wake()
 
         def params(i):
             repeat = None
@@ -238,7 +282,7 @@ class VllmEngine:
             for c in out.outputs:
                 ids = list(c.token_ids)
                 logprobs = [float(step[tok].logprob) for step, tok in zip(c.logprobs, ids)]
-                reason = _FINISH.get(str(c.finish_reason), "length")
+                reason = finish_reason(str(c.finish_reason))
                 result.append(Completion(i, ids, logprobs, reason))
         return result
 
@@ -251,16 +295,13 @@ class VllmEngine:
 
     def load_weights(self, params: model.Params) -> None:
         """Publishes `params` and reloads vLLM in place; restarts the engine if that fails."""
-        want = jax.tree.map(lambda x: x.shape, model.abstract_params(self.model_cfg))
-        got = jax.tree.map(lambda x: x.shape, params)
-        if want != got:
-            raise ValueError(
-                f"params do not fit the engine's model ({self.model_dir}): "
-                f"expected shapes {want}, got {got}"
-            )
+        check_params(self.model_cfg, params, self.model_dir)
         path = self.publish(params)
         try:
+            if self.asleep:  # weights memory back first, the KV cache after the reload
+                self.llm.wake_up(tags=["weights"])
             self.llm.collective_rpc("reload_weights", kwargs={"weights_path": path})
+            self.wake()
             self.llm.reset_prefix_cache()
         except Exception as e:  # the engine's state is unknown after a failed reload
             log.warning("in-place weight reload failed (%s); restarting vLLM", e)
@@ -285,7 +326,7 @@ class VllmEngine:
                 shutil.rmtree(old, ignore_errors=True)
 
     def close(self) -> None:
-        llm, self.llm = self.llm, None
+        llm, self.llm, self.asleep = self.llm, None, False
         if llm is not None:
             engine = getattr(llm, "llm_engine", None)
             shutdown = getattr(getattr(engine, "engine_core", None), "shutdown", None)

@@ -2,7 +2,8 @@
 
 Each setting has one home: the model's shape, trainer dtype and kernels in `ModelConfig`, the
 problems in `data.TaskConfig`, the warm-up in `sft.SftConfig`, the evaluation in
-`evaluation.EvalConfig`, the RL phase in `RlConfig`, engine knobs in `rollout.VllmConfig`.
+`evaluation.EvalConfig`, the RL phase in `RlConfig`, engine knobs in `rollout.VllmConfig`,
+rollout servers in `servers.ServerPoolConfig`.
 """
 
 from __future__ import annotations
@@ -11,13 +12,24 @@ import dataclasses
 import json
 import os
 
-from k15jax import atomic, checkpoint, data, evaluation, partial, preflight, rollout, sampler, sft
+from k15jax import (
+    atomic,
+    checkpoint,
+    data,
+    evaluation,
+    partial,
+    preflight,
+    rollout,
+    sampler,
+    servers,
+    sft,
+)
 from k15jax.config import ModelConfig
 from k15jax.rewards import length as length_reward
 from k15jax.rewards import sandbox as sandbox_lib
 
 # Settings that may change when a run resumes: where it runs, not what it computes.
-RESUMABLE_CHANGES = ("out_dir", "vllm", "mesh", "sandbox", "preflight")
+RESUMABLE_CHANGES = ("out_dir", "vllm", "servers", "mesh", "sandbox", "preflight")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -104,6 +116,8 @@ class RunConfig:
     vllm: rollout.VllmConfig = rollout.VllmConfig(max_model_len=None, enable_prefix_caching=False)
     sandbox: sandbox_lib.SandboxConfig = sandbox_lib.SandboxConfig()  # used by reward="code"
     preflight: preflight.PreflightConfig = preflight.PreflightConfig()
+    # Rollouts on vLLM servers (`servers.ServerPool`) instead of the in-process engine.
+    servers: servers.ServerPoolConfig | None = None
 
     def __post_init__(self):
         if (
