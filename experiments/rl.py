@@ -18,6 +18,7 @@ flags, prompt files or the run directory ends it with one line on stderr and exi
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from typing import NoReturn
 
@@ -186,6 +187,14 @@ _SERVER_TIMEOUT = flags.DEFINE_float(
     servers.ServerPoolConfig(launch=1).request_timeout_s,
     "A rollout request unanswered this long marks its server hung (it is sent elsewhere).",
 )
+_SLEEP = flags.DEFINE_enum(
+    "engine_sleep_level",
+    str(D.vllm.sleep_level),
+    ["0", "1", "2"],
+    "Colocated engine on the trainer's GPUs: sleep while the trainer runs (1: weights to host "
+    "memory, 2: weights dropped; 0: never). JAX then takes device memory as needed, up to "
+    "0.95 - --gpu_memory_utilization unless XLA_PYTHON_CLIENT_MEM_FRACTION is set.",
+)
 
 K = D.model.kernels
 _ATTN = flags.DEFINE_enum(
@@ -315,6 +324,7 @@ def make_config() -> run_config.RunConfig:
             gpu_memory_utilization=_GPU_UTIL.value,
             kv_cache_memory_bytes=_KV.value or None,
             publish_dir=_PUBLISH.value,
+            sleep_level=int(_SLEEP.value),
         ),
         servers=server_pool_config(),
     )
@@ -328,7 +338,17 @@ def server_pool_config() -> servers.ServerPoolConfig | None:
         addresses=tuple(_SERVERS.value),
         launch=_LAUNCH.value,
         request_timeout_s=_SERVER_TIMEOUT.value,
+        sleep_level=int(_SLEEP.value),
     )
+
+
+def colocated_memory() -> None:
+    """Sets JAX's device-memory environment for an engine sharing the trainer's GPUs: no
+    preallocation, and a cap that leaves vLLM its share (only what the user has not set)."""
+    if int(_SLEEP.value):
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+        share = max(0.05, 0.95 - _GPU_UTIL.value)
+        os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{share:.2f}")
 
 
 def config_from_argv(argv) -> run_config.RunConfig:
@@ -368,6 +388,7 @@ def fail(error: Exception) -> NoReturn:
 
 
 def main(argv):
+    colocated_memory()  # before JAX creates its GPU client
     distributed.initialize(distributed_config())  # before anything touches a device
     try:
         cfg = config_from_argv(argv)

@@ -174,22 +174,7 @@ class ServerPool:
                 server = _Server(f"127.0.0.1:{free_port()}")
                 self._launch(server)
                 self.servers.append(server)
-            deadline = time.monotonic() + pool.start_timeout_s
-            for server in self.servers:
-                try:
-                    self._wait_healthy(server, deadline)
-                except ServerError as e:
-                    if server.process is not None:  # one the pool started: a set-up error
-                        raise
-                    log.warning("rollout server %s left out for now: %s", server.address, e)
-                    server.state = "down"
-                    continue
-                self._sync(server)
-            if not any(s.state == "ready" for s in self.servers):
-                raise ServerError(
-                    "no rollout server could be brought to the start weights: "
-                    + "; ".join(f"{s.address} {s.state}" for s in self.servers)
-                )
+            self._start_up(time.monotonic() + pool.start_timeout_s)
         except BaseException:
             self.close()
             raise
@@ -232,21 +217,43 @@ class ServerPool:
         except (OSError, http.client.HTTPException):
             return False
 
-    def _wait_healthy(self, server: _Server, deadline: float) -> None:
-        while time.monotonic() < deadline:
-            if server.process is not None and server.process.poll() is not None:
+    def _start_up(self, deadline: float) -> None:
+        """Waits for every launched server and at least one server overall, and syncs them.
+
+        A server given by address that is not up yet (a deployment still starting it) is left
+        out for now and joins when it answers (`_refresh`).
+        """
+        pending = list(self.servers)
+        while True:
+            for server in list(pending):
+                if server.process is not None and server.process.poll() is not None:
+                    raise ServerError(
+                        f"vLLM server {server.address} exited with code "
+                        f"{server.process.returncode} while starting; see {server.log_path}"
+                    )
+                if self._healthy(server):
+                    pending.remove(server)
+                    self._sync(server)
+            ready = any(s.state == "ready" for s in self.servers)
+            launching = [s for s in pending if s.process is not None]
+            if (ready and not launching) or not pending:
+                break
+            if time.monotonic() > deadline:
+                late = launching or pending
                 raise ServerError(
-                    f"vLLM server {server.address} exited with code "
-                    f"{server.process.returncode} while starting; see {server.log_path}"
+                    f"no answer from vLLM server(s) {', '.join(s.address for s in late)} within "
+                    f"{self.cfg.start_timeout_s:.0f}s"
+                    + "".join(f"; see {s.log_path}" for s in late if s.log_path)
                 )
-            if self._healthy(server):
-                return
             time.sleep(0.5)
-        where = f"; see {server.log_path}" if server.log_path else ""
-        raise ServerError(
-            f"vLLM server {server.address} did not answer /health within "
-            f"{self.cfg.start_timeout_s:.0f}s{where}"
-        )
+        for server in pending:
+            log.warning("rollout server %s not up yet: it joins when it answers", server.address)
+            server.state = "down"
+        if not any(s.state == "ready" for s in self.servers):
+            raise ServerError(
+                "no rollout server could be brought to the start weights: "
+                + "; ".join(f"{s.address} {s.state}" for s in self.servers)
+            )
 
     def _post(self, server: _Server, path: str, body: dict, timeout: float):
         request = urllib.request.Request(
@@ -286,6 +293,7 @@ class ServerPool:
                 self._reload(server, path)
             if server.asleep:
                 self._wake(server)
+            if server.version != label:
                 self._post(server, "/reset_prefix_cache", {}, self.cfg.request_timeout_s)
                 self._post(
                     server, "/update_weight_version", {"new_version": label},

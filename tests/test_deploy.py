@@ -119,3 +119,22 @@ def test_disaggregated_trainer_names_every_server():
     _check_server(_container(stateful["spec"]["template"]["spec"], "vllm"), trainer, port)
     (pvc,) = [d for d in docs if d["kind"] == "PersistentVolumeClaim"]
     assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]  # one writer, every server reads
+
+
+def test_server_flags_reach_the_config():
+    cfg = _trainer_config(
+        {
+            "args": [
+                "--launch_servers=2",
+                "--rollout_servers=a:1,b:2",
+                "--server_timeout_s=30",
+                "--engine_sleep_level=1",
+                "--publish_dir=/x",
+            ]
+        }
+    )
+    assert cfg.servers == servers.ServerPoolConfig(
+        addresses=("a:1", "b:2"), launch=2, request_timeout_s=30, sleep_level=1
+    )
+    assert (cfg.vllm.publish_dir, cfg.vllm.sleep_level) == ("/x", 1)
+    assert _trainer_config({"args": []}).servers is None  # the in-process engine by default
