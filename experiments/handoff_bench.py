@@ -8,13 +8,14 @@ For each model shape (random weights: nothing is downloaded) and each engine —
 times what one RL iteration pays to hand the trainer's weights to the engine: `publish` (params
 to a Hugging Face directory in host shared memory, `--publish_dir`) and `reload` (the engine
 loading them in place; for the server also the version report and prefix-cache reset). Medians
-over --repeats; a table on stdout and JSON in --out. Engines of one size run one after the other,
-so host memory holds one copy of the weights per engine at a time.
+over --repeats; a table on stdout and JSON in --out. Each measurement runs in its own process,
+one after the other, so host memory holds one engine's copy of the weights at a time.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import statistics
 import tempfile
 import time
@@ -91,20 +92,34 @@ def measure(size: str, kind: str, repeats: int) -> dict:
 def main(argv):
     del argv
     import os
+    import subprocess
+    import sys
 
     os.makedirs(_PUBLISH.value, exist_ok=True)
+    pairs = [(size, kind) for size in _SIZES.value for kind in _ENGINES.value]
+    if len(pairs) == 1:
+        atomic.write_json(_OUT.value, {"rows": [measure(*pairs[0], _REPEATS.value)]})
+        return
     rows = []
     print("| shape | parameters | MB (f32) | engine | publish s | reload s | hand-off s |")
     print("|---|---|---|---|---|---|---|")
-    for size in _SIZES.value:
-        for kind in _ENGINES.value:
-            r = measure(size, kind, _REPEATS.value)
-            rows.append(r)
-            print(
-                f"| {size} | {r['parameters'] / 1e6:.1f}M | {r['bytes'] / 1e6:.0f} | {kind} | "
-                f"{r['publish_s']:.2f} | {r['reload_s']:.2f} | {r['handoff_s']:.2f} |",
-                flush=True,
-            )
+    for size, kind in pairs:
+        # One process per measurement: an engine's memory is only surely freed with its process.
+        out = os.path.join(_PUBLISH.value, f"{size}-{kind}.json")
+        subprocess.run(
+            [sys.executable, "-m", "experiments.handoff_bench", f"--sizes={size}",
+             f"--engines={kind}", f"--repeats={_REPEATS.value}", f"--out={out}",
+             f"--publish_dir={_PUBLISH.value}"],
+            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        with open(out) as f:
+            (r,) = json.load(f)["rows"]
+        rows.append(r)
+        print(
+            f"| {size} | {r['parameters'] / 1e6:.1f}M | {r['bytes'] / 1e6:.0f} | {kind} | "
+            f"{r['publish_s']:.2f} | {r['reload_s']:.2f} | {r['handoff_s']:.2f} |",
+            flush=True,
+        )
     atomic.write_json(_OUT.value, {"rows": rows, "time": time.time()})
 
 
