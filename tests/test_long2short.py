@@ -247,3 +247,117 @@ def test_efficiency_rows_and_table():
     assert rows[1]["length_change"] == pytest.approx(-0.4)
     table = long2short.markdown(rows, header="## x")
     assert "| short | 0.300 [0.200, 0.400] | 60.0 | -40% |" in table
+
+
+# ------------------------------------------------- a run's setup: sampling, SFT set, DPO run
+
+
+@pytest.fixture(scope="module")
+def small_setup():
+    from k15jax import data, evaluation, partial, run_setup
+
+    base = run_config.RunConfig()
+    cfg = dataclasses.replace(
+        base,
+        model=dataclasses.replace(
+            base.model, hidden_size=32, intermediate_size=64, head_dim=8, num_hidden_layers=1
+        ),
+        task=data.TaskConfig(train_problems=6, sft_examples=0),
+        partial=partial.PartialConfig(budget=16, max_length=16),
+        eval=evaluation.EvalConfig(problems=2),
+    )
+    return run_setup.prepare(cfg)
+
+
+@dataclasses.dataclass
+class ScriptedEngine:
+    """Returns fixed (text, finish reason) completions for every prompt, in order."""
+
+    encode: object
+    script: list
+
+    def generate(self, prompts, spec, *, max_tokens=None, seeds=None):
+        from k15jax import rollout
+
+        assert spec.n == len(self.script)
+        return [
+            rollout.Completion(i, self.encode(text), [0.0] * len(self.encode(text)), reason)
+            for i in range(len(prompts))
+            for text, reason in self.script
+        ]
+
+
+def test_sample_scores_with_the_run_scorer_and_writes_the_shortest(small_setup, tmp_path):
+    import json
+
+    setup = small_setup
+    problems = setup.problems.train[:3]
+    right = lambda p: f"answer: {p.answer}"  # noqa: E731
+    # Every prompt gets: a long correct answer, a correct one cut at the length limit (never
+    # correct), a wrong one. Texts use each prompt's own answer via a per-prompt engine call.
+    groups = []
+    for p in problems:
+        engine = ScriptedEngine(
+            setup.tok.encode,
+            [(f"plan: add\n{right(p)}", "stop"), (right(p), "length"), ("answer: -1", "stop")],
+        )
+        groups += long2short.sample(setup, engine, [p], n=3, max_tokens=16, temperature=1.0, seed=0)
+    assert [[s.correct for s in g] for g in groups] == [[True, False, False]] * 3
+    chosen, skipped = long2short.shortest_correct(groups)
+    assert skipped == 0 and [len(s.token_ids) for s in chosen] == [
+        len(setup.tok.encode(f"plan: add\n{right(p)}")) for p in problems
+    ]
+    chosen = [dataclasses.replace(s, prompt_index=i) for i, s in enumerate(chosen)]
+    traces = long2short.sft_traces(setup, problems, chosen)
+    assert traces == tuple((p.prompt, f"plan: add\n{right(p)}") for p in problems)
+    path = long2short.write_sft_jsonl(str(tmp_path / "sft.jsonl"), problems, chosen, traces)
+    rows = [json.loads(line) for line in open(path)]
+    assert [r["response"] for r in rows] == [t[1] for t in traces]
+    assert [r["id"] for r in rows] == [p.id for p in problems]
+
+
+def test_train_dpo_raises_the_chosen_over_the_rejected(small_setup):
+    setup = small_setup
+    enc, eos = setup.tok.encode, setup.tok.eos_id
+    pairs = [
+        long2short.Pair(i, tuple(enc(f"answer: {p.answer}") + [eos]),
+                        tuple(enc("plan: add 2 numbers") + [eos]))
+        for i, p in enumerate(setup.problems.train[:4])
+    ]  # fmt: skip
+    cfg = long2short.DpoConfig(steps=3, pairs_per_step=4, learning_rate=3e-3, beta=0.5)
+    params = jax.device_get(setup.params)
+    new, history = long2short.train_dpo(setup, params, pairs, cfg, seed=0)
+    assert len(history) == 3 and history[-1]["loss"] < history[0]["loss"]
+    prompts = [setup.prompt_ids(p) for p in setup.problems.train]
+    tokens, mask, seg = long2short.pair_rows(pairs, prompts, seq_len=setup.cfg.seq_len)
+    seq = lambda p: np.asarray(  # noqa: E731
+        (train_step.sequence_logprobs(setup.model_cfg, p, tokens, seg) * mask).sum(axis=1)
+    )
+    before, after = seq(params), seq(new)
+    assert np.all((after - before)[0::2] > (after - before)[1::2])  # margin grows in each pair
+
+
+def test_long2short_flags_reach_the_configs():
+    from absl import flags
+
+    from experiments import long2short as script
+    from experiments import rl
+
+    f = flags.FLAGS
+    f.unparse_flags()
+    f(["prog", "--out_dir=/x", "--l2s_max_length=48", "--l2s_length_weight=0.7",
+       "--l2s_iterations=3", "--short_max_length=24", "--short_sft_steps=7",
+       "--dpo_length_ratio=2", "--nodpo_reject_wrong", "--dpo_beta=0.2"])  # fmt: skip
+    try:
+        cfg = rl.make_config()
+        rl_cfg = script.rl_config(cfg)
+        assert rl_cfg.out_dir == "/x/rl" and rl_cfg.rl.iterations == 3
+        assert (rl_cfg.partial.max_length, rl_cfg.length.weight) == (48, 0.7)
+        short = script.short_config(cfg)
+        assert short.task.short_fraction == 1.0 and short.sft.steps == 7
+        assert short.partial.max_length == 24 and short.out_dir == "/x/short"
+        assert script.pair_rules() == long2short.PairRules(reject_wrong=False, length_ratio=2)
+        assert script.dpo_config().beta == 0.2
+    finally:
+        f.unparse_flags()
+        f(["prog"])
