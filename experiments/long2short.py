@@ -1,8 +1,11 @@
 """Long2short (k1.5 §2.4): turn a long-CoT model into a short one; the token-efficiency report.
 
   python -m experiments.long2short --method=report --out_dir=runs/long2short \\
-      --sft_steps=300 --short_sft_steps=300 --train_problems=128 --eval_problems=200 \\
-      --eval_samples=4 --l2s_iterations=8
+      --max_length=192 --budget=192 --short_fraction=0.1 --sft_steps=250 --sft_batch_size=16 \\
+      --short_sft_steps=150 --train_problems=64 --rs_problems=64 --rs_sft_steps=60 \\
+      --dpo_steps=30 --dpo_pairs_per_step=8 --l2s_iterations=6 --prompts_per_iteration=16 \\
+      --groups_per_step=8 --difficulty_samples=4 --easy_to_hack_tries=0 \\
+      --eval_problems=150 --eval_samples=4
 
 builds, on the built-in task, the long model (SFT on the solver's long traces, the run's SFT
 phase), the short model (SFT on the short traces only) and one model per method from the long
