@@ -7,9 +7,10 @@
       --groups_per_step=8 --difficulty_samples=4 --easy_to_hack_tries=0 \\
       --eval_problems=150 --eval_samples=4
 
-builds, on the built-in task, the long model (SFT on the solver's long traces, the run's SFT
-phase), the short model (SFT on the short traces only) and one model per method from the long
-one, evaluates each on the held-out set with the same engine and sampling, and writes
+builds, on the built-in task, the long model (the run's SFT phase on the solver's traces: long
+ones, and direct answers for a --short_fraction of them), the short model (SFT on the short
+traces only) and one model per method from the long one, evaluates each on the held-out set
+with the same engine and sampling, and writes
 report.md (the table), results.json and long2short.png (accuracy against mean response tokens,
 like k1.5 Fig. 7) into --out_dir. Re-running the same command resumes: finished models and
 evaluations are read back. The other methods, one at a time, from Hugging Face directories:
@@ -233,7 +234,7 @@ def dpo(setup, engine, params, out_dir: str, info: dict) -> model.Params:
     return model_once(setup, os.path.join(out_dir, "dpo", "model"), compute)
 
 
-def long2short_rl(cfg: RunConfig, engine, params) -> model.Params:
+def long2short_rl(cfg: RunConfig, engine, params, info: dict) -> model.Params:
     """The RL loop from `params` with the long2short preset (`rl_config`)."""
     rl_cfg = rl_config(cfg)
     run_config.check_out_dir(rl_cfg)
@@ -242,6 +243,8 @@ def long2short_rl(cfg: RunConfig, engine, params) -> model.Params:
     def compute():
         engine.load_weights(params)
         new, history = loop.run_rl(setup, engine, params, _progress, print)
+        keys = ("iteration", "reward", "accuracy", "response_length", "truncated")
+        info["rl"] = [{k: m[k] for k in keys if k in m} for m in history]
         return new
 
     return model_once(setup, os.path.join(rl_cfg.out_dir, "model"), compute)
@@ -266,12 +269,12 @@ def report(cfg: RunConfig) -> dict:
     long_params = model_once(setup, long_dir, lambda: loop.run_sft(setup, _progress)[0])
     _, short_params = short_model(cfg)
     info: dict = {}
-    models: dict[str, Callable[[], model.Params]] = {}
     results = {}
+    long_share = 100 * (1 - cfg.task.short_fraction)
     with contextlib.ExitStack() as stack:
         engine = start_engine(long_cfg, long_dir, stack)
         models = {
-            "long (SFT, long traces)": lambda: long_params,
+            f"long (SFT, {long_share:.0f}% long traces)": lambda: long_params,
             "short (SFT, short traces)": lambda: short_params,
             f"merge ({_MERGE_W.value:g} long)": lambda: model_once(
                 setup,
@@ -282,7 +285,7 @@ def report(cfg: RunConfig) -> dict:
                 setup, engine, long_params, cfg.out_dir, info
             ),
             "DPO": lambda: dpo(setup, engine, long_params, cfg.out_dir, info),
-            "long2short RL": lambda: long2short_rl(cfg, engine, long_params),
+            "long2short RL": lambda: long2short_rl(cfg, engine, long_params, info),
         }
         for i, (name, build) in enumerate(models.items()):
             params = build()
@@ -345,7 +348,7 @@ def single(cfg: RunConfig, method: str) -> str:
         elif method == "dpo":
             dpo(setup, engine, params, cfg.out_dir, {})
         else:
-            long2short_rl(cfg, engine, params)
+            long2short_rl(cfg, engine, params, {})
     return os.path.join(cfg.out_dir, method, "model")
 
 

@@ -69,6 +69,8 @@ class PairRules:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DpoConfig:
+    """The DPO phase: optimizer steps, pairs drawn per step, AdamW learning rate and β."""
+
     steps: int = 60
     pairs_per_step: int = 16
     learning_rate: float = 1e-4
@@ -260,6 +262,7 @@ def groups_to_json(groups: Sequence[Sequence[Scored]]) -> list:
 
 
 def groups_from_json(obj: list) -> list[list[Scored]]:
+    """Returns the scored samples `groups_to_json` wrote."""
     return [[Scored(int(i), tuple(ids), bool(ok)) for i, ids, ok in g] for g in obj]
 
 
