@@ -126,11 +126,52 @@ def dpo_loss(
     ref_rejected_logp_b: Float[Array, " b"],
     *,
     beta: float,
+    valid_b: Float[Array, " b"] | None = None,
 ) -> tuple[jax.Array, Metrics]:
-    """Returns the DPO loss -log σ(β[(π_c - ref_c) - (π_r - ref_r)]) on sequence log-probs."""
-    margin_b = beta * (
-        (chosen_logp_b - jax.lax.stop_gradient(ref_chosen_logp_b))
-        - (rejected_logp_b - jax.lax.stop_gradient(ref_rejected_logp_b))
+    """Returns the DPO loss mean_b -log σ(β[(π_c - ref_c) - (π_r - ref_r)]) and its metrics.
+
+    Rafailov et al. 2023 ("Direct Preference Optimization"), the objective k1.5 §2.4 uses for
+    long2short, on sequence log-probs of b (chosen, rejected) pairs. The reference log-probs
+    are constants (the frozen reference model). `valid_b` (1/0) drops padding pairs: means are
+    over valid pairs only. Metrics: the mean margin β[...], the accuracy (share of pairs whose
+    margin is positive) and the mean implicit rewards β(π - ref) of chosen and rejected.
+    """
+    if beta <= 0:
+        raise ValueError(f"{beta=} must be > 0")
+    chosen_b = _f32(chosen_logp_b) - jax.lax.stop_gradient(_f32(ref_chosen_logp_b))
+    rejected_b = _f32(rejected_logp_b) - jax.lax.stop_gradient(_f32(ref_rejected_logp_b))
+    margin_b = beta * (chosen_b - rejected_b)
+    valid = jnp.ones_like(margin_b) if valid_b is None else _f32(valid_b)
+    n = jnp.maximum(valid.sum(), 1.0)
+    mean = lambda x: jnp.sum(valid * x) / n
+    loss = mean(-jax.nn.log_sigmoid(margin_b))
+    return loss, {
+        "margin_mean": mean(margin_b),
+        "accuracy": mean((margin_b > 0).astype(jnp.float32)),
+        "chosen_reward": mean(beta * chosen_b),
+        "rejected_reward": mean(beta * rejected_b),
+    }
+
+
+def dpo_pair_loss(
+    logp_bt: Float[Array, "b t"],
+    ref_logp_bt: Float[Array, "b t"],
+    mask_bt: Float[Array, "b t"],
+    *,
+    beta: float,
+    valid_b: Float[Array, " b"] | None = None,
+) -> tuple[jax.Array, Metrics]:
+    """Returns `dpo_loss` of rows taken as pairs: row 2i is chosen, row 2i + 1 rejected.
+
+    Each row's sequence log-prob is Σ_t mask · logp (the response tokens); a pair counts when
+    its chosen row is valid (`valid_b`, 1/0; padding repeats whole pairs).
+    """
+    if logp_bt.shape[0] % 2:
+        raise ValueError(f"batch {logp_bt.shape[0]} must be even: rows are (chosen, rejected)")
+    mask = _f32(mask_bt)
+    seq_p2 = jnp.sum(mask * _f32(logp_bt), axis=1).reshape(-1, 2)  # [pairs, 2]
+    ref_p2 = jnp.sum(mask * _f32(ref_logp_bt), axis=1).reshape(-1, 2)
+    valid = None if valid_b is None else _f32(valid_b).reshape(-1, 2)[:, 0]
+    return dpo_loss(
+        seq_p2[:, 0], seq_p2[:, 1], ref_p2[:, 0], ref_p2[:, 1], beta=beta, valid_b=valid
     )
-    loss = -jax.nn.log_sigmoid(margin_b).mean()
-    return loss, {"margin_mean": margin_b.mean(), "accuracy": (margin_b > 0).mean()}

@@ -72,6 +72,9 @@ class Batch:
         )
 
 
+OBJECTIVES = ("mirror_descent", "sft", "dpo")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class StepConfig:
     """Numerics of one optimizer step of the mirror-descent update."""
@@ -81,10 +84,17 @@ class StepConfig:
     micro_batches: int = 1
     normalize_by_length: bool = False
     objective: str = "mirror_descent"  # or "sft": masked cross-entropy on the same batch type
+    # "dpo" (long2short, k1.5 §2.4): rows are (chosen, rejected) pairs, group_size 2, against
+    # the frozen reference's log-probs in `ref_logp_bt`; `beta` is DPO's β.
+    beta: float = 0.1
 
     def __post_init__(self):
-        if self.objective not in ("mirror_descent", "sft"):
-            raise ValueError(f"objective={self.objective!r} must be 'mirror_descent' or 'sft'")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective={self.objective!r} must be one of {OBJECTIVES}")
+        if self.objective == "dpo" and self.group_size != 2:
+            raise ValueError(f"group_size={self.group_size} must be 2 for dpo (row pairs)")
+        if self.beta <= 0:
+            raise ValueError(f"beta={self.beta} must be > 0")
         if self.tau <= 0:
             raise ValueError(f"tau={self.tau} must be > 0")
         if self.group_size < 1 or self.micro_batches < 1:
@@ -228,6 +238,10 @@ def make_train_step(
         logp = sequence_logprobs(cfg, params, mb.tokens_bt, mb.segment_ids_bt)
         if step_cfg.objective == "sft":
             return losses.sft_loss(logp, mb.mask_bt * mb.valid_b[:, None])
+        if step_cfg.objective == "dpo":
+            return losses.dpo_pair_loss(
+                logp, mb.ref_logp_bt, mb.mask_bt, beta=step_cfg.beta, valid_b=mb.valid_b
+            )
         return losses.mirror_descent_loss(
             logp,
             mb.ref_logp_bt,
