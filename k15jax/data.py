@@ -149,9 +149,15 @@ def load_problems(task: TaskConfig, *, held_out_problems: int, seed: int) -> Pro
     """Returns the run's problems: generated (built-in task) or read from `task.data`."""
     if task.data is None:
         gen = dict(min_terms=task.min_terms, max_terms=task.max_terms, max_term=task.max_term)
-        sft_set = tasks.generate(task.sft_examples, seed=seed, unique=False, **gen)
-        pool = tasks.generate(task.train_problems, seed=seed + 1, **gen)
-        held = tasks.generate(held_out_problems, seed=seed, split="held_out", **gen)
+        try:
+            sft_set = tasks.generate(task.sft_examples, seed=seed, unique=False, **gen)
+            pool = tasks.generate(task.train_problems, seed=seed + 1, **gen)
+            held = tasks.generate(held_out_problems, seed=seed, split="held_out", **gen)
+        except ValueError as e:  # too few distinct sums for the sizes asked: a flag to change
+            raise DataError(
+                f"built-in task: {e}; ask for fewer problems (--train_problems, --eval_problems) "
+                "or allow more sums (--max_terms, --max_term)"
+            ) from e
         as_problem = lambda i, e: Problem(str(i), e.prompt, e.answer, e.difficulty)  # noqa: E731
         short = np.random.default_rng([seed, 2]).random(len(sft_set)) < task.short_fraction
         return ProblemSet(

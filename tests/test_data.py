@@ -273,3 +273,9 @@ def test_overlong_prompts_are_dropped_or_refused():
         data.TaskConfig(overlong_prompts="cut")
     removed = data.Removed({"proof": ("p1", "p2")}, ("long",), ())
     assert removed.counts() == {"screen": {"proof": 2}, "overlong": {"train": 1, "held_out": 0}}
+
+
+def test_built_in_task_too_small_for_the_sizes_is_a_clear_error():
+    task = data.TaskConfig(max_terms=2, max_term=3)
+    with pytest.raises(data.DataError, match=r"cannot find .* \(--train_problems"):
+        data.load_problems(task, held_out_problems=150, seed=0)
