@@ -29,22 +29,28 @@ _SIZES = flags.DEFINE_list("sizes", ["tiny", "0.5b", "1.5b"], "Model shapes: tin
 _ENGINES = flags.DEFINE_list("engines", ["in_process", "server"], "in_process, server.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed hand-offs per engine (after one warm-up).")
 _PUBLISH = flags.DEFINE_string("publish_dir", "/dev/shm/k15jax-handoff", "Published weights.")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", config.DTYPES, "Weights and engine dtype.")
 
 
 def model_config(size: str) -> config.ModelConfig:
-    """Returns the model shape `size` names, in float32 (the CPU engine's dtype)."""
+    """Returns the model shape `size` names, in --dtype."""
     vocab = tokenizer.builtin().vocab_size
     if size == "tiny":
-        return dataclasses.replace(run_config.RunConfig().model, vocab_size=vocab)
+        return dataclasses.replace(
+            run_config.RunConfig().model, vocab_size=vocab, dtype=_DTYPE.value
+        )
     shape = {"0.5b": config.qwen25_05b, "1.5b": config.qwen25_15b}[size]
-    return shape(dtype="float32", max_position_embeddings=4096)
+    return shape(dtype=_DTYPE.value, max_position_embeddings=4096)
 
 
 def _engine(kind: str, model_dir: str, publish_dir: str):
     from k15jax import rollout, servers
 
     vcfg = rollout.VllmConfig(
-        max_model_len=256, kv_cache_memory_bytes=64 << 20, publish_dir=publish_dir
+        dtype=_DTYPE.value,
+        max_model_len=256,
+        kv_cache_memory_bytes=64 << 20,
+        publish_dir=publish_dir,
     )
     if kind == "in_process":
         return rollout.VllmEngine(model_dir, vcfg)
@@ -101,7 +107,9 @@ def main(argv):
         atomic.write_json(_OUT.value, {"rows": [measure(*pairs[0], _REPEATS.value)]})
         return
     rows = []
-    print("| shape | parameters | MB (f32) | engine | publish s | reload s | hand-off s |")
+    print(
+        f"| shape | parameters | MB ({_DTYPE.value}) | engine | publish s | reload s | hand-off s |"
+    )
     print("|---|---|---|---|---|---|---|")
     for size, kind in pairs:
         # One process per measurement: an engine's memory is only surely freed with its process.
@@ -109,7 +117,7 @@ def main(argv):
         subprocess.run(
             [sys.executable, "-m", "experiments.handoff_bench", f"--sizes={size}",
              f"--engines={kind}", f"--repeats={_REPEATS.value}", f"--out={out}",
-             f"--publish_dir={_PUBLISH.value}"],
+             f"--publish_dir={_PUBLISH.value}", f"--dtype={_DTYPE.value}"],
             check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         with open(out) as f:
