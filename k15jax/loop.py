@@ -30,6 +30,7 @@ from k15jax import (
     difficulty,
     distributed,
     model,
+    packing,
     partial,
     preflight,
     report,
@@ -39,6 +40,7 @@ from k15jax import (
     sampler,
     scoring,
     sft,
+    sharding,
     train_step,
 )
 from k15jax.rewards import sandbox as sandbox_lib
@@ -201,7 +203,10 @@ def rl_iteration(
         return state, metrics
     reward_b = arrays.pop("reward_b")
     packed = partial.PackedGroups(**arrays)
-    train, train_metrics = _train(setup, trainer, state.train, packed, reward_b, iteration)
+    gap = next((m["logprob_mismatch_mean"] for m in state.history[::-1] if "loss" in m), None)
+    train, train_metrics = _train(
+        setup, trainer, state.train, packed, reward_b, iteration, gap
+    )
     params = distributed.host_value(train.params)  # every process: a collective
     if engine is not None:
         engine.load_weights(params)
@@ -234,23 +239,104 @@ def _rollout(setup: Setup, engine, state: run_state.RlState, pool, iteration: in
     return dataclasses.replace(state, sampler=drawn_state, buffer=buffer), groups, metrics
 
 
-def _train(setup: Setup, trainer, train, packed: partial.PackedGroups, rewards, iteration: int):
-    """The mirror-descent update on the finished groups `packed`; returns (state, metrics)."""
-    rows = setup.cfg.rl.rows_per_step
-    # π_{θ_i}: recomputed by the trainer, not trusted from the engine.
-    ref = train_step.reference_logprobs(
-        trainer, train.params, packed.tokens_bt, packed.segment_ids_bt, rows=rows
-    )
-    metrics = partial.logprob_mismatch(packed.rollout_logp_bt, ref, packed.current_mask_bt)
-    batch = train_step.Batch.for_rl(
-        packed.tokens_bt, packed.mask_bt, ref, rewards, packed.segment_ids_bt
-    )
+def _train(
+    setup: Setup, trainer, train, packed: partial.PackedGroups, rewards, iteration: int, gap
+):
+    """The mirror-descent update on the finished groups `packed`; returns (state, metrics).
+
+    Each optimizer step takes `rl.groups_per_step` groups, packed into rows by length
+    (`packing`). π_{θ_i} comes from three places, none computed twice: the first step's own
+    forward pass for its samples; the engine's sampling log-probs for later steps' samples
+    whose loss tokens were all generated this iteration, when the engine's last measured gap
+    `gap` (mean |log-prob difference|, from the previous iteration's first step) is at most
+    `rl.engine_reference_max_gap`; a trainer pass for the rest.
+    """
+    rl = setup.cfg.rl
+    per_step = rl.rows_per_step
+    n, seq_len = packed.tokens_bt.shape
+    lengths = packed.segment_ids_bt.sum(axis=1)
+    steps = [np.arange(a, min(a + per_step, n)) for a in range(0, n, per_step)]
+    ref, recompute = iteration_reference(
+        trainer, train.params, packed, first=len(steps[0]), gap=gap,
+        max_gap=rl.engine_reference_max_gap,
+    )  # fmt: skip
     t0 = time.perf_counter()
-    train, steps = train_step.iteration_update(
-        trainer, train, batch, rows=rows, where=f"RL iteration {iteration}"
+    train = train_step.reset_optimizer(train, trainer.optimizer)
+    metrics, real_rows = [], 0
+    for k, idx in enumerate(steps):
+        batch, rows = _packed_step(
+            packed, ref, rewards, idx, per_step, rl.micro_batches,
+            shards=sharding.batch_shards(trainer.mesh), self_ref=k == 0,
+        )  # fmt: skip
+        real_rows += rows
+        train, m = train_step.checked_step(
+            trainer, train, batch, where=f"RL iteration {iteration}"
+        )
+        metrics.append(m)
+    tokens_per_s = float(lengths.sum()) / (time.perf_counter() - t0)
+    first_m = metrics[0]
+    out = {
+        **report.mean_step_metrics(metrics),
+        "logprob_mismatch_mean": first_m["engine_gap_mean"],
+        "logprob_mismatch_max": first_m["engine_gap_max"],
+        "train_tokens_per_s": tokens_per_s,
+        "reference_recomputed": float(recompute.mean()),
+        "packed_rows": real_rows,
+    }
+    return train, out
+
+
+def iteration_reference(trainer, params, packed: partial.PackedGroups, *, first, gap, max_gap):
+    """Returns (π_{θ_i} log-probs [b, t] for the update, 1/0 recomputed by the trainer [b]).
+
+    Rows `:first` (the first step's samples) get the engine's log-probs where generated this
+    iteration and NaN elsewhere: their reference is the step's own pass, the engine's values are
+    only compared with it. Later samples whose loss tokens all come from this iteration get the
+    engine's log-probs when `gap` (None: not measured yet) is at most `max_gap`; every other
+    sample (older segments, or the engine not trusted) is recomputed by the trainer with
+    `params` (θ_i), on packed rows.
+    """
+    n, seq_len = packed.tokens_bt.shape
+    current = packed.current_mask_bt > 0
+    current_only = ((packed.mask_bt > 0) <= current).all(axis=1)
+    engine_ok = gap is not None and gap <= max_gap
+    recompute = (np.arange(n) >= first) & ~(current_only & engine_ok)
+    ref = np.where(current, packed.rollout_logp_bt, 0.0).astype(np.float32)
+    if recompute.any():
+        idx = np.flatnonzero(recompute)
+        shards = sharding.batch_shards(trainer.mesh)
+        lay = packing.layout(packed.segment_ids_bt[idx].sum(axis=1), cols=seq_len, multiple=shards)
+        logp = train_step.reference_logprobs(
+            trainer,
+            params,
+            packing.pack(packed.tokens_bt[idx], lay),
+            packing.segment_ids(lay),
+            rows=lay.rows,
+        )
+        ref[idx] = packing.unpack(logp, lay, seq_len)
+    ref[:first] = np.where(current[:first], packed.rollout_logp_bt[:first], np.nan)
+    return ref, recompute.astype(np.float32)
+
+
+def _packed_step(packed, ref, rewards, idx, per_step: int, micro: int, *, shards, self_ref):
+    """Returns (the Batch of samples `idx` packed by length, its row count); the samples are
+    padded to `per_step` (valid 0, no tokens) so that only the row count changes shape."""
+    pad = per_step - len(idx)
+    take = lambda x: np.concatenate([x[idx], np.zeros((pad, *x.shape[1:]), x.dtype)])
+    lengths = take(packed.segment_ids_bt.sum(axis=1))
+    lay = packing.layout(lengths, cols=packed.tokens_bt.shape[1], parts=micro, multiple=shards)
+    valid = take(np.ones(len(packed.tokens_bt), np.float32))
+    batch = train_step.Batch(
+        tokens_bt=packing.pack(take(packed.tokens_bt), lay),
+        mask_bt=packing.pack(take(packed.mask_bt), lay),
+        ref_logp_bt=packing.pack(take(ref), lay),
+        reward_b=take(np.asarray(rewards, np.float32)),
+        segment_ids_bt=packing.segment_ids(lay),
+        valid_b=valid,
+        sample_bt=packing.sample_ids(lay),
+        self_ref_b=valid * float(self_ref),
     )
-    tokens_per_s = float(packed.segment_ids_bt.sum()) / (time.perf_counter() - t0)
-    return train, {**metrics, **report.mean_step_metrics(steps), "train_tokens_per_s": tokens_per_s}
+    return batch, lay.rows
 
 
 def run_rl(setup: Setup, engine, params, progress, console) -> tuple[model.Params, list[dict]]:
