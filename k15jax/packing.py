@@ -93,7 +93,7 @@ def layout(lengths, *, cols: int, parts: int = 1, multiple: int = 1) -> Layout:
 
 
 def pack(x_sl: np.ndarray, lay: Layout, *, fill=0) -> np.ndarray:
-    """Returns the per-sample rows `x_sl` [s, l] (each sample's tokens first) packed [rows, cols]."""
+    """Returns per-sample rows `x_sl` [s, l] (each sample's tokens first) packed [rows, cols]."""
     out = np.full((lay.rows, lay.cols), fill, dtype=x_sl.dtype)
     for j in np.flatnonzero(lay.row_s >= 0):
         a, n = lay.start_s[j], lay.length_s[j]

@@ -104,11 +104,6 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(BATCH, *([None] * (ndim - 1))))
 
 
-def batch_shards(mesh: Mesh) -> int:
-    """Returns how many parts the batch axis is split into on `mesh`."""
-    return int(np.prod([mesh.shape[a] for a in BATCH]))
-
-
 def per_device_bytes(tree) -> int:
     """Returns the bytes of `tree`'s arrays that one device holds (the most loaded device)."""
     held: dict = {}

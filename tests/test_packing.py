@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from k15jax import losses, loop, model, packing, partial, sharding, train_step
+from k15jax import loop, losses, model, packing, partial, sharding, train_step
 from k15jax.config import ModelConfig
 
 CFG = ModelConfig(
