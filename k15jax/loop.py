@@ -204,9 +204,7 @@ def rl_iteration(
     reward_b = arrays.pop("reward_b")
     packed = partial.PackedGroups(**arrays)
     gap = next((m["logprob_mismatch_mean"] for m in state.history[::-1] if "loss" in m), None)
-    train, train_metrics = _train(
-        setup, trainer, state.train, packed, reward_b, iteration, gap
-    )
+    train, train_metrics = _train(setup, trainer, state.train, packed, reward_b, iteration, gap)
     params = distributed.host_value(train.params)  # every process: a collective
     if engine is not None:
         engine.load_weights(params)
@@ -258,7 +256,7 @@ def _train(
     steps = [np.arange(a, min(a + per_step, n)) for a in range(0, n, per_step)]
     ref, recompute = iteration_reference(
         trainer, train.params, packed, first=len(steps[0]), gap=gap,
-        max_gap=rl.engine_reference_max_gap,
+        max_gap=rl.engine_reference_max_gap, block=_reference_block(setup, trainer),
     )  # fmt: skip
     t0 = time.perf_counter()
     train = train_step.reset_optimizer(train, trainer.optimizer)
@@ -269,9 +267,7 @@ def _train(
             shards=sharding.batch_shards(trainer.mesh), self_ref=k == 0,
         )  # fmt: skip
         real_rows += rows
-        train, m = train_step.checked_step(
-            trainer, train, batch, where=f"RL iteration {iteration}"
-        )
+        train, m = train_step.checked_step(trainer, train, batch, where=f"RL iteration {iteration}")
         metrics.append(m)
     tokens_per_s = float(lengths.sum()) / (time.perf_counter() - t0)
     first_m = metrics[0]
@@ -286,7 +282,9 @@ def _train(
     return train, out
 
 
-def iteration_reference(trainer, params, packed: partial.PackedGroups, *, first, gap, max_gap):
+def iteration_reference(
+    trainer, params, packed: partial.PackedGroups, *, first, gap, max_gap, block
+):
     """Returns (π_{θ_i} log-probs [b, t] for the update, 1/0 recomputed by the trainer [b]).
 
     Rows `:first` (the first step's samples) get the engine's log-probs where generated this
@@ -294,7 +292,7 @@ def iteration_reference(trainer, params, packed: partial.PackedGroups, *, first,
     only compared with it. Later samples whose loss tokens all come from this iteration get the
     engine's log-probs when `gap` (None: not measured yet) is at most `max_gap`; every other
     sample (older segments, or the engine not trusted) is recomputed by the trainer with
-    `params` (θ_i), on packed rows.
+    `params` (θ_i), on packed rows, `block` rows at a time (one compiled shape).
     """
     n, seq_len = packed.tokens_bt.shape
     current = packed.current_mask_bt > 0
@@ -304,18 +302,24 @@ def iteration_reference(trainer, params, packed: partial.PackedGroups, *, first,
     ref = np.where(current, packed.rollout_logp_bt, 0.0).astype(np.float32)
     if recompute.any():
         idx = np.flatnonzero(recompute)
-        shards = sharding.batch_shards(trainer.mesh)
-        lay = packing.layout(packed.segment_ids_bt[idx].sum(axis=1), cols=seq_len, multiple=shards)
+        lay = packing.layout(packed.segment_ids_bt[idx].sum(axis=1), cols=seq_len, block=block)
         logp = train_step.reference_logprobs(
             trainer,
             params,
             packing.pack(packed.tokens_bt[idx], lay),
             packing.segment_ids(lay),
-            rows=lay.rows,
+            rows=block,
         )
         ref[idx] = packing.unpack(logp, lay, seq_len)
     ref[:first] = np.where(current[:first], packed.rollout_logp_bt[:first], np.nan)
     return ref, recompute.astype(np.float32)
+
+
+def _reference_block(setup: Setup, trainer) -> int:
+    """Returns the rows per call of the reference pass: a bucket of the step, whole shards."""
+    shards = sharding.batch_shards(trainer.mesh)
+    size = packing.bucket(1, setup.cfg.rl.rows_per_step)
+    return -(-size // shards) * shards
 
 
 def _packed_step(packed, ref, rewards, idx, per_step: int, micro: int, *, shards, self_ref):

@@ -6,9 +6,9 @@ that fits the longest one. Packing places several samples in one row, each its o
 and the loss sums each sample's tokens by `sample_bt` (`losses.mirror_descent_loss`), so the
 loss and its gradient are those of the unpacked batch.
 
-The number of rows is rounded up to a bucket (`bucket`: 1, 2, 3, 4, 6, 8, 12, 16, 24, ...)
-so that a run compiles the step for a handful of shapes, not one per iteration. A step may be
-packed in `parts` independent parts (the micro-batches of gradient accumulation): each part's
+The number of rows is rounded up to a bucket (`bucket`: a quarter, a half, three quarters or
+all of the unpacked row count) so that a run compiles the step for at most four shapes. A step
+may be packed in `parts` independent parts (the micro-batches of gradient accumulation): each part's
 rows hold only its own samples, and its `sample_bt` indexes them from 0.
 """
 
@@ -18,14 +18,17 @@ import dataclasses
 
 import numpy as np
 
+BUCKETS = 4  # row counts a step may have: cap/4, cap/2, 3cap/4, cap
+
 
 def bucket(n: int, cap: int) -> int:
-    """Returns the smallest bucket (2^k or 3 * 2^k) >= n, or `cap` if that is smaller."""
-    size = 1
-    while size < n:
-        power_of_two = (size & (size - 1)) == 0
-        size = 2 if size == 1 else size * 3 // 2 if power_of_two else size * 4 // 3
-    return min(size, cap)
+    """Returns n rounded up to a multiple of ceil(cap / BUCKETS), at most `cap`.
+
+    Few and coarse on purpose: on CPU one compilation of the step costs about three steps, so
+    a finer grid would spend in compiling what it saves in padding.
+    """
+    size = -(-cap // BUCKETS)
+    return min(-(-n // size) * size, cap)
 
 
 def first_fit(lengths, capacity: int) -> list[list[int]]:
@@ -65,12 +68,15 @@ class Layout:
     parts: int
 
 
-def layout(lengths, *, cols: int, parts: int = 1, multiple: int = 1) -> Layout:
+def layout(
+    lengths, *, cols: int, parts: int = 1, multiple: int = 1, block: int | None = None
+) -> Layout:
     """Returns the packing of samples of `lengths` tokens into rows of `cols` tokens.
 
     The samples are split into `parts` consecutive equal parts, each packed into the same
     bucketed number of rows (never more than its sample count, the unpacked size), rounded up
-    to a multiple of `multiple` (the devices the rows are sharded over).
+    to a multiple of `multiple` (the devices the rows are sharded over). With `block`, the row
+    count is instead a multiple of `block`, for a function run on fixed blocks of rows.
     """
     lengths = np.asarray(lengths, np.int64)
     s = lengths.shape[0]
@@ -78,8 +84,11 @@ def layout(lengths, *, cols: int, parts: int = 1, multiple: int = 1) -> Layout:
         raise ValueError(f"{s} samples do not split into parts={parts}")
     per = s // parts
     packed = [first_fit(lengths[p * per : (p + 1) * per], cols) for p in range(parts)]
-    rows_per_part = bucket(max((len(r) for r in packed), default=1), max(per, 1))
-    rows_per_part = -(-rows_per_part // multiple) * multiple
+    needed = max((len(r) for r in packed), default=1)
+    if block is not None:
+        rows_per_part = max(-(-needed // block), 1) * block
+    else:
+        rows_per_part = -(-bucket(needed, max(per, 1)) // multiple) * multiple
     row_s = np.full(s, -1, np.int64)
     start_s = np.zeros(s, np.int64)
     for p, part_rows in enumerate(packed):
