@@ -10,17 +10,23 @@ import pytest
 from k15jax import loop, losses, model, packing, partial, sharding, train_step
 from k15jax.config import ModelConfig
 
-CFG = ModelConfig(
-    vocab_size=64,
-    hidden_size=64,
-    intermediate_size=128,
+CFG = ModelConfig(  # two layers: the second sees what the first let through the segment mask
+    vocab_size=32,
+    hidden_size=32,
+    intermediate_size=64,
     num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
     head_dim=16,
     attention_bias=True,
 )
 K, T, TAU = 4, 24, 0.3
+
+
+@pytest.fixture(scope="module")
+def trainer():
+    mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+    return train_step.make_trainer(CFG, optax.sgd(0.1), train_step.StepConfig(), mesh)
 
 
 def _samples(seed=0, s=8):
@@ -116,8 +122,7 @@ def test_packed_loss_and_gradients_equal_unpacked():
     _close(got_g, want_g)
 
 
-@pytest.mark.parametrize("micro", [1, 2])
-def test_packed_train_step_equals_unpacked(micro):
+def test_packed_train_step_equals_unpacked(micro=2):  # packed in two parts (micro-batches)
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
     opt = optax.sgd(0.1)
     step_cfg = train_step.StepConfig(tau=TAU, group_size=K, micro_batches=micro)
@@ -178,9 +183,7 @@ def _groups_packed(seed=5):
 
 
 @pytest.mark.parametrize(("gap", "engine_rows"), [(1e-5, [2, 3, 4, 7]), (1.0, []), (None, [])])
-def test_engine_reference_only_for_current_segments(gap, engine_rows):
-    mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
-    trainer = train_step.make_trainer(CFG, optax.sgd(0.1), train_step.StepConfig(), mesh)
+def test_engine_reference_only_for_current_segments(trainer, gap, engine_rows):
     params = model.init(CFG, jax.random.key(6))
     packed = _groups_packed()
     ref, recompute = loop.iteration_reference(
