@@ -174,6 +174,7 @@ def rl_iteration(
 
     def decide():  # process 0: prompts, rollouts, rewards, sampler update, packed batch
         drawn, groups, metrics = _rollout(setup, engine, state, pool, iteration)
+        t_score = time.perf_counter()
         arrays = {}
         if groups:
             rewards, correct, stats = scoring.score_groups(
@@ -189,6 +190,8 @@ def rl_iteration(
                 pad_to=setup.cfg.seq_len,
             )
             arrays = {**dataclasses.asdict(packed), "reward_b": rewards}
+        metrics["seconds_rollout"] = t_score - t0
+        metrics["seconds_score"] = time.perf_counter() - t_score
         meta = {"sampler": drawn.sampler.to_json(), "buffer": drawn.buffer.to_json()}
         return arrays, {**meta, "metrics": metrics}
 
@@ -205,10 +208,12 @@ def rl_iteration(
     packed = partial.PackedGroups(**arrays)
     gap = next((m["logprob_mismatch_mean"] for m in state.history[::-1] if "loss" in m), None)
     train, train_metrics = _train(setup, trainer, state.train, packed, reward_b, iteration, gap)
+    t_publish = time.perf_counter()
     params = distributed.host_value(train.params)  # every process: a collective
     if engine is not None:
         engine.load_weights(params)
-    metrics = {**metrics, **train_metrics, "seconds": time.perf_counter() - t0}
+    now = time.perf_counter()
+    metrics = {**metrics, **train_metrics, "seconds_publish": now - t_publish, "seconds": now - t0}
     return dataclasses.replace(state, train=train), metrics
 
 
@@ -254,6 +259,7 @@ def _train(
     n, seq_len = packed.tokens_bt.shape
     lengths = packed.segment_ids_bt.sum(axis=1)
     steps = [np.arange(a, min(a + per_step, n)) for a in range(0, n, per_step)]
+    t_ref = time.perf_counter()
     ref, recompute = iteration_reference(
         trainer, train.params, packed, first=len(steps[0]), gap=gap,
         max_gap=rl.engine_reference_max_gap, block=_reference_block(setup, trainer),
@@ -272,6 +278,8 @@ def _train(
     tokens_per_s = float(lengths.sum()) / (time.perf_counter() - t0)
     first_m = metrics[0]
     out = {
+        "seconds_reference": t0 - t_ref,
+        "seconds_update": time.perf_counter() - t0,
         **report.mean_step_metrics(metrics),
         "logprob_mismatch_mean": first_m["engine_gap_mean"],
         "logprob_mismatch_max": first_m["engine_gap_max"],
