@@ -24,7 +24,7 @@ BUCKETS = 8  # row counts a step may have: cap/8, 2cap/8, ..., cap
 def bucket(n: int, cap: int) -> int:
     """Returns n rounded up to a multiple of ceil(cap / BUCKETS), at most `cap`.
 
-    Few on purpose: on CPU one compilation of the step costs about three steps, so a finer grid
+    Few on purpose: on CPU one compilation of the step costs two to three steps, so a finer grid
     would spend in compiling what it saves in padding; a coarser one pads too much (measured on
     the default run's SFT model: 128 samples fill 66 rows of 280 tokens, which a quarter grid
     pads to 96 rows and this one to 80).
