@@ -117,6 +117,12 @@ _EVAL_EVERY = flags.DEFINE_integer(
 _GROUPS = flags.DEFINE_integer(
     "groups_per_step", D.rl.groups_per_step, "Prompts (groups of k) per optimizer step."
 )
+_ENGINE_REF = flags.DEFINE_float(
+    "engine_reference_max_gap",
+    D.rl.engine_reference_max_gap,
+    "Take π_θi of this iteration's tokens from the engine's sampling log-probs while the "
+    "measured mean |engine - trainer| log-prob gap is at most this (negative: always recompute).",
+)
 _MICRO = flags.DEFINE_integer(
     "micro_batches", D.rl.micro_batches, "Gradient-accumulation slices of each optimizer step."
 )
@@ -297,6 +303,7 @@ def make_config() -> run_config.RunConfig:
             tau=_TAU.value,
             groups_per_step=_GROUPS.value,
             micro_batches=_MICRO.value,
+            engine_reference_max_gap=_ENGINE_REF.value,
             difficulty_samples=_DIFF_N.value,
             easy_to_hack_tries=_HACK_TRIES.value,
             checkpoint_every=_CKPT.value,

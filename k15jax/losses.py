@@ -71,6 +71,8 @@ def mirror_descent_loss(
     tau: float,
     normalize_by_length: bool = False,
     valid_b: Float[Array, " b"] | None = None,
+    sample_bt: Int[Array, "r t"] | None = None,
+    self_ref_b: Float[Array, " b"] | None = None,
 ) -> tuple[jax.Array, Metrics]:
     """Returns the online-policy-mirror-descent surrogate loss and its metrics.
 
@@ -81,17 +83,36 @@ def mirror_descent_loss(
     `normalize_by_length` divides each sample's term by its token count, as open
     reimplementations do; the paper's loss is sequence-level. `valid_b` (1/0) drops padding
     groups (fixed batch shapes): means are taken over valid rows only.
+
+    Packed rows (`packing`): the token arrays are [r, t] rows holding several samples, and
+    `sample_bt` names each token's sample (an index into `reward_b`, b samples); δ_j sums the
+    tokens of sample j wherever they lie. `self_ref_b` (1/0 per sample) takes π_{θ_i} of that
+    sample from `logp_bt` itself (stop-gradient): right only while the params are θ_i (the
+    iteration's first step), and it saves the separate reference pass for those samples. For
+    such samples `ref_logp_bt` may carry the engine's sampling log-probs (NaN where it has none)
+    and the metrics `engine_gap_mean/max` compare them with the trainer's.
     """
     if tau <= 0:
         raise ValueError(f"{tau=} must be > 0")
     mask = _f32(mask_bt)
-    ratio_bt = _f32(logp_bt) - jax.lax.stop_gradient(_f32(ref_logp_bt))
-    delta_b = jnp.sum(mask * ratio_bt, axis=1)
+    logp = _f32(logp_bt)
+    ref = _f32(ref_logp_bt)
+    metrics: Metrics = {}
+    if self_ref_b is not None:
+        own_bt = _per_token(_f32(self_ref_b), sample_bt, logp.shape) > 0
+        known = own_bt & jnp.isfinite(ref) & (mask > 0)
+        gap = jnp.where(known, jnp.abs(logp - jnp.nan_to_num(ref)), 0.0)
+        metrics["engine_gap_mean"] = jnp.sum(gap) / jnp.maximum(jnp.sum(known), 1.0)
+        metrics["engine_gap_max"] = jnp.max(gap)
+        ref = jnp.where(own_bt, logp, jnp.nan_to_num(ref))
+    ratio_bt = logp - jax.lax.stop_gradient(ref)
+    b = reward_b.shape[0]
+    delta_b = _per_sample(mask * ratio_bt, sample_bt, b)
     reward_b = _f32(reward_b)
     adv_b = reward_b - group_baseline(reward_b, group_size=group_size)
     per_sample = (adv_b - tau * delta_b) ** 2 / (2 * tau)
     if normalize_by_length:
-        per_sample = per_sample / jnp.maximum(mask.sum(axis=1), 1.0)
+        per_sample = per_sample / jnp.maximum(_per_sample(mask, sample_bt, b), 1.0)
     valid = jnp.ones_like(reward_b) if valid_b is None else _f32(valid_b)
     n = jnp.maximum(valid.sum(), 1.0)
     mean = lambda x: jnp.sum(valid * x) / n
@@ -99,6 +120,7 @@ def mirror_descent_loss(
     zero_var = jnp.all(groups == groups[:, :1], axis=1)
     valid_g = valid.reshape(-1, group_size)[:, 0]
     metrics = {
+        **metrics,
         "delta_mean": mean(delta_b),
         "delta_abs_mean": mean(jnp.abs(delta_b)),
         "advantage_mean": mean(adv_b),
@@ -107,6 +129,20 @@ def mirror_descent_loss(
         "reward_mean": mean(reward_b),
     }
     return mean(per_sample), metrics
+
+
+def _per_sample(x_bt, sample_bt, b: int) -> jax.Array:
+    """Returns the sum of `x_bt` over each sample's tokens [b] (rows are samples without ids)."""
+    if sample_bt is None:
+        return jnp.sum(x_bt, axis=1)
+    return jax.ops.segment_sum(x_bt.reshape(-1), sample_bt.reshape(-1), num_segments=b)
+
+
+def _per_token(x_b, sample_bt, shape) -> jax.Array:
+    """Returns the per-sample `x_b` spread over each sample's tokens [r, t]."""
+    if sample_bt is None:
+        return jnp.broadcast_to(x_b[:, None], shape)
+    return x_b[sample_bt]
 
 
 def sft_loss(

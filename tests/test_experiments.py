@@ -42,8 +42,10 @@ def test_flags_reach_the_config():
         "--noscreen",
         "--answer_prefix=The answer is ",
         "--max_model_len=4096",
+        "--engine_reference_max_gap=-1",
     )
     cfg = rl.make_config()
+    assert cfg.rl.engine_reference_max_gap == -1
     assert cfg.rl.easy_to_hack_tries == 0 and cfg.task.overlong_prompts == "error"
     assert not cfg.task.screen and cfg.task.answer_prefix == "The answer is "
     assert cfg.vllm.max_model_len == run_config.engine_config(cfg).max_model_len == 4096
