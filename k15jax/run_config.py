@@ -188,7 +188,8 @@ def check_out_dir(cfg: RunConfig) -> None:
     mine = as_json(cfg)
     if os.path.exists(path) and (products := run_products(cfg.out_dir)):
         with open(path) as f:
-            theirs = json.load(f)
+            # A setting added since that run was written takes its default there.
+            theirs = _with_defaults(json.load(f), as_json(RunConfig()))
         keys = (set(mine) | set(theirs)) - set(RESUMABLE_CHANGES)
         diff = sorted(k for k in keys if mine.get(k) != theirs.get(k))
         if diff:
@@ -199,6 +200,16 @@ def check_out_dir(cfg: RunConfig) -> None:
                 "to resume"
             )
     atomic.write_json(path, mine)
+
+
+def _with_defaults(saved, defaults):
+    """Returns `saved` with the keys only `defaults` has (at any depth) added from it."""
+    if not isinstance(saved, dict) or not isinstance(defaults, dict):
+        return saved
+    out = dict(saved)
+    for key, value in defaults.items():
+        out[key] = _with_defaults(saved[key], value) if key in saved else value
+    return out
 
 
 def _first_difference(path: str, mine, theirs) -> str:

@@ -208,6 +208,17 @@ def test_bad_input_stops_with_a_clear_message(tmp_path):
         run_config.check_out_dir(other)
     # Engine knobs and the mesh may change on resume; the config on disk is the first run's.
     run_config.check_out_dir(dataclasses.replace(cfg, mesh=(1, 1, -1)))
+    # A run written before a setting existed resumes when the setting keeps its default, and
+    # not when it is changed.
+    saved = json.loads((tmp_path / "a" / "run_config.json").read_text())
+    del saved["rl"]["engine_reference_max_gap"], saved["servers"]
+    (tmp_path / "a" / "run_config.json").write_text(json.dumps(saved))
+    run_config.check_out_dir(cfg)
+    (tmp_path / "a" / "run_config.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match=r"rl.engine_reference_max_gap"):
+        run_config.check_out_dir(
+            dataclasses.replace(cfg, rl=dataclasses.replace(cfg.rl, engine_reference_max_gap=-1))
+        )
     with pytest.raises(FileNotFoundError, match="no such directory"):
         loop.prepare(dataclasses.replace(cfg, model_dir=str(tmp_path / "missing")))
     bad = tmp_path / "bad.jsonl"
