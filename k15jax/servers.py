@@ -169,7 +169,7 @@ class ServerPool:
         self._published = [self._weights_path]
         self.servers = [_Server(address) for address in pool.addresses]
         try:
-            shutil.copytree(self.model_dir, self._weights_path)
+            shutil.copytree(self.model_dir, self._weights_path, copy_function=_link_or_copy)
             for _ in range(pool.launch):
                 server = _Server(f"127.0.0.1:{free_port()}")
                 self._launch(server)
@@ -529,6 +529,15 @@ class ServerPool:
             self._kill(server)
             server.state = "down"
         shutil.rmtree(self.publish_root, ignore_errors=True)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    """Hard-links `src` at `dst` (no second copy of the weights in shared memory), or copies
+    it when the two are on different file systems."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def _sampling_params(spec: rollout.SamplingSpec, max_tokens: int, seed: int | None) -> dict:
