@@ -280,12 +280,12 @@ def test_a_server_killed_mid_iteration_loses_no_sample(two_servers, pool, vllm_e
     t0 = time.perf_counter()
     _same(pool.generate(prompts, spec, seeds=seeds), want)  # the same work without a failure
     clean = time.perf_counter() - t0
-    victim.served = 0
     pool.take_metrics()
 
     def kill_when_busy():
-        while victim.served < 4:
-            time.sleep(0.01)
+        while victim.outstanding < 4:  # its share of the requests is sent ...
+            time.sleep(0.001)
+        time.sleep(clean / 4)  # ... and being generated (all of it takes about `clean`)
         os.killpg(process.pid, signal.SIGKILL)  # the server and its engine, requests in flight
 
     killer = threading.Thread(target=kill_when_busy)
