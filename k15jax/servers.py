@@ -133,8 +133,6 @@ class _Server:
     version: str | None = None  # the label it reported after the last successful sync
     outstanding: int = 0
     asleep: bool = False
-    served: int = 0  # requests answered, over the pool's life
-    down_since: float = 0.0
 
     @property
     def url(self) -> str:
@@ -195,7 +193,7 @@ class ServerPool:
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,  # its own process group: a kill takes its children too
             )
-        server.state, server.version, server.down_since = "starting", None, time.monotonic()
+        server.state, server.version = "starting", None
         log.info("started vLLM server %s (pid %d)", server.address, server.process.pid)
 
     def _kill(self, server: _Server) -> None:
@@ -330,7 +328,6 @@ class ServerPool:
             if server.state == "ready":
                 self._count_locked("server_failures")
             server.state, server.version, server.asleep = "down", None, False
-            server.down_since = time.monotonic()
             restart = server.process is not None
         if restart:  # a server the pool started: replace it (its state is unknown)
             self._kill(server)
@@ -402,7 +399,6 @@ class ServerPool:
                 continue
             with self._lock:
                 server.outstanding -= 1
-                server.served += 1
                 self._count_locked(f"requests/{server.address}")
             return answer
 
