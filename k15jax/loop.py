@@ -67,13 +67,19 @@ def run_sft(setup: Setup, progress) -> tuple[model.Params, list[dict]]:
     restored = run_state.restore_latest(ckpt_dir, run_state.SftState, fresh)
     state, start = restored or (run_state.SftState(fresh), 0)
     bar = progress(total=cfg.sft.steps, initial=start, desc="SFT")
+    shards = sharding.batch_shards(trainer.mesh)
     for i in range(start, cfg.sft.steps):
         batch = sft.batch(
-            examples, step=i, seed=cfg.seed, batch_size=cfg.sft.batch_size, seq_len=cfg.seq_len
+            examples,
+            step=i,
+            seed=cfg.seed,
+            batch_size=cfg.sft.batch_size,
+            seq_len=cfg.seq_len,
+            multiple=shards,
         )
         t0 = time.perf_counter()
         train, m = train_step.checked_step(trainer, state.train, batch, where=f"SFT step {i}")
-        tokens_per_s = float(batch.segment_ids_bt.sum()) / (time.perf_counter() - t0)
+        tokens_per_s = float((batch.segment_ids_bt > 0).sum()) / (time.perf_counter() - t0)
         entry = {"step": i, "loss": m["loss"], "train_tokens_per_s": tokens_per_s}
         state = run_state.SftState(train, (*state.history, entry))
         bar.update(1)

@@ -1,7 +1,9 @@
 """Long-CoT SFT warm-up (k1.5 §2.2 before RL): its settings, optimizer and batches.
 
 Batches are drawn with replacement from the tokenized traces by a generator seeded with
-(seed, step), so a resumed run draws the batches an uninterrupted one would.
+(seed, step), so a resumed run draws the batches an uninterrupted one would. The examples of a
+batch are packed into rows by length (`packing`): the loss is a mean over response tokens, so
+packing changes what is computed on padding, not the loss or its gradient.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import optax
 
-from k15jax import train_step
+from k15jax import packing, train_step
 
 Example = tuple[list[int], list[int]]  # (prompt ids, response ids ending with eos)
 
@@ -50,9 +52,21 @@ def optimizer(cfg: SftConfig) -> optax.GradientTransformation:
 
 
 def batch(
-    examples: Sequence[Example], *, step: int, seed: int, batch_size: int, seq_len: int
+    examples: Sequence[Example],
+    *,
+    step: int,
+    seed: int,
+    batch_size: int,
+    seq_len: int,
+    pack: bool = True,
+    multiple: int = 1,
 ) -> train_step.Batch:
-    """Returns SFT batch `step`: rows of prompt + response, loss on response tokens only."""
+    """Returns SFT batch `step`: prompt + response examples, loss on response tokens only.
+
+    With `pack`, the examples are packed into rows of `seq_len` (a bucketed row count, a multiple
+    of `multiple`: the devices the rows are sharded over; padding rows have valid 0); without, one
+    example per row.
+    """
     idx = np.random.default_rng([seed, 1, step]).integers(0, len(examples), batch_size)
     tokens = np.zeros((batch_size, seq_len), np.int32)
     mask = np.zeros((batch_size, seq_len), np.float32)
@@ -62,4 +76,11 @@ def batch(
         ids = (p + r)[:seq_len]
         tokens[row, : len(ids)], seg[row, : len(ids)] = ids, 1
         mask[row, len(p) : len(ids)] = 1
-    return train_step.Batch.for_sft(tokens, mask, seg)
+    if not pack:
+        return train_step.Batch.for_sft(tokens, mask, seg)
+    lay = packing.layout(seg.sum(axis=1), cols=seq_len, multiple=multiple)
+    segments = packing.segment_ids(lay)
+    valid = (segments > 0).any(axis=1).astype(np.float32)
+    return train_step.Batch.for_sft(
+        packing.pack(tokens, lay), packing.pack(mask, lay), segments, valid
+    )

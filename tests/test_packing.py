@@ -1,13 +1,13 @@
 """Packing samples into rows by length: the layout, and the loss, gradients and train step of a
-packed batch against the same samples one per row; the first step's own reference; which
-samples take the engine's log-probs as reference."""
+packed batch against the same samples one per row (RL and SFT); the first step's own reference;
+which samples take the engine's log-probs as reference."""
 
 import jax
 import numpy as np
 import optax
 import pytest
 
-from k15jax import loop, losses, model, packing, partial, sharding, train_step
+from k15jax import loop, losses, model, packing, partial, sft, sharding, train_step
 from k15jax.config import ModelConfig
 
 CFG = ModelConfig(  # two layers: the second sees what the first let through the segment mask
@@ -204,3 +204,37 @@ def test_engine_reference_only_for_current_segments(trainer, gap, engine_rows):
             assert recompute[j]
             np.testing.assert_allclose(ref[j][loss[j]], trainer_logp[j][loss[j]], atol=1e-5)
     assert recompute[5] and recompute[6]
+
+
+def test_packed_sft_batch_equals_unpacked():
+    """An SFT batch packed into rows trains exactly like the same examples one per row."""
+    rng = np.random.default_rng(3)
+    examples = [  # prompts of 2-5 tokens, responses of 1-14: several fit one row of T
+        (list(rng.integers(1, CFG.vocab_size, rng.integers(2, 6))),
+         list(rng.integers(1, CFG.vocab_size, rng.integers(1, 15))))
+        for _ in range(10)
+    ]  # fmt: skip
+    mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+    opt = optax.sgd(0.1)
+    step_cfg = train_step.StepConfig(objective="sft", group_size=1)
+    trainer = train_step.make_trainer(CFG, opt, step_cfg, mesh)
+    params = model.init(CFG, jax.random.key(0))
+    kw = dict(step=4, seed=1, batch_size=12, seq_len=T)
+    plain = sft.batch(examples, pack=False, **kw)
+    packed = sft.batch(examples, multiple=2, **kw)
+    assert packed.tokens_bt.shape[0] < plain.tokens_bt.shape[0]  # packing saved rows
+    assert packed.tokens_bt.shape[0] % 2 == 0 and packed.segment_ids_bt.max() > 1
+    assert packed.mask_bt.sum() == plain.mask_bt.sum()  # the same loss tokens
+    np.testing.assert_array_equal(  # padding rows (if any) are marked invalid
+        packed.valid_b, (packed.segment_ids_bt > 0).any(axis=1).astype(np.float32)
+    )
+    results = [
+        train_step.checked_step(
+            trainer, train_step.init_state(params, CFG, opt, mesh), b, where="test"
+        )
+        for b in (plain, packed)
+    ]
+    (want_state, want), (got_state, got) = results
+    for key in ("loss", "grad_norm"):
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-5)
+    _close(jax.device_get(got_state.params), jax.device_get(want_state.params))
