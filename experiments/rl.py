@@ -150,7 +150,14 @@ _LEN_WARM = flags.DEFINE_integer(
 _CURRICULUM = flags.DEFINE_integer(
     "curriculum_iterations",
     D.sampler.curriculum_iterations,
-    "Uniform sampling over all prompts for this many iterations.",
+    "Iterations of the curriculum warm-up (--curriculum_order), then the hard pool.",
+)
+_ORDER = flags.DEFINE_enum(
+    "curriculum_order",
+    D.sampler.order,
+    list(sampler.ORDERS),
+    "The warm-up's pool: easy_first (widens from the easiest problems, by the data set's "
+    "difficulty labels, then the SFT pass rate) or uniform (all problems).",
 )
 _HARD = flags.DEFINE_float(
     "hard_threshold",
@@ -318,7 +325,9 @@ def make_config() -> run_config.RunConfig:
             weight=_LEN_W.value, warmup_iterations=_LEN_WARM.value
         ),
         sampler=sampler.SamplerConfig(
-            curriculum_iterations=_CURRICULUM.value, hard_threshold=_HARD.value
+            curriculum_iterations=_CURRICULUM.value,
+            order=_ORDER.value,
+            hard_threshold=_HARD.value,
         ),
         preflight=preflight.PreflightConfig(
             enabled=_PREFLIGHT.value,

@@ -104,9 +104,10 @@ def start_rl(setup: Setup, engine, train: train_step.TrainState, console) -> run
         return {"rates": np.asarray(chosen["rates"])}, {"train_ids": chosen["train_ids"]}
 
     arrays, meta = distributed.from_main(decide)
+    labels = [p.difficulty for p in data.select(setup.problems.train, meta["train_ids"])]
     return run_state.RlState(
         train=train,
-        sampler=sampler.init_state(arrays["rates"], seed=cfg.seed),
+        sampler=sampler.init_state(arrays["rates"], seed=cfg.seed, labels=labels),
         buffer=partial.ReplayBuffer(),
         history=(),
         train_ids=tuple(meta["train_ids"]),

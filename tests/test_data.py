@@ -86,12 +86,48 @@ def test_draw_frequencies_follow_one_minus_success():
 
 def test_curriculum_switches_to_hard_pool():
     rates = [0.9, 0.1, 0.8, 0.3]
-    cfg = sampler.SamplerConfig(curriculum_iterations=3, hard_threshold=0.5)
+    cfg = sampler.SamplerConfig(curriculum_iterations=3, order="uniform", hard_threshold=0.5)
     state = sampler.init_state(rates, seed=1)
     early, state = sampler.draw(state, cfg, iteration=2, n=2000)
     late, state = sampler.draw(state, cfg, iteration=3, n=2000)
     assert set(early.tolist()) == {0, 1, 2, 3}
     assert set(late.tolist()) == {1, 3}
+
+
+def test_easy_first_order_uses_labels_then_pass_rates():
+    rates = [0.2, 0.9, 0.5, 0.9, 0.1]
+    # No labels: highest SFT pass rate first, ties by index.
+    assert sampler.easy_first_order(rates).tolist() == [1, 3, 2, 0, 4]
+    # Labels first (the MATH level): a level-1 problem the model fails still comes before a
+    # level-3 one it solves; an unlabelled problem counts as the mean label (2).
+    labels = [1, 3, 1, None, 2]
+    assert sampler.easy_first_order(rates, labels).tolist() == [2, 0, 3, 4, 1]
+
+
+def test_easy_first_curriculum_then_one_minus_success():
+    """Easy first: the pool widens from the easiest problems (by label) to all of them over the
+    warm-up; then every problem of the hard pool is drawn ∝ max(1 - s_i, ε)."""
+    labels = [5, 1, 4, 2, 3, 1, 5, 2]  # easiest: 1 and 5 (label 1), then 3 and 7 (label 2), ...
+    rates = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
+    cfg = sampler.SamplerConfig(curriculum_iterations=4, hard_threshold=0.65, epsilon=0.05)
+    state = sampler.init_state(rates, seed=3, labels=labels)
+    pools = []
+    for it in range(4):
+        drawn, state = sampler.draw(state, cfg, it, 400)
+        pools.append(set(drawn.tolist()))
+    # Quarter by quarter of the easy-first order 5, 1, 7, 3, 4, 2, 6, 0 (label, then pass rate).
+    assert pools == [{5, 1}, {5, 1, 7, 3}, {5, 1, 7, 3, 4, 2}, set(range(8))]
+    p = sampler.probabilities(state, cfg, 4)  # after the warm-up: the hard pool by 1 - s_i
+    hard = np.array(rates) <= 0.65
+    w = np.where(hard, np.maximum(1 - np.array(rates), 0.05), 0.0)
+    np.testing.assert_allclose(p, w / w.sum())
+    # A state saved before ranks existed orders by pass rate alone.
+    old = sampler.SamplerState.from_json({k: v for k, v in state.to_json().items() if k != "rank"})
+    assert set(sampler.pool(old, cfg, 0).tolist()) == {7, 6}
+    with pytest.raises(ValueError, match="order='hardest'"):
+        sampler.SamplerConfig(order="hardest")
+    with pytest.raises(ValueError, match="3 difficulty labels for 8 problems"):
+        sampler.init_state(rates, seed=0, labels=[1, 2, 3])
 
 
 def test_update_is_running_mean_and_state_round_trips():
