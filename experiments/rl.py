@@ -49,7 +49,18 @@ _MODEL = flags.DEFINE_string("model", None, "Hugging Face model directory (defau
 _DATA = flags.DEFINE_string("data", None, "JSONL prompt set (default: built-in task).")
 _EVAL_DATA = flags.DEFINE_string("eval_data", None, "JSONL held-out set.")
 _REWARD = flags.DEFINE_enum("reward", D.task.reward, data.REWARDS, "Reward function.")
+_SFT_DATA = flags.DEFINE_string(
+    "sft_data",
+    None,
+    "JSONL of long-CoT traces (prompt, response) for the SFT warm-up, with the --data rows "
+    "that have a response.",
+)
 _TEMPLATE = flags.DEFINE_string("prompt_template", D.task.prompt_template, "Prompt format.")
+_CHAT = flags.DEFINE_bool(
+    "chat_template",
+    D.task.chat_template,
+    "Wrap prompts in the model's chat template (user turn) for SFT, rollouts and evaluation.",
+)
 _TRAIN_N = flags.DEFINE_integer(
     "train_problems", D.task.train_problems, "Built-in task: problems in the RL pool."
 )
@@ -286,6 +297,8 @@ def make_config() -> run_config.RunConfig:
             D.task,
             data=_DATA.value,
             eval_data=_EVAL_DATA.value,
+            sft_data=_SFT_DATA.value,
+            chat_template=_CHAT.value,
             reward=_REWARD.value,
             prompt_template=_TEMPLATE.value,
             max_prompt_tokens=_MAX_PROMPT.value,

@@ -3,8 +3,11 @@
 JSONL: one problem per line with `prompt` and `answer`.
 
 Optional fields: `id` (default `<file>:<line>`), `difficulty` (a number; `level` is used when it
-is absent, as in the MATH set), `source`. Other fields are ignored. A bad line raises `DataError`
-naming the file, the line number and the problem; an empty set is an error too.
+is absent, as in the MATH set), `source`, `response` (a worked solution: the row is also a long-CoT
+SFT trace for the warm-up). Other fields are ignored. A bad line raises `DataError` naming the
+file, the line number and the problem; an empty set is an error too.
+
+SFT files (`TaskConfig.sft_data`, `load_traces`): one trace per line with `prompt` and `response`.
 """
 
 from __future__ import annotations
@@ -34,14 +37,23 @@ class Problem:
     answer: str
     difficulty: float | None = None
     source: str | None = None
+    response: str | None = None  # a worked solution (an SFT trace), if the file has one
+
+
+def _text(obj, field: str, where: str, *, required: bool = True) -> str | None:
+    """Returns the non-empty string `obj[field]` (None if absent and not `required`)."""
+    value = obj.get(field)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise DataError(f"{where}: field {field!r} must be a non-empty string, got {value!r}")
+    return value
 
 
 def _problem(obj, where: str, default_id: str) -> Problem:
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-    prompt = obj.get("prompt")
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise DataError(f"{where}: field 'prompt' must be a non-empty string, got {prompt!r}")
+    prompt = _text(obj, "prompt", where)
     answer = obj.get("answer")
     if isinstance(answer, bool) or not isinstance(answer, str | int | float):
         raise DataError(f"{where}: field 'answer' must be a string or number, got {answer!r}")
@@ -60,7 +72,25 @@ def _problem(obj, where: str, default_id: str) -> Problem:
         answer=str(answer),
         difficulty=None if difficulty is None else float(difficulty),
         source=None if source is None else str(source),
+        response=_text(obj, "response", where, required=False),
     )
+
+
+def _objects(path: str):
+    """Yields (line number, "file:line", parsed JSON value) of each non-blank line of `path`."""
+    try:
+        f = open(path, encoding="utf-8")
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    with f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                yield lineno, where, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
 
 
 def load_jsonl(path: str) -> list[Problem]:
@@ -70,31 +100,36 @@ def load_jsonl(path: str) -> list[Problem]:
       DataError: for an unreadable file, a malformed line, a missing or mistyped field, a
         duplicate id, or a file without problems.
     """
-    try:
-        f = open(path, encoding="utf-8")
-    except OSError as e:
-        raise DataError(f"{path}: cannot read ({e.strerror})") from None
     problems, seen = [], {}
     name = os.path.basename(path)
-    with f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-            problem = _problem(obj, where, f"{name}:{lineno}")
-            if problem.id in seen:
-                raise DataError(
-                    f"{where}: duplicate id {problem.id!r} (first on line {seen[problem.id]})"
-                )
-            seen[problem.id] = lineno
-            problems.append(problem)
+    for lineno, where, obj in _objects(path):
+        problem = _problem(obj, where, f"{name}:{lineno}")
+        if problem.id in seen:
+            raise DataError(
+                f"{where}: duplicate id {problem.id!r} (first on line {seen[problem.id]})"
+            )
+        seen[problem.id] = lineno
+        problems.append(problem)
     if not problems:
         raise DataError(f"{path}: no problems (the file is empty)")
     return problems
+
+
+def load_traces(path: str) -> list[tuple[str, str]]:
+    """Returns the (prompt, response) SFT traces of a JSONL file, in file order.
+
+    Raises:
+      DataError: for an unreadable file, a malformed line, a missing or empty `prompt` or
+        `response`, or a file without traces.
+    """
+    traces = []
+    for _, where, obj in _objects(path):
+        if not isinstance(obj, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        traces.append((_text(obj, "prompt", where), _text(obj, "response", where)))
+    if not traces:
+        raise DataError(f"{path}: no SFT traces (the file is empty)")
+    return traces
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -103,6 +138,12 @@ class TaskConfig:
 
     data: str | None = None  # JSONL prompt set; None: the built-in arithmetic task
     eval_data: str | None = None  # JSONL held-out set; None: the hashed split of `data`
+    # JSONL of (prompt, response) long-CoT traces for the SFT warm-up, added to the `response`
+    # rows of `data` (and, for the built-in task, to its own traces).
+    sft_data: str | None = None
+    # Wrap each prompt (after `prompt_template`) in the model's chat template as the user turn,
+    # for rollouts, evaluation and SFT alike (`tokenizer.Tokenizer.apply_chat_template`).
+    chat_template: bool = False
     reward: str = "task"  # "task" (built-in checker), "math" (math-verify), "code" (sandbox)
     prompt_template: str = "{prompt}"
     max_prompt_tokens: int = 24  # longest prompt (sets the trainer's sequence length)
@@ -142,7 +183,7 @@ class ProblemSet:
 
     train: tuple[Problem, ...]
     held_out: tuple[Problem, ...]
-    sft_traces: tuple[tuple[str, str], ...]  # empty for JSONL sets
+    sft_traces: tuple[tuple[str, str], ...]  # JSONL sets: the rows with a `response`
 
 
 def load_problems(task: TaskConfig, *, held_out_problems: int, seed: int) -> ProblemSet:
@@ -174,7 +215,8 @@ def load_problems(task: TaskConfig, *, held_out_problems: int, seed: int) -> Pro
     else:
         train = [p for p in problems if not tasks.is_held_out(p.prompt)]
         held_out = [p for p in problems if tasks.is_held_out(p.prompt)]
-    return ProblemSet(tuple(train), tuple(held_out[:held_out_problems]), ())
+    traces = tuple((p.prompt, p.response) for p in train if p.response is not None)
+    return ProblemSet(tuple(train), tuple(held_out[:held_out_problems]), traces)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,6 +226,8 @@ class Removed:
     screened: dict[str, tuple[str, ...]]  # `screen` reason -> RL-pool ids (JSONL pools only)
     overlong_train: tuple[str, ...] = ()  # RL-pool prompts over max_prompt_tokens
     overlong_held_out: tuple[str, ...] = ()  # held-out prompts over max_prompt_tokens
+    sft_held_out: int = 0  # SFT traces whose prompt is a held-out problem's (no leak into eval)
+    sft_overlong: int = 0  # SFT traces longer than a trainer row (max_prompt_tokens + max_length)
 
     def counts(self) -> dict:
         """Returns the numbers removed: {"screen": {reason: n}, "overlong": {split: n}}."""
@@ -193,6 +237,7 @@ class Removed:
                 "train": len(self.overlong_train),
                 "held_out": len(self.overlong_held_out),
             },
+            "sft": {"held_out": self.sft_held_out, "overlong": self.sft_overlong},
         }
 
 

@@ -57,7 +57,12 @@ log = logging.getLogger(__name__)
 def run_sft(setup: Setup, progress) -> tuple[model.Params, list[dict]]:
     """Long-CoT warm-up: masked cross-entropy on solver traces; returns (params, history)."""
     cfg = setup.cfg
-    examples = sft.tokenize(setup.problems.sft_traces, setup.tok.encode, setup.tok.eos_id)
+    examples = sft.tokenize(
+        setup.problems.sft_traces,
+        setup.tok.encode,
+        setup.tok.eos_id,
+        encode_prompt=setup.encode_prompt,
+    )
     if cfg.sft.steps == 0 or not examples:
         return distributed.host_value(setup.params), []
     ckpt_dir = os.path.join(cfg.out_dir, "ckpt", "sft")
@@ -502,6 +507,11 @@ def removed_lines(setup: Setup) -> list[str]:
         total = len(setup.problems.train) + sum(len(i) for i in removed.screened.values())
         total += len(removed.overlong_train)
         lines.append(data.screen_line(removed.screened, total))
+    if removed.sft_held_out or removed.sft_overlong:
+        lines.append(
+            f"SFT traces left out: {removed.sft_held_out} whose prompt is held out, "
+            f"{removed.sft_overlong} longer than a trainer row of {setup.cfg.seq_len} tokens"
+        )
     if removed.overlong_train or removed.overlong_held_out:
         lines.append(
             f"prompts over --max_prompt_tokens={task.max_prompt_tokens} dropped: "

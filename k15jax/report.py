@@ -63,6 +63,10 @@ def removed_lines(removed: dict, max_prompt_tokens: int) -> list[str]:
     overlong = removed["overlong"]
     lines.append(f"| RL pool: prompt over {max_prompt_tokens} tokens | {overlong['train']} |")
     lines.append(f"| held-out: prompt over {max_prompt_tokens} tokens | {overlong['held_out']} |")
+    sft = removed.get("sft", {})
+    if sft.get("held_out") or sft.get("overlong"):
+        lines.append(f"| SFT traces: prompt held out | {sft['held_out']} |")
+        lines.append(f"| SFT traces: longer than a trainer row | {sft['overlong']} |")
     if "pool" in removed:
         tries = removed["easy_to_hack_tries"]
         hack = f"{removed['easy_to_hack']}" if tries else "off"

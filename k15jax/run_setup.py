@@ -44,8 +44,12 @@ class Setup:
 
 
 def encode_prompt(tok: tokenizer.Tokenizer, task: data.TaskConfig, text: str) -> list[int]:
-    """Returns the token ids of a problem text in `task`'s prompt template."""
-    return tok.encode(task.prompt_template.format(prompt=text))
+    """Returns the token ids of a problem text in `task`'s prompt template (and, with
+    `task.chat_template`, the model's chat template around it)."""
+    text = task.prompt_template.format(prompt=text)
+    if task.chat_template:
+        text = tok.apply_chat_template(text)
+    return tok.encode(text)
 
 
 def prepare(cfg: RunConfig, *, sandbox: sandbox_lib.Sandbox | None = None) -> Setup:
@@ -67,13 +71,21 @@ def prepare(cfg: RunConfig, *, sandbox: sandbox_lib.Sandbox | None = None) -> Se
     else:
         positions = cfg.model.max_position_embeddings
         tok = tokenizer.builtin()
+    if cfg.task.chat_template and tok.chat_template is None:
+        where = cfg.model_dir or "the built-in tokenizer"
+        raise ConfigError(
+            f"--chat_template: {where} has no chat template (chat_template.jinja, or "
+            "chat_template in tokenizer_config.json)"
+        )
     context = engine_config(cfg).max_model_len
     if context > positions:
         raise ConfigError(
             f"the engine's context of {context} tokens (max_model_len, else max_prompt_tokens + "
             f"max_length) exceeds the model's max_position_embeddings={positions}"
         )
-    problems, removed = load_problems(cfg, functools.partial(encode_prompt, tok, cfg.task))
+    problems, removed = load_problems(
+        cfg, functools.partial(encode_prompt, tok, cfg.task), response_tokens=tok.encode
+    )
     if cfg.model_dir is not None:
         shape, params = convert.load_hf(cfg.model_dir, dtype=cfg.model.dtype)
         model_cfg = dataclasses.replace(shape, kernels=cfg.model.kernels)
@@ -96,16 +108,27 @@ def prepare(cfg: RunConfig, *, sandbox: sandbox_lib.Sandbox | None = None) -> Se
 
 
 def load_problems(
-    cfg: RunConfig, encode: Callable[[str], list[int]]
+    cfg: RunConfig,
+    encode: Callable[[str], list[int]],
+    *,
+    response_tokens: Callable[[str], list[int]] | None = None,
 ) -> tuple[data.ProblemSet, data.Removed]:
     """Returns the run's problems without those it leaves out, and what it left out.
 
     A JSONL RL pool is screened (`data.screen`, unless `task.screen` is off); prompts over
     `task.max_prompt_tokens` in the RL pool and the held-out set are dropped or refused
-    (`task.overlong_prompts`). `encode` applies the prompt template.
+    (`task.overlong_prompts`). `encode` applies the prompt template. SFT traces (the pool's
+    `response` rows and `task.sft_data`) are left out when their prompt is a held-out problem's,
+    and, with `response_tokens` (the response's encoder), when prompt + response + eos does not
+    fit a trainer row (dropped, or refused like an over-long prompt).
     """
     task = cfg.task
     problems = data.load_problems(task, held_out_problems=cfg.eval.problems, seed=cfg.seed)
+    # Traces from files are checked against a row; the built-in task's are cut to one, as ever.
+    builtin = () if task.data is not None else problems.sft_traces
+    from_files = problems.sft_traces if task.data is not None else ()
+    if task.sft_data is not None:
+        from_files = (*from_files, *data.load_traces(task.sft_data))
     train, screened = problems.train, {}
     if task.data is not None and task.screen:
         train, screened = data.screen(train)
@@ -119,8 +142,28 @@ def load_problems(
     held_out, overlong_held_out = fit(
         problems.held_out, what=f"held-out set ({task.eval_data or task.data or 'built-in task'})"
     )
-    removed = data.Removed(screened, overlong_train, overlong_held_out)
-    return dataclasses.replace(problems, train=train, held_out=held_out), removed
+    held_prompts = {p.prompt.strip() for p in held_out}
+    leak = lambda ts: tuple(t for t in ts if t[0].strip() not in held_prompts)  # noqa: E731
+    kept_builtin, kept_files = leak(builtin), leak(from_files)
+    sft_held_out = len(builtin) + len(from_files) - len(kept_builtin) - len(kept_files)
+    fits = []
+    for prompt, response in kept_files:
+        n = len(encode(prompt)) + len(response_tokens(response)) + 1 if response_tokens else 0
+        if n <= cfg.seq_len:  # + 1: eos
+            fits.append((prompt, response))
+        elif task.overlong_prompts == "error":
+            raise data.DataError(
+                f"SFT trace {prompt[:40]!r}: {n} tokens exceed a trainer row of {cfg.seq_len} "
+                "(--max_prompt_tokens + --max_length; raise them, or --overlong_prompts=drop "
+                "to leave such traces out)"
+            )
+    sft_overlong, kept = len(kept_files) - len(fits), (*kept_builtin, *fits)
+    removed = data.Removed(
+        screened, overlong_train, overlong_held_out, sft_held_out=sft_held_out,
+        sft_overlong=sft_overlong,
+    )  # fmt: skip
+    problems = dataclasses.replace(problems, train=train, held_out=held_out, sft_traces=kept)
+    return problems, removed
 
 
 def check_batches(cfg: RunConfig, shards: int) -> None:

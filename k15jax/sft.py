@@ -36,10 +36,19 @@ class SftConfig:
 
 
 def tokenize(
-    traces: Sequence[tuple[str, str]], encode: Callable[[str], list[int]], eos_id: int
+    traces: Sequence[tuple[str, str]],
+    encode: Callable[[str], list[int]],
+    eos_id: int,
+    *,
+    encode_prompt: Callable[[str], list[int]] | None = None,
 ) -> list[Example]:
-    """Returns (prompt ids, response ids + eos) of each (prompt, response) trace."""
-    return [(encode(prompt), encode(response) + [eos_id]) for prompt, response in traces]
+    """Returns (prompt ids, response ids + eos) of each (prompt, response) trace.
+
+    `encode_prompt` (default `encode`) wraps a prompt as the rollouts see it: the run's prompt
+    template and chat template (`run_setup.encode_prompt`).
+    """
+    encode_prompt = encode_prompt or encode
+    return [(encode_prompt(prompt), encode(response) + [eos_id]) for prompt, response in traces]
 
 
 def optimizer(cfg: SftConfig) -> optax.GradientTransformation:

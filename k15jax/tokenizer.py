@@ -69,6 +69,8 @@ class Tokenizer:
     pad_token: str
     bos_token: str | None = None
     unk_token: str | None = None
+    # The model's chat template (Jinja, as in tokenizer_config.json); None: the model has none.
+    chat_template: str | None = None
 
     @property
     def eos_id(self) -> int:
@@ -89,6 +91,25 @@ class Tokenizer:
     def decode(self, ids) -> str:
         """Returns the text of `ids`, dropping special tokens."""
         return self.hf.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def apply_chat_template(self, text: str) -> str:
+        """Returns `text` as the user turn of the model's chat template, ready for its answer.
+
+        Rendered as transformers renders it (a sandboxed Jinja environment with trim_blocks and
+        lstrip_blocks, `messages`, `add_generation_prompt=True` and the special tokens), so
+        the ids of the result are those of `apply_chat_template(..., tokenize=True)`.
+        """
+        if self.chat_template is None:
+            raise ValueError("the tokenizer has no chat template")
+        return _render_chat(
+            self.chat_template,
+            messages=[{"role": "user", "content": text}],
+            add_generation_prompt=True,
+            bos_token=self.bos_token or "",
+            eos_token=self.eos_token,
+            pad_token=self.pad_token,
+            unk_token=self.unk_token or "",
+        )
 
     def save_pretrained(self, path: str) -> None:
         """Writes tokenizer.json, tokenizer_config.json and special_tokens_map.json into `path`.
@@ -122,6 +143,8 @@ class Tokenizer:
             "added_tokens_decoder": added,
             **specials,
         }
+        if self.chat_template is not None:
+            config["chat_template"] = self.chat_template
         with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
             json.dump(config, f, indent=2)
         with open(os.path.join(path, "special_tokens_map.json"), "w") as f:
@@ -236,4 +259,50 @@ def load(path: str) -> Tokenizer:
         pad_token=pad,
         bos_token=token("bos_token"),
         unk_token=token("unk_token"),
+        chat_template=_chat_template(path, config),
     )
+
+
+def _chat_template(path: str, config: dict) -> str | None:
+    """Returns the chat template of a Hugging Face directory, or None.
+
+    Where transformers looks: chat_template.jinja (what it writes now), else tokenizer_config.json's
+    `chat_template`, a string or a list of named templates of which "default" is the one used.
+    """
+    jinja = os.path.join(path, "chat_template.jinja")
+    if os.path.exists(jinja):
+        with open(jinja) as f:
+            return f.read()
+    template = config.get("chat_template")
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    if template is not None and not isinstance(template, str):
+        raise ValueError(
+            f"{os.path.join(path, 'tokenizer_config.json')}: chat_template must be a string or "
+            f"a list of named templates, got {type(template).__name__}"
+        )
+    return template
+
+
+def _render_chat(template: str, **context) -> str:
+    """Renders a chat template in a sandbox (a model directory's template is not trusted)."""
+    from jinja2 import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise TemplateError(message)
+
+    def strftime_now(fmt):
+        import datetime
+
+        return datetime.datetime.now().strftime(fmt)
+
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+    )
+    env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now)
+    try:
+        return env.from_string(template).render(**context)
+    except TemplateError as e:
+        raise ValueError(f"the chat template failed: {e}") from None

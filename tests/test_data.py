@@ -308,7 +308,11 @@ def test_overlong_prompts_are_dropped_or_refused():
     with pytest.raises(ValueError, match="overlong_prompts='cut' must be one of"):
         data.TaskConfig(overlong_prompts="cut")
     removed = data.Removed({"proof": ("p1", "p2")}, ("long",), ())
-    assert removed.counts() == {"screen": {"proof": 2}, "overlong": {"train": 1, "held_out": 0}}
+    assert removed.counts() == {
+        "screen": {"proof": 2},
+        "overlong": {"train": 1, "held_out": 0},
+        "sft": {"held_out": 0, "overlong": 0},
+    }
 
 
 def test_built_in_task_too_small_for_the_sizes_is_a_clear_error():

@@ -43,8 +43,13 @@ def test_flags_reach_the_config():
         "--answer_prefix=The answer is ",
         "--max_model_len=4096",
         "--engine_reference_max_gap=-1",
+        "--sft_data=traces.jsonl",
+        "--chat_template",
+        "--curriculum_order=uniform",
     )
     cfg = rl.make_config()
+    assert cfg.task.sft_data == "traces.jsonl" and cfg.task.chat_template
+    assert cfg.sampler.order == "uniform"
     assert cfg.rl.engine_reference_max_gap == -1
     assert cfg.rl.easy_to_hack_tries == 0 and cfg.task.overlong_prompts == "error"
     assert not cfg.task.screen and cfg.task.answer_prefix == "The answer is "
@@ -61,6 +66,8 @@ def test_flags_reach_the_config():
     task = dataclasses.replace(
         cfg.task,
         data=None,
+        sft_data=None,
+        chat_template=False,
         reward="task",
         overlong_prompts="drop",
         screen=True,

@@ -5,10 +5,11 @@ take a new config. No engine, no model: each test runs in about a second."""
 import dataclasses
 import json
 import os
+import re
 
 import pytest
 
-from k15jax import data, loop, run_config, run_setup, scoring, tasks, tokenizer
+from k15jax import data, loop, run_config, run_setup, scoring, sft, tasks, tokenizer
 from k15jax.rollout import Completion
 
 
@@ -61,6 +62,104 @@ def test_jsonl_pool_is_screened_and_overlong_prompts_dropped_or_refused(tmp_path
     assert removed.screened == {} and removed.overlong_train == ()
 
 
+def test_sft_traces_from_files_leave_out_held_out_prompts_and_overlong_traces(tmp_path):
+    """Long-CoT SFT from files: the pool's `response` rows and an --sft_data file become warm-up
+    traces, except a held-out problem's (it would leak into evaluation) and any longer than a
+    trainer row; the traces are tokenized with the rollouts' prompt wrapping."""
+    long_response = "step " * 30  # 150 tokens: over a row of 24 + 100
+    pool = _jsonl(tmp_path / "pool.jsonl", [
+        {"id": "a", "prompt": "Q:1+2\n", "answer": "3", "response": "1+2=3\nanswer: 3"},
+        {"id": "b", "prompt": "Q:2+2\n", "answer": "4"},  # no response: RL only
+        {"id": "c", "prompt": "Q:4+4\n", "answer": "8", "response": long_response},
+    ])  # fmt: skip
+    held = _jsonl(tmp_path / "held.jsonl", [{"id": "h", "prompt": "Q:3+3\n", "answer": "6"}])
+    sft_file = _jsonl(tmp_path / "sft.jsonl", [
+        {"prompt": "Q:5+1\n", "response": "5+1=6\nanswer: 6"},
+        {"prompt": " Q:3+3\n", "response": "3+3=6\nanswer: 6"},  # the held-out problem
+    ])  # fmt: skip
+    task = data.TaskConfig(
+        data=pool, eval_data=held, sft_data=sft_file, max_prompt_tokens=24,
+        prompt_template="Solve {prompt}",
+    )  # fmt: skip
+    cfg = dataclasses.replace(
+        run_config.RunConfig(), task=task, partial=dataclasses.replace(
+            run_config.RunConfig().partial, budget=100, max_length=100)
+    )  # fmt: skip
+    tok = tokenizer.builtin()
+    encode = lambda text: run_setup.encode_prompt(tok, task, text)  # noqa: E731
+    problems, removed = run_setup.load_problems(cfg, encode, response_tokens=tok.encode)
+    assert problems.sft_traces == (
+        ("Q:1+2\n", "1+2=3\nanswer: 3"),
+        ("Q:5+1\n", "5+1=6\nanswer: 6"),
+    )
+    assert (removed.sft_held_out, removed.sft_overlong) == (1, 1)
+    assert removed.counts()["sft"] == {"held_out": 1, "overlong": 1}
+    assert [p.id for p in problems.train] == ["a", "b", "c"]  # every row stays an RL problem
+    (prompt_ids, response_ids), _ = sft.tokenize(
+        problems.sft_traces, tok.encode, tok.eos_id, encode_prompt=encode
+    )
+    assert tok.decode(prompt_ids) == "Solve Q:1+2\n" and response_ids[-1] == tok.eos_id
+    strict = dataclasses.replace(cfg, task=dataclasses.replace(task, overlong_prompts="error"))
+    message = "SFT trace 'Q:4+4\\n': 163 tokens exceed a trainer row of 124"  # 12 + 150 + eos
+    with pytest.raises(data.DataError, match=re.escape(message)):
+        run_setup.load_problems(strict, encode, response_tokens=tok.encode)
+    bad = _jsonl(tmp_path / "bad.jsonl", [{"prompt": "Q:1+1\n", "response": "ok"}, {"prompt": "x"}])
+    with pytest.raises(data.DataError, match=r"bad.jsonl:2: field 'response' must be a non-empty"):
+        data.load_traces(bad)
+
+
+def test_chat_template_wraps_every_prompt_of_the_run(tmp_path):
+    """--chat_template: a model directory's template wraps the prompts that evaluation and the
+    difficulty pass send to the engine (one encoder for all: `Setup.prompt_ids`), counts toward
+    the prompt limit, and stays in the directories the run writes; a model without one is a
+    one-line configuration error."""
+    import jax
+
+    from k15jax import convert, model
+
+    template = (
+        "{% for m in messages %}User: {{ m['content'] }}{% endfor %}"
+        "{% if add_generation_prompt %}A:{% endif %}"
+    )
+    tok = dataclasses.replace(tokenizer.builtin(), chat_template=template)
+    shape = dataclasses.replace(run_config.RunConfig().model, vocab_size=tok.vocab_size)
+    model_dir = str(tmp_path / "m")
+    convert.save_hf(shape, model.init(shape, jax.random.key(0)), model_dir, tokenizer=tok)
+    rows = [{"id": f"p{i}", "prompt": f"Q:{i}+1\n", "answer": str(i + 1)} for i in range(6)]
+    task = data.TaskConfig(
+        data=_jsonl(tmp_path / "pool.jsonl", rows[:4]),
+        eval_data=_jsonl(tmp_path / "held.jsonl", rows[4:]),
+        chat_template=True,
+        max_prompt_tokens=24,
+    )
+    cfg = dataclasses.replace(run_config.RunConfig(), model_dir=model_dir, task=task)
+    setup = run_setup.prepare(cfg)
+    assert setup.tok.chat_template == template
+    wrapped = lambda p: f"User: {p.prompt}A:"  # noqa: E731
+    engine = ScriptedEngine(setup.tok, plain=[1.0] * 10, direct=[0.0] * 10)
+    run_setup.evaluate(dataclasses.replace(setup, cfg=cfg), engine)
+    assert engine.prompts == [wrapped(p) for p in setup.problems.held_out]
+    engine.prompts.clear()
+    loop.select_problems(setup, engine)
+    seen = set(engine.prompts)
+    assert {wrapped(p) for p in setup.problems.train} <= seen  # the difficulty pass
+    assert {wrapped(p) + "answer: " for p in setup.problems.train} <= seen  # easy-to-hack
+    # The template counts toward --max_prompt_tokens (18 + 8 wrapping characters > 24).
+    first = setup.problems.train[0]
+    assert len(setup.prompt_ids(first)) == len(wrapped(first))  # one token per character
+    long_rows = [{"id": "x", "prompt": "Q:" + "1+" * 7 + "1\n", "answer": "8"}, *rows[1:4]]
+    long_task = dataclasses.replace(task, data=_jsonl(tmp_path / "long.jsonl", long_rows))
+    setup = run_setup.prepare(dataclasses.replace(cfg, task=long_task))
+    assert setup.removed.overlong_train == ("x",)
+    # Directories the run writes keep the template.
+    convert.save_hf(shape, setup.params, str(tmp_path / "out"), tokenizer=setup.tok)
+    assert tokenizer.load(str(tmp_path / "out")).chat_template == template
+    plain_dir = str(tmp_path / "plain")
+    convert.save_hf(shape, setup.params, plain_dir, tokenizer=tokenizer.builtin())
+    with pytest.raises(run_config.ConfigError, match="--chat_template: .*plain has no chat"):
+        run_setup.prepare(dataclasses.replace(cfg, model_dir=plain_dir))
+
+
 class ScriptedEngine:
     """Answers with "answer: <right or wrong>": problem `i` right in `plain[i]` of the samples
     of a normal prompt, `direct[i]` of those of a prompt that ends with the forced start."""
@@ -69,7 +168,7 @@ class ScriptedEngine:
         self.tok, self.plain, self.direct = tok, plain, direct
         self.prompts = []
 
-    def generate(self, prompts, spec):
+    def generate(self, prompts, spec, **kw):
         out = []
         for i, ids in enumerate(prompts):
             text = self.tok.decode(ids)

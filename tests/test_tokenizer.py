@@ -174,3 +174,63 @@ def test_vllm_tokenizer_loading_gives_the_same_ids(tmp_path):
     for name, tok in (("builtin", tokenizer.builtin()), ("bpe", _qwen_like_bpe())):
         out = _save(tok, "Qwen2ForCausalLM", tmp_path / name)
         _assert_same(tok, get_tokenizer(out))
+
+
+# A ChatML template in the shape of Qwen2.5's (default system turn, role checks, generation prompt).
+CHATML = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a careful solver.<|im_end|>\n{% endif %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('unknown role ' + message['role']) }}{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _chat_bpe(template=CHATML) -> tokenizer.Tokenizer:
+    tok = _qwen_like_bpe()
+    tok.hf.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    return tokenizer.Tokenizer(
+        hf=tok.hf, eos_token="<|im_end|>", pad_token="<|pad|>", chat_template=template
+    )
+
+
+@pytest.mark.parametrize("where", ["tokenizer_config.json", "chat_template.jinja"])
+def test_chat_template_renders_and_encodes_as_transformers(where, tmp_path):
+    import json
+
+    import transformers
+
+    out = _save(_chat_bpe(), "Qwen2ForCausalLM", tmp_path / "m")
+    if where == "chat_template.jinja":  # the file transformers writes now takes precedence
+        config_file = os.path.join(out, "tokenizer_config.json")
+        config = json.load(open(config_file))
+        config["chat_template"] = "{{ raise_exception('not this one') }}"
+        json.dump(config, open(config_file, "w"))
+        open(os.path.join(out, "chat_template.jinja"), "w").write(CHATML)
+    tok = tokenizer.load(out)
+    reference = transformers.AutoTokenizer.from_pretrained(out)
+    for text in TEXTS[:5]:
+        messages = [{"role": "user", "content": text}]
+        want = reference.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        got = tok.apply_chat_template(text)
+        assert got == want and got.startswith("<|im_start|>system\n") and text in got
+        ids = tok.encode(got)
+        assert ids[0] == tok.hf.token_to_id("<|im_start|>")  # special tokens are one id each
+        assert ids == reference.encode(want, add_special_tokens=False)
+
+
+def test_chat_template_runs_sandboxed():
+    with pytest.raises(ValueError, match="the chat template failed: unknown role tool"):
+        tokenizer.Tokenizer(
+            hf=_chat_bpe().hf, eos_token="<|im_end|>", pad_token="<|pad|>",
+            chat_template="{{ raise_exception('unknown role tool') }}",
+        ).apply_chat_template("x")  # fmt: skip
+    # A model directory's template cannot reach Python internals.
+    escape = "{{ ''.__class__.__mro__[1].__subclasses__() }}"
+    with pytest.raises(ValueError, match="the chat template failed"):
+        _chat_bpe(escape).apply_chat_template("x")
+    with pytest.raises(ValueError, match="no chat template"):
+        tokenizer.builtin().apply_chat_template("x")
