@@ -8,7 +8,9 @@ before that goes back into the buffer and is resumed as prompt + everything gene
 
 Which generated tokens enter the loss (`loss_segments`; the paper leaves it open):
   "all"        every segment, old ones evaluated against the current reference policy;
-  "current"    only the segments generated in the current iteration;
+  "current"    only each sample's last segment(s): those generated in the last iteration it
+               generated in (the current one, or the one it ended in while its group waited
+               for other samples); earlier segments are context only;
   "drop_stale" only samples generated entirely in the current iteration (others get no loss).
 All state here is plain data (`to_json` / `from_json`) for the run checkpoint.
 """
@@ -155,18 +157,28 @@ def rollout(
 
 
 def loss_mask(sample: Sample, iteration: int, loss_segments: str) -> list[float]:
-    """Returns 1/0 per response token: does it enter the loss at `iteration`."""
+    """Returns 1/0 per response token: does it enter the loss at `iteration` (module docstring).
+
+    "current" keeps the sample's last iteration's segments, not `iteration`'s: a sample that
+    ended an iteration before its group would otherwise have no loss token at all.
+    """
     stale = any(seg.iteration != iteration for seg in sample.segments)
+    last = sample.segments[-1].iteration if sample.segments else iteration
     out = []
     for seg in sample.segments:
         if loss_segments == "all":
             keep = True
         elif loss_segments == "current":
-            keep = seg.iteration == iteration
+            keep = seg.iteration == last
         else:
             keep = not stale
         out.extend([float(keep)] * len(seg.token_ids))
     return out
+
+
+def generated_at(sample: Sample, iteration: int) -> list[float]:
+    """Returns 1/0 per response token: was it generated at `iteration`."""
+    return [float(seg.iteration == iteration) for seg in sample.segments for _ in seg.token_ids]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,7 +213,7 @@ def pack(groups: list[Group], *, iteration: int, loss_segments: str, pad_to: int
         seg[i, : len(ids)] = 1
         resp[i, p : p + n] = 1
         mask[i, p : p + n] = loss_mask(s, iteration, loss_segments)
-        current[i, p : p + n] = loss_mask(s, iteration, "current")
+        current[i, p : p + n] = generated_at(s, iteration)
         rlogp[i, p : p + n] = [lp for sg in s.segments for lp in sg.logprobs]
     lengths = np.array([s.length for s in samples])
     return PackedGroups(tokens, mask, rlogp, seg, resp, current, lengths)

@@ -70,8 +70,32 @@ def test_group_waits_for_all_samples_and_masks_follow_the_option(params):
         cur_mask = partial.loss_mask(s, 1, "current")
         drop_mask = partial.loss_mask(s, 1, "drop_stale")
         assert all_mask == [1.0] * s.length
-        assert cur_mask == [float(seg.iteration == 1) for seg in s.segments for _ in seg.token_ids]
+        # "current": the last iteration's segments; a sample that stopped in iteration 0
+        # (its group waited for the others) keeps its tokens rather than an all-zero mask.
+        last = its[-1]
+        assert cur_mask == [
+            float(seg.iteration == last) for seg in s.segments for _ in seg.token_ids
+        ]
+        assert sum(cur_mask) > 0
         assert drop_mask == ([0.0] * s.length if 0 in its else [1.0] * s.length)
+
+
+def test_current_segments_of_a_sample_that_ended_while_its_group_waited():
+    """loss_segments="current" at iteration 2: a sample still generating keeps its iteration-2
+    tokens; one that stopped in iteration 1 (its group waited) keeps its iteration-1 segment
+    instead of an all-zero mask; `current_mask_bt` still marks only iteration-2 tokens."""
+    seg = lambda it, n: partial.Segment(it, [5] * n, [-0.5] * n)  # noqa: E731
+    late = partial.Sample(0, [1, 2], [seg(0, 3), seg(1, 3), seg(2, 2)], "stop")
+    early = partial.Sample(0, [1, 2], [seg(0, 3), seg(1, 1)], "stop")
+    assert partial.loss_mask(late, 2, "current") == [0.0] * 6 + [1.0] * 2
+    assert partial.loss_mask(early, 2, "current") == [0.0] * 3 + [1.0]
+    assert partial.loss_mask(early, 2, "all") == [1.0] * 4
+    assert partial.loss_mask(early, 2, "drop_stale") == [0.0] * 4
+    packed = partial.pack(
+        [partial.Group(0, [late, early])], iteration=2, loss_segments="current", pad_to=12
+    )
+    assert packed.mask_bt[:, 2:10].tolist() == [[0] * 6 + [1] * 2, [0] * 3 + [1] + [0] * 4]
+    assert packed.current_mask_bt[:, 2:10].tolist() == [[0] * 6 + [1] * 2, [0] * 8]
 
 
 def test_buffer_round_trips_through_json(params):
