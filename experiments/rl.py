@@ -177,6 +177,11 @@ _HARD = flags.DEFINE_float(
 )
 _EVAL_N = flags.DEFINE_integer("eval_problems", D.eval.problems, "Held-out problems.")
 _EVAL_K = flags.DEFINE_integer("eval_samples", D.eval.samples, "Samples per held-out problem.")
+_EVAL_KS = flags.DEFINE_list(
+    "eval_ks",
+    [str(k) for k in D.eval.ks],
+    "k of the held-out pass@k, avg@k and maj@k in the report (each <= --eval_samples).",
+)
 _GPU_UTIL = flags.DEFINE_float(
     "gpu_memory_utilization",
     D.vllm.gpu_memory_utilization,
@@ -273,6 +278,13 @@ def parse_mesh(text: str) -> tuple[int, int, int]:
     return tuple(sizes[a] for a in MESH_AXES)
 
 
+def parse_ks(values) -> tuple[int, ...]:
+    """Returns the sorted distinct k of ["1", "4"]; refuses anything but positive integers."""
+    if not values or not all(v.strip().isdigit() and int(v) > 0 for v in values):
+        raise ValueError(f"--eval_ks={','.join(values)}: expected positive integers like 1,4")
+    return tuple(sorted({int(v) for v in values}))
+
+
 def make_config() -> run_config.RunConfig:
     """Returns the RunConfig the flags describe (defaults: the built-in CPU demo)."""
     r = dataclasses.replace
@@ -330,7 +342,7 @@ def make_config() -> run_config.RunConfig:
             checkpoint_every=_CKPT.value,
             eval_every=_EVAL_EVERY.value,
         ),
-        eval=r(D.eval, problems=_EVAL_N.value, samples=_EVAL_K.value),
+        eval=r(D.eval, problems=_EVAL_N.value, samples=_EVAL_K.value, ks=parse_ks(_EVAL_KS.value)),
         partial=r(
             D.partial, budget=_BUDGET.value, max_length=_MAXLEN.value, loss_segments=_SEGMENTS.value
         ),

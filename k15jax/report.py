@@ -78,6 +78,25 @@ def removed_lines(removed: dict, max_prompt_tokens: int) -> list[str]:
     return lines
 
 
+def at_k_lines(results: dict) -> list[str]:
+    """Returns the report's pass@k / avg@k / maj@k table (`evaluation.evaluate`'s "at_k") of the
+    SFT and RL models, with 95% intervals, for each k > 1 (k = 1 is the pass@1 table above)."""
+    names = [n for n in results["rl"].get("at_k", {}) if not n.endswith("@1")]
+    if not names:
+        return []
+    cell = lambda v: f"{v['mean']:.3f} [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}]"  # noqa: E731
+    lines = [
+        "| model | " + " | ".join(names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
+    for label, key in (("SFT", "sft"), ("RL", "rl")):
+        at_k = results[key].get("at_k", {})
+        lines.append(
+            f"| {label} | " + " | ".join(cell(at_k[n]) if n in at_k else "" for n in names) + " |"
+        )
+    return [*lines, ""]
+
+
 def _series(history: list[dict], key: str):
     pts = [(m["iteration"], m[key]) for m in history if key in m]
     return [p[0] for p in pts], [p[1] for p in pts]
@@ -165,6 +184,7 @@ def write(out_dir: str, config: dict, sft_history, rl_history, results: dict) ->
         f"Wall time: {results['wall_seconds']:.0f} s; {results['parameters']:,} parameters; "
         f"{len(rl_history)} RL iterations.",
         "",
+        *at_k_lines(results),
         "## Prompt set",
         "",
         *removed_lines(results["removed"], config["task"]["max_prompt_tokens"]),

@@ -105,7 +105,7 @@ class RunConfig:
     task: data.TaskConfig = data.TaskConfig()
     sft: sft.SftConfig = sft.SftConfig()
     rl: RlConfig = RlConfig()
-    eval: evaluation.EvalConfig = evaluation.EvalConfig()
+    eval: evaluation.EvalConfig = evaluation.EvalConfig(ks=(1, 4))  # pass@4 of the same samples
     partial: partial.PartialConfig = partial.PartialConfig(budget=192, max_length=256)
     sampler: sampler.SamplerConfig = sampler.SamplerConfig(
         curriculum_iterations=10, hard_threshold=0.75

@@ -306,3 +306,18 @@ def test_eval_sets_with_the_real_engine(tiny_hf_dir, vllm_engine, tmp_path):
     md = (tmp_path / "out" / "eval.md").read_text()
     assert "### one.jsonl: 2 problems x 4 samples" in md and "### two.jsonl" in md
     assert sorted(os.listdir(tmp_path / "out")) == ["eval.json", "eval.md"]
+
+
+def test_run_report_lists_pass_at_k_of_both_models():
+    from k15jax import report
+
+    sft = _evaluate(_Scripted(OUTPUTS), (1, 4))
+    rl = dict(sft, at_k={**sft["at_k"], "pass@4": {"mean": 0.75, "ci95": [0.5, 1.0]}})
+    lines = report.at_k_lines({"sft": sft, "rl": rl})
+    assert lines[0] == "| model | pass@4 | avg@4 | maj@4 |"
+    p4 = sft["at_k"]["pass@4"]
+    sft_p4 = f"{p4['mean']:.3f} [{p4['ci95'][0]:.3f}, {p4['ci95'][1]:.3f}]"
+    assert lines[2].startswith("| SFT |") and sft_p4 in lines[2]
+    assert "| 0.750 [0.500, 1.000] |" in lines[3]
+    only_one = _evaluate(_Scripted(OUTPUTS), (1,))
+    assert report.at_k_lines({"sft": only_one, "rl": only_one}) == []  # k = 1: its own table

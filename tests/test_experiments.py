@@ -46,10 +46,12 @@ def test_flags_reach_the_config():
         "--sft_data=traces.jsonl",
         "--chat_template",
         "--curriculum_order=uniform",
+        "--eval_samples=8",
+        "--eval_ks=8,1,2",
     )
     cfg = rl.make_config()
     assert cfg.task.sft_data == "traces.jsonl" and cfg.task.chat_template
-    assert cfg.sampler.order == "uniform"
+    assert cfg.sampler.order == "uniform" and cfg.eval.ks == (1, 2, 8)
     assert cfg.rl.engine_reference_max_gap == -1
     assert cfg.rl.easy_to_hack_tries == 0 and cfg.task.overlong_prompts == "error"
     assert not cfg.task.screen and cfg.task.answer_prefix == "The answer is "
