@@ -19,17 +19,19 @@ import dataclasses
 import numpy as np
 
 BUCKETS = 8  # row counts a step may have: cap/8, 2cap/8, ..., cap
+MIN_BUCKET = 4  # ... but steps of a few rows differ by at least this many rows
 
 
 def bucket(n: int, cap: int) -> int:
-    """Returns n rounded up to a multiple of ceil(cap / BUCKETS), at most `cap`.
+    """Returns n rounded up to a multiple of max(ceil(cap / BUCKETS), MIN_BUCKET), at most `cap`.
 
     Few on purpose: on CPU one compilation of the step costs two to three steps, so a finer grid
     would spend in compiling what it saves in padding; a coarser one pads too much (measured on
     the default run's SFT model: 128 samples fill 66 rows of 280 tokens, which a quarter grid
-    pads to 96 rows and this one to 80).
+    pads to 96 rows and this one to 80). For small steps (cap < 32) the floor keeps the shapes
+    fewer than eight: a row or two of padding costs less than a compilation.
     """
-    size = -(-cap // BUCKETS)
+    size = max(-(-cap // BUCKETS), MIN_BUCKET)
     return min(-(-n // size) * size, cap)
 
 
