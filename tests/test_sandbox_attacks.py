@@ -77,8 +77,14 @@ def _sysv_objects() -> list[str]:
     return found
 
 
-def _keys_of(uid: int) -> list[str]:
-    """Lines of /proc/keys that `uid` sees describing a key the attacks add ("k15jax...")."""
+# Reading and clearing another uid's keyring takes a process that becomes that uid. Forking the
+# test process for it copies its page tables (gigabytes with an engine loaded: seconds per fork,
+# per test); one small helper process forks instead.
+_KEYS_HELPER = """
+import ctypes, json, os, sys
+clear = sys.argv[1] == "clear"
+out = {}
+for uid in json.loads(sys.argv[2]):
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -86,14 +92,34 @@ def _keys_of(uid: int) -> list[str]:
             os.close(r)
             os.setgid(uid)
             os.setuid(uid)
-            os.write(w, pathlib.Path("/proc/keys").read_bytes())
+            if clear:
+                ctypes.CDLL(None).syscall(250, 7, -4)  # keyctl(KEYCTL_CLEAR, KEY_SPEC_USER_KEYRING)
+            else:
+                os.write(w, open("/proc/keys", "rb").read())
         finally:
             os._exit(0)
     os.close(w)
     with os.fdopen(r, "rb") as f:
         text = f.read().decode()
     os.waitpid(pid, 0)
-    return [line for line in text.splitlines() if " k15jax" in line]
+    out[uid] = [line for line in text.splitlines() if " k15jax" in line]
+print(json.dumps(out))
+"""
+KEY_UIDS = (61000, 61001, 62000, 62001)
+
+
+def _keys(*, clear: bool = False) -> list[str]:
+    """Lines of /proc/keys that each of `KEY_UIDS` sees describing a key the attacks add
+    ("k15jax..."); with `clear`, empties their keyrings instead (and returns nothing)."""
+    import subprocess
+    import sys
+
+    mode = "clear" if clear else "read"
+    done = subprocess.run(
+        [sys.executable, "-c", _KEYS_HELPER, mode, json.dumps(KEY_UIDS)],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return [line for lines in json.loads(done.stdout).values() for line in lines]
 
 
 def _remove_ipc() -> None:
@@ -105,20 +131,8 @@ def _remove_ipc() -> None:
             ctl(ident, 0, None)  # IPC_RMID
 
 
-def _clear_keys(uid: int) -> None:
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.setgid(uid)
-            os.setuid(uid)
-            ctypes.CDLL(None).syscall(250, 7, -4)  # keyctl(KEYCTL_CLEAR, KEY_SPEC_USER_KEYRING)
-        finally:
-            os._exit(0)
-    os.waitpid(pid, 0)
-
-
 def _host_traces() -> dict[str, list]:
-    keys = [k for uid in (61000, 61001, 62000, 62001) for k in _keys_of(uid)]
+    keys = _keys()
     return {
         "processes": _sandbox_pids(),
         "files": _sandbox_files(),
@@ -151,8 +165,7 @@ def clean_host():
         assert traces == {"processes": [], "files": [], "ipc": [], "keys": []}
     finally:
         _remove_ipc()
-        for uid in (61000, 61001, 62000, 62001):
-            _clear_keys(uid)
+        _keys(clear=True)
         for path in traces["files"]:
             with contextlib.suppress(OSError):
                 os.unlink(path) if not os.path.isdir(path) else os.rmdir(path)
