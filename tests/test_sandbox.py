@@ -402,7 +402,10 @@ def test_a_problem_has_a_wall_budget():
 
 @needs_isolation
 def test_without_cgroups_the_rlimits_still_judge():
-    with sandbox.Sandbox(dataclasses.replace(CFG, cgroups=False, workers=1)) as b:
+    # A wall limit well above the CPU limit: the loop must be stopped by RLIMIT_CPU, and on a
+    # loaded machine (an engine busy beside the suite) a 3 s wall limit cut a plain run short.
+    cfg = dataclasses.replace(CFG, cgroups=False, workers=1, wall_s=10)
+    with sandbox.Sandbox(cfg) as b:
         assert b.limits == "rlimits"
         assert _judge(b, "print(int(input()) + 1)\n", "3", "2").reward == 1.0
         assert _judge(b, "while True:\n    pass\n", "1").verdicts == (sandbox.TIMEOUT,)
