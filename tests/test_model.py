@@ -60,8 +60,9 @@ def test_bfloat16_params_close_to_float32(hf_dirs):
     cfg16, p16 = convert.load_hf(path, dtype="bfloat16")
     assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(p16))
     tokens = jnp.arange(12)[None] % cfg32.vocab_size
-    a = model.apply(cfg32, p32, tokens)
-    b = model.apply(cfg16, p16, tokens)
+    apply = jax.jit(model.apply, static_argnums=0)  # op by op, bf16 took seconds per primitive
+    a = apply(cfg32, p32, tokens)
+    b = apply(cfg16, p16, tokens)
     assert b.dtype == jnp.float32
     # bf16 has 8 mantissa bits; logits of this scale agree to ~1e-2 (STYLE.md bf16 atol).
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=2e-2)
@@ -76,8 +77,10 @@ def test_remat_gives_same_logits_and_grads():
     def loss(c, p):
         return jnp.mean(model.apply(c, p, tokens) ** 2)
 
-    la, ga = jax.value_and_grad(lambda p: loss(cfg, p))(params)
-    lb, gb = jax.value_and_grad(lambda p: loss(remat_cfg, p))(params)
+    # Jitted: op by op, the remat path's scan and checkpoint compiled each primitive alone
+    # (about a minute on two cores).
+    la, ga = jax.jit(jax.value_and_grad(lambda p: loss(cfg, p)))(params)
+    lb, gb = jax.jit(jax.value_and_grad(lambda p: loss(remat_cfg, p)))(params)
     np.testing.assert_allclose(la, lb, rtol=1e-6)
     # atol 1e-7: the remat path scans over the layers, which reorders float32 sums (grads ~1e-2).
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7), ga, gb)
