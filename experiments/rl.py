@@ -180,7 +180,8 @@ _EVAL_K = flags.DEFINE_integer("eval_samples", D.eval.samples, "Samples per held
 _EVAL_KS = flags.DEFINE_list(
     "eval_ks",
     [str(k) for k in D.eval.ks],
-    "k of the held-out pass@k, avg@k and maj@k in the report (each <= --eval_samples).",
+    "k of the held-out pass@k, avg@k and maj@k in the report (each <= --eval_samples; "
+    "unset: those of the default that --eval_samples allows).",
 )
 _GPU_UTIL = flags.DEFINE_float(
     "gpu_memory_utilization",
@@ -285,6 +286,13 @@ def parse_ks(values) -> tuple[int, ...]:
     return tuple(sorted({int(v) for v in values}))
 
 
+def eval_ks() -> tuple[int, ...]:
+    """Returns --eval_ks; left unset, the default's k that --eval_samples allows."""
+    if flags.FLAGS["eval_ks"].present:
+        return parse_ks(_EVAL_KS.value)
+    return tuple(k for k in D.eval.ks if k <= _EVAL_K.value) or (1,)
+
+
 def make_config() -> run_config.RunConfig:
     """Returns the RunConfig the flags describe (defaults: the built-in CPU demo)."""
     r = dataclasses.replace
@@ -342,7 +350,7 @@ def make_config() -> run_config.RunConfig:
             checkpoint_every=_CKPT.value,
             eval_every=_EVAL_EVERY.value,
         ),
-        eval=r(D.eval, problems=_EVAL_N.value, samples=_EVAL_K.value, ks=parse_ks(_EVAL_KS.value)),
+        eval=r(D.eval, problems=_EVAL_N.value, samples=_EVAL_K.value, ks=eval_ks()),
         partial=r(
             D.partial, budget=_BUDGET.value, max_length=_MAXLEN.value, loss_segments=_SEGMENTS.value
         ),

@@ -1,7 +1,11 @@
-"""Session-wide test set-up: 8 fake CPU devices for sharding tests, tiny Hugging Face models."""
+"""Session-wide test set-up: 8 fake CPU devices for sharding tests, tiny Hugging Face models, and
+one JAX compilation cache for the session and the runs it starts."""
 
+import atexit
 import dataclasses
 import os
+import shutil
+import tempfile
 
 # Must precede any JAX import (STYLE.md §4: set once, here).
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -9,6 +13,15 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Triton kernels run in Triton's interpreter on CPU. The flag must be set before triton is first
 # imported (triton's own library functions are built for one mode), so it is set for the session.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# Many tests compile the same programs again: each run builds its own jitted step (the RL loop's
+# tests, a run and its resumed copy, the processes of a multi-process run). A persistent
+# compilation cache, new for each session and removed after it, serves the repeats from disk
+# (the same executable, so the same numbers). Subprocesses inherit it through the environment.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _CACHE = tempfile.mkdtemp(prefix="k15jax-tests-jax-cache-")
+    atexit.register(shutil.rmtree, _CACHE, True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 import pytest  # noqa: E402
 

@@ -52,6 +52,8 @@ def test_flags_reach_the_config():
     cfg = rl.make_config()
     assert cfg.task.sft_data == "traces.jsonl" and cfg.task.chat_template
     assert cfg.sampler.order == "uniform" and cfg.eval.ks == (1, 2, 8)
+    _parse("--eval_samples=2")  # the default k=4 is left out rather than refused
+    assert rl.make_config().eval.ks == (1,)
     assert cfg.rl.engine_reference_max_gap == -1
     assert cfg.rl.easy_to_hack_tries == 0 and cfg.task.overlong_prompts == "error"
     assert not cfg.task.screen and cfg.task.answer_prefix == "The answer is "
