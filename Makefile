@@ -3,6 +3,9 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# pytest workers (pytest-xdist), each pinned to its own cores (tests/conftest.py); each may hold
+# a vLLM engine and servers of its own, so more workers need more memory.
+TEST_WORKERS ?= 2
 
 .PHONY: run test lint install clean gpu-wheels gpu-check
 
@@ -22,7 +25,7 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check k15jax kernels experiments tests
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check k15jax kernels experiments tests

@@ -7,6 +7,17 @@ import os
 import shutil
 import tempfile
 
+# `make test` runs the suite in one worker per core (pytest-xdist, `-n auto --dist loadgroup`).
+# Each worker is pinned to its own cores before any thread exists, and vLLM's OpenMP threads are
+# bound to the same cores: two workers never spin on one core (vLLM's threads busy-wait).
+# The launched servers and runs the tests start inherit both.
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER")  # "gw0", "gw1", ...
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKER is not None and 1 < _WORKERS <= len(os.sched_getaffinity(0)):
+    _CORES = sorted(os.sched_getaffinity(0))[int(_WORKER[2:]) :: _WORKERS]
+    os.sched_setaffinity(0, _CORES)
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(str(c) for c in _CORES)
+
 # Must precede any JAX import (STYLE.md §4: set once, here).
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -24,6 +35,28 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 import pytest  # noqa: E402
+
+# Tests that share a machine-wide resource run in one worker, one after another: the sandbox's
+# slot uids (61000 + slot; its tests also assert that no process of those uids is left).
+SERIAL_GROUPS = {
+    "sandbox": (
+        "test_sandbox.py",
+        "test_sandbox_attacks.py",
+        "test_testgen.py",
+        "test_experiments.py",
+    ),
+}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Puts each test file in its own xdist group (module fixtures such as two started servers
+    are made once), and the files of a `SERIAL_GROUPS` entry in one."""
+    group_of = {name: group for group, names in SERIAL_GROUPS.items() for name in names}
+    for item in items:
+        name = item.path.name
+        item.add_marker(pytest.mark.xdist_group(group_of.get(name, name)))
+
 
 HF_KWARGS = dict(
     vocab_size=96,
