@@ -7,7 +7,7 @@ import os
 import shutil
 import tempfile
 
-# `make test` runs the suite in one worker per core (pytest-xdist, `-n auto --dist loadgroup`).
+# `make test` runs the suite in two workers (pytest-xdist, `-n 2 --dist loadfile`).
 # Each worker is pinned to its own cores before any thread exists, and vLLM's OpenMP threads are
 # bound to the same cores: two workers never spin on one core (vLLM's threads busy-wait).
 # The launched servers and runs the tests start inherit both.
@@ -33,11 +33,16 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     atexit.register(shutil.rmtree, _CACHE, True)
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+    # A size limit turns on JAX's file lock around reads and writes: the workers and the runs
+    # they start use the cache at the same time (without it a read can see half a write).
+    os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
 
 import pytest  # noqa: E402
 
-# Tests that share a machine-wide resource run in one worker, one after another: the sandbox's
-# slot uids (61000 + slot; its tests also assert that no process of those uids is left).
+# Test files that share a machine-wide resource never run at the same time in two workers: the
+# sandbox's slot uids (61000 + slot; its tests also assert that no process of those uids is
+# left). Each such file holds its group's lock while it runs (`make test` hands out whole files:
+# `--dist loadfile`).
 SERIAL_GROUPS = {
     "sandbox": (
         "test_sandbox.py",
@@ -46,16 +51,21 @@ SERIAL_GROUPS = {
         "test_experiments.py",
     ),
 }
+_GROUP_OF = {name: group for group, names in SERIAL_GROUPS.items() for name in names}
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(config, items):
-    """Puts each test file in its own xdist group (module fixtures such as two started servers
-    are made once), and the files of a `SERIAL_GROUPS` entry in one."""
-    group_of = {name: group for group, names in SERIAL_GROUPS.items() for name in names}
-    for item in items:
-        name = item.path.name
-        item.add_marker(pytest.mark.xdist_group(group_of.get(name, name)))
+@pytest.fixture(scope="module", autouse=True)
+def _serial_group(request):
+    """Holds the lock of the module's `SERIAL_GROUPS` entry (if any) while the module runs."""
+    group = _GROUP_OF.get(request.path.name)
+    if group is None:
+        yield
+        return
+    import fcntl
+
+    with open(os.path.join(tempfile.gettempdir(), f"k15jax-tests-{group}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        yield
 
 
 HF_KWARGS = dict(
