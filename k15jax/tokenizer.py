@@ -16,6 +16,7 @@ loads tokenizer.json as written. So the built-in tokenizer is written in exactly
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import string
@@ -288,6 +289,17 @@ def _chat_template(path: str, config: dict) -> str | None:
 def _render_chat(template: str, **context) -> str:
     """Renders a chat template in a sandbox (a model directory's template is not trusted)."""
     from jinja2 import TemplateError
+
+    try:
+        return _compiled_chat(template).render(**context)
+    except TemplateError as e:
+        raise ValueError(f"the chat template failed: {e}") from None
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled_chat(template: str):
+    """Returns `template` compiled once (every prompt of a run is rendered with it)."""
+    from jinja2 import TemplateError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(message):
@@ -303,6 +315,6 @@ def _render_chat(template: str, **context) -> str:
     )
     env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now)
     try:
-        return env.from_string(template).render(**context)
+        return env.from_string(template)
     except TemplateError as e:
         raise ValueError(f"the chat template failed: {e}") from None
