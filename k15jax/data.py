@@ -15,14 +15,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import random
 import re
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from k15jax import tasks
+from k15jax import answer_forms, tasks
 
-REWARDS = ("task", "math", "code")  # scoring.reward_fn builds each
+# scoring.reward_fn builds each; "forms" is the built-in task's checker of `answer_forms`
+REWARDS = ("task", "forms", "math", "code")
 OVERLONG = ("drop", "error")  # what a run does with a prompt over max_prompt_tokens
 
 
@@ -144,7 +146,9 @@ class TaskConfig:
     # Wrap each prompt (after `prompt_template`) in the model's chat template as the user turn,
     # for rollouts, evaluation and SFT alike (`tokenizer.Tokenizer.apply_chat_template`).
     chat_template: bool = False
-    reward: str = "task"  # "task" (built-in checker), "math" (math-verify), "code" (sandbox)
+    # "task" (built-in checker: "answer: <digits>"), "forms" (built-in task, final answers in
+    # `answer_forms.EQUAL_FORMS`), "math" (math-verify), "code" (sandbox)
+    reward: str = "task"
     prompt_template: str = "{prompt}"
     max_prompt_tokens: int = 24  # longest prompt (sets the trainer's sequence length)
     # A prompt over max_prompt_tokens: "drop" it before training (counted in the report, as
@@ -161,12 +165,17 @@ class TaskConfig:
     min_terms: int = 2
     max_terms: int = 4
     max_term: int = 9  # built-in task: terms are 1..max_term
+    # Built-in task: each warm-up trace writes its final answer in a form drawn from
+    # `answer_forms.EQUAL_FORMS` ("twelve", "3*4", "12.0", ...) instead of digits.
+    answer_forms: bool = False
 
     def __post_init__(self):
         if self.reward not in REWARDS:
             raise ValueError(f"reward={self.reward!r} must be one of {REWARDS}")
         if not 0 <= self.short_fraction <= 1:
             raise ValueError(f"short_fraction={self.short_fraction} must be in [0, 1]")
+        if self.answer_forms and self.data is not None:
+            raise ValueError("answer_forms is for the built-in task's traces; --data has its own")
         if "{prompt}" not in self.prompt_template:
             raise ValueError(f"prompt_template={self.prompt_template!r} must contain {{prompt}}")
         if self.max_prompt_tokens < 1:
@@ -201,13 +210,22 @@ def load_problems(task: TaskConfig, *, held_out_problems: int, seed: int) -> Pro
             ) from e
         as_problem = lambda i, e: Problem(str(i), e.prompt, e.answer, e.difficulty)  # noqa: E731
         short = np.random.default_rng([seed, 2]).random(len(sft_set)) < task.short_fraction
+        traces = [
+            (e.prompt, e.short_trace if s else e.long_trace)
+            for e, s in zip(sft_set, short, strict=True)
+        ]
+        if task.answer_forms:
+            rng = random.Random(f"answer_forms:{seed}")
+            traces = [
+                (p, answer_forms.with_answer(t, answer_forms.render(
+                    int(e.answer), rng.choice(answer_forms.EQUAL_FORMS), rng
+                )))
+                for (p, t), e in zip(traces, sft_set, strict=True)
+            ]  # fmt: skip
         return ProblemSet(
             train=tuple(as_problem(i, e) for i, e in enumerate(pool)),
             held_out=tuple(as_problem(i, e) for i, e in enumerate(held)),
-            sft_traces=tuple(
-                (e.prompt, e.short_trace if s else e.long_trace)
-                for e, s in zip(sft_set, short, strict=True)
-            ),
+            sft_traces=tuple(traces),
         )
     problems = load_jsonl(task.data)
     if task.eval_data:

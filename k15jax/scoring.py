@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from k15jax import data, partial, tasks
+from k15jax import answer_forms, data, partial, tasks
 from k15jax.rewards import code as code_reward
+from k15jax.rewards import judge as judge_lib
 from k15jax.rewards import length as length_reward
 from k15jax.rewards import math as math_reward
 
@@ -37,6 +39,8 @@ def reward_fn(kind: str, *, sandbox=None) -> RewardFn:
     """Returns the task reward of `kind` (`data.REWARDS`); "code" runs programs in `sandbox`."""
     if kind == "task":
         return tasks.reward
+    if kind == "forms":
+        return answer_forms.reward
     if kind == "math":
         return math_reward.reward
     if kind == "code":
@@ -67,9 +71,83 @@ class Scorer:
         if finish_reason in ("truncated", "length"):
             return -self.truncation_penalty, False, {"reason": "cut at the length limit"}
         r, info = self.reward_fn(problem.prompt, prefix + self.decode(response_ids), problem.answer)
+        return self.finish(r, info, finish_reason)
+
+    def finish(self, r: float, info: dict, finish_reason: str) -> tuple[float, bool, dict]:
+        """Returns (reward, correct, info) of a task reward `r` of a response that ended by
+        itself ("stop") or for repetition ("repeat", penalised, never correct)."""
         if finish_reason == "repeat":
             return r - self.repeat_penalty, False, dict(info, reason="stopped for repetition")
         return r, r >= 1.0, info
+
+
+GRADERS = ("rules", "judge", "rules_then_judge")
+
+
+@dataclasses.dataclass(kw_only=True)
+class Grader:
+    """Training rewards from a judge model (`rewards.judge`, k1.5 §2.3.3) beside the rules.
+
+    `mode` "judge": the judge grades every response that ended by itself (or for repetition);
+    "rules_then_judge": only those the task's rules score below 1. The rules are computed for
+    every response anyway, so each iteration counts the judge's disagreements with them. An
+    unusable verdict falls back to `judge.fallback`. With `log_path`, every judged response is
+    appended there as a JSON line with the judge's text.
+    """
+
+    judge: judge_lib.Judge
+    mode: str = "judge"
+    log_path: str | None = None
+
+    def __post_init__(self):
+        if self.mode not in GRADERS[1:]:
+            raise ValueError(f"grader mode={self.mode!r} must be one of {GRADERS[1:]}")
+
+    def __call__(
+        self,
+        items: Sequence[tuple[data.Problem, str, float]],
+        *,
+        iteration: int,
+    ) -> tuple[list[tuple[float, dict] | None], dict[str, float]]:
+        """Grades (problem, response, rule score) items; returns (per item (score, info) or None
+        where the rules stand, statistics)."""
+        ask = [i for i, (_, _, r) in enumerate(items) if self.mode == "judge" or r < 1.0]
+        judged = self.judge(
+            [judge_lib.JudgeItem(items[i][0].prompt, items[i][0].answer, items[i][1]) for i in ask]
+        )
+        out: list[tuple[float, dict] | None] = [None] * len(items)
+        usable = disagree = tokens = 0
+        records = []
+        for i, j in zip(ask, judged, strict=True):
+            problem, response, rule = items[i]
+            tokens += j.judge_tokens
+            if not j.fallback_used:
+                usable += 1
+                disagree += j.verdict.correct != (rule >= 1.0)
+            info = dict(j.info, judge=j.verdict.status, judge_text=j.text, rules=rule)
+            out[i] = (j.score, info)
+            records.append(
+                {
+                    "iteration": iteration,
+                    "problem": problem.id,
+                    "response_end": response[-300:],
+                    "rules": rule,
+                    "judge_status": j.verdict.status,
+                    "judge_text": j.text,
+                    "score": j.score,
+                }
+            )
+        if self.log_path and records:
+            with open(self.log_path, "a") as f:
+                f.writelines(json.dumps(r) + "\n" for r in records)
+        stats = {
+            "judge_calls": float(len(ask)),
+            "judge_malformed": float(len(ask) - usable),
+            "judge_disagreements": float(disagree),
+            "judge_agreement": (1.0 - disagree / usable) if usable else float("nan"),
+            "judge_tokens": tokens / len(ask) if ask else 0.0,
+        }
+        return out, stats
 
 
 def score_groups(
@@ -79,15 +157,29 @@ def score_groups(
     *,
     iteration: int,
     length: length_reward.LengthPenaltyConfig,
+    grader: Grader | None = None,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
     """Returns (total reward float32, correct, statistics) of the samples of `groups`, row order.
 
     total = reward + w(iteration) * length reward within each group; `problems` is what the
-    samples' `problem` indices index.
+    samples' `problem` indices index. With `grader`, a judge model gives the task reward of
+    the responses it grades (one batch for the iteration) and its counts join the statistics.
     """
     samples = [s for g in groups for s in g.samples]
     group_size = len(groups[0].samples)
     scored = [scorer(problems[s.problem], s.response_ids, s.finish_reason) for s in samples]
+    grader_stats = {}
+    if grader is not None:
+        ended = [i for i, s in enumerate(samples) if s.finish_reason in ("stop", "repeat")]
+        items = []
+        for i in ended:
+            problem, s = problems[samples[i].problem], samples[i]
+            rule = scored[i][0] + (scorer.repeat_penalty if s.finish_reason == "repeat" else 0)
+            items.append((problem, scorer.decode(s.response_ids), rule))
+        graded, grader_stats = grader(items, iteration=iteration)
+        for i, g in zip(ended, graded, strict=True):
+            if g is not None:
+                scored[i] = scorer.finish(*g, samples[i].finish_reason)
     task_r = np.array([r for r, _, _ in scored])
     correct = np.array([ok for _, ok, _ in scored])
     lengths = np.array([s.length for s in samples])
@@ -106,5 +198,6 @@ def score_groups(
         "response_length": float(lengths.mean()),
         "repeats": float(np.mean(reasons == "repeat")),
         "truncated": float(np.mean(reasons == "truncated")),
+        **grader_stats,
     }
     return np.asarray(total, np.float32), correct, stats

@@ -1,0 +1,128 @@
+"""Answer forms: number words, the exact reader, rendering, the equivalence set and targets."""
+
+from __future__ import annotations
+
+import random
+from fractions import Fraction
+
+import pytest
+
+from k15jax import answer_forms as af
+from k15jax import tasks
+from k15jax.rewards import judge
+
+
+@pytest.mark.parametrize(
+    "n, text",
+    [
+        (0, "zero"),
+        (7, "seven"),
+        (12, "twelve"),
+        (19, "nineteen"),
+        (20, "twenty"),
+        (34, "thirty-four"),
+        (40, "forty"),
+        (99, "ninety-nine"),
+        (-5, "minus five"),
+    ],
+)
+def test_words(n, text):
+    assert af.words(n) == text
+
+
+def test_words_refuses_out_of_range():
+    with pytest.raises(ValueError, match="100"):
+        af.words(100)
+
+
+@pytest.mark.parametrize(
+    "text, value",
+    [
+        ("12", 12),
+        (" 12. ", 12),
+        ("-3", -3),
+        ("12.0", 12),
+        ("12.5", Fraction(25, 2)),
+        ("twelve", 12),
+        ("Thirty-Four", 34),
+        ("3*4", 12),
+        ("3 * 4", 12),
+        ("24/2", 12),
+        ("7/2", Fraction(7, 2)),
+        ("5+7", 12),
+        ("15-3", 12),
+    ],
+)
+def test_parse_reads_the_forms(text, value):
+    assert af.parse(text) == value
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "1 2",
+        "12 or 13",
+        "",
+        "twelve!",
+        "3**4",
+        "2*3*4",
+        "1/0",
+        "__import__('os').system('true')",
+        "(3*4)",
+        "1e3",
+        "thirty four",
+        "9" * 40,
+    ],
+)
+def test_parse_refuses_everything_else(text):
+    assert af.parse(text) is None
+
+
+@pytest.mark.parametrize("form", af.FORMS)
+def test_render_equal_forms_keep_the_value_and_the_others_do_not(form):
+    rng = random.Random(0)
+    for value in range(2, 41):
+        for _ in range(5):
+            text = af.render(value, form, rng)
+            assert (af.parse(text) == value) == (form in af.EQUAL_FORMS), (value, form, text)
+
+
+def test_render_refuses_an_unknown_form():
+    with pytest.raises(ValueError, match="roman"):
+        af.render(3, "roman", random.Random(0))
+
+
+def test_reward_reads_the_last_line_only():
+    trace = "plan: add 2 numbers, check each\n5+7=12, left none\ncheck 12-7=5 ok\nanswer: 12"
+    for text, want in [("3*4", 1.0), ("twelve", 1.0), ("12.0", 1.0), ("13", 0.0), ("1 2", 0.0)]:
+        assert af.reward("Q:5+7\n", af.with_answer(trace, text), "12")[0] == want, text
+    assert af.reward("", "answer: 12\nno, wait", "12")[0] == 0.0
+    assert af.reward("", "the total is 12", "12")[0] == 0.0
+    # The task's own strict checker misses the forms this reader accepts.
+    assert tasks.reward("", af.with_answer(trace, "twelve"), "12")[0] == 0.0
+
+
+def test_equivalence_set_labels_and_balance():
+    examples = tasks.generate(200, seed=3)
+    items = af.equivalence_set(examples, per_problem=4, seed=1)
+    assert len(items) == 800
+    for it in items:
+        assert it.label == (it.form in af.EQUAL_FORMS)
+        assert it.response.endswith(f"answer: {it.answer}")
+        assert af.reward(it.problem, it.response, it.reference)[0] == float(it.label)
+    share = sum(it.label for it in items) / len(items)
+    assert 0.45 < share < 0.55
+    assert {it.form for it in items} == set(af.FORMS)
+    assert af.equivalence_set(examples, per_problem=4, seed=1) == items  # seeded
+
+
+def test_targets_end_in_the_labelled_verdict():
+    items = af.equivalence_set(tasks.generate(50, seed=4), per_problem=2, seed=0)
+    for it in items:
+        for target in (af.classic_target(it), af.cot_target(it)):
+            v = judge.parse_verdict(target)
+            assert v.status == "ok" and v.correct == it.label, target
+    twelve = af.Item("Q:5+7\n", "12", "answer: twelve", "twelve", "words", True)
+    assert af.cot_target(twelve) == 'twelve = 12; reference 12; same\n{"correct": true}'
+    spaced = af.Item("Q:5+7\n", "12", "answer: 1 2", "1 2", "spaced", False)
+    assert af.cot_target(spaced).startswith("1 2 = none; reference 12; differ")
