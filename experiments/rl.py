@@ -50,6 +50,28 @@ _MODEL = flags.DEFINE_string("model", None, "Hugging Face model directory (defau
 _DATA = flags.DEFINE_string("data", None, "JSONL prompt set (default: built-in task).")
 _EVAL_DATA = flags.DEFINE_string("eval_data", None, "JSONL held-out set.")
 _REWARD = flags.DEFINE_enum("reward", D.task.reward, data.REWARDS, "Reward function.")
+_GRADER = flags.DEFINE_enum(
+    "grader",
+    D.grader.mode,
+    run_config.GRADERS,
+    "Who grades RL samples: the reward's rules, a judge model (--judge_model) for every sample, "
+    "or the judge for what the rules score below 1. Evaluation always uses the rules.",
+)
+_JUDGE_MODEL = flags.DEFINE_string(
+    "judge_model", None, "Judge model directory (experiments.judge writes one) for --grader."
+)
+_JUDGE_FALLBACK = flags.DEFINE_enum(
+    "judge_fallback",
+    D.grader.fallback,
+    run_config.JUDGE_FALLBACKS,
+    "Reward of a sample whose judge verdict is unusable: the rules', or 0.",
+)
+_ANSWER_FORMS = flags.DEFINE_bool(
+    "answer_forms",
+    D.task.answer_forms,
+    "Built-in task: warm-up traces write the final answer in varied forms (twelve, 3*4, 12.0); "
+    "grade with --reward=forms (exact) or a judge.",
+)
 _SFT_DATA = flags.DEFINE_string(
     "sft_data",
     None,
@@ -331,6 +353,7 @@ def make_config() -> run_config.RunConfig:
             short_fraction=_SHORT.value,
             max_terms=_MAX_TERMS.value,
             max_term=_MAX_TERM.value,
+            answer_forms=_ANSWER_FORMS.value,
         ),
         sft=r(
             D.sft, steps=_SFT_STEPS.value, learning_rate=_SFT_LR.value, batch_size=_SFT_BATCH.value
@@ -378,6 +401,9 @@ def make_config() -> run_config.RunConfig:
             sleep_level=int(_SLEEP.value),
         ),
         servers=server_pool_config(),
+        grader=run_config.GraderConfig(
+            mode=_GRADER.value, judge_model=_JUDGE_MODEL.value, fallback=_JUDGE_FALLBACK.value
+        ),
     )
 
 

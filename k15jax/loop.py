@@ -42,8 +42,10 @@ from k15jax import (
     servers,
     sft,
     sharding,
+    tokenizer,
     train_step,
 )
+from k15jax.rewards import judge as judge_lib
 from k15jax.rewards import sandbox as sandbox_lib
 from k15jax.run_config import ConfigError, RunConfig, as_json, check_out_dir
 from k15jax.run_setup import Setup, evaluate, prepare
@@ -181,8 +183,11 @@ def rl_iteration(
     state: run_state.RlState,
     pool: tuple[data.Problem, ...],
     iteration: int,
+    grader: scoring.Grader | None = None,
 ) -> tuple[run_state.RlState, dict]:
-    """Runs one k1.5 iteration (spec §11) on the problems `pool`; returns (state, metrics)."""
+    """Runs one k1.5 iteration (spec §11) on the problems `pool`; returns (state, metrics).
+
+    `grader` (process 0): a judge model gives the task rewards (`scoring.Grader`)."""
     t0 = time.perf_counter()
 
     def decide():  # process 0: prompts, rollouts, rewards, sampler update, packed batch
@@ -192,7 +197,12 @@ def rl_iteration(
         arrays = {}
         if groups:
             rewards, correct, stats = scoring.score_groups(
-                groups, pool, setup.scorer, iteration=iteration, length=setup.cfg.length
+                groups,
+                pool,
+                setup.scorer,
+                iteration=iteration,
+                length=setup.cfg.length,
+                grader=grader,
             )
             problems = [s.problem for g in groups for s in g.samples]
             success = sampler.update(drawn.sampler, problems, correct.astype(float))
@@ -375,7 +385,9 @@ def _packed_step(packed, ref, rewards, idx, per_step: int, micro: int, *, shards
     return batch, lay.rows
 
 
-def run_rl(setup: Setup, engine, params, progress, console) -> tuple[model.Params, list[dict]]:
+def run_rl(
+    setup: Setup, engine, params, progress, console, grader: scoring.Grader | None = None
+) -> tuple[model.Params, list[dict]]:
     """Mirror-descent RL from `params`; returns (final params, per-iteration metrics)."""
     cfg, rl = setup.cfg, setup.cfg.rl
     ckpt_dir = os.path.join(cfg.out_dir, "ckpt", "rl")
@@ -397,7 +409,7 @@ def run_rl(setup: Setup, engine, params, progress, console) -> tuple[model.Param
     pool = data.select(setup.problems.train, state.train_ids)
     bar = progress(total=rl.iterations, initial=start, desc="RL")
     for it in range(start, rl.iterations):
-        state, m = rl_iteration(setup, engine, trainer, state, pool, it)
+        state, m = rl_iteration(setup, engine, trainer, state, pool, it, grader)
         if rl.eval_every and (it + 1) % rl.eval_every == 0 and it + 1 < rl.iterations:
             if engine is not None:  # process 0; the others' history is never written
                 m["heldout_pass_at_1"] = evaluate(setup, engine)["pass_at_1"]
@@ -446,6 +458,27 @@ def make_engine(model_dir: str, vcfg: rollout.VllmConfig, pool: servers.ServerPo
     return servers.ServerPool(model_dir, vcfg, pool)
 
 
+def make_grader(setup: Setup, stack: contextlib.ExitStack) -> scoring.Grader | None:
+    """Returns the run's judge grader on its own vLLM engine (closed by `stack`), or None when
+    the rules grade alone."""
+    g = setup.cfg.grader
+    if g.mode == "rules":
+        return None
+    jcfg = judge_lib.load_config(g.judge_model)
+    vcfg = dataclasses.replace(
+        setup.cfg.vllm,
+        max_model_len=jcfg.max_prompt_tokens + jcfg.max_tokens,
+        kv_cache_memory_bytes=g.kv_cache_memory_bytes,
+        sleep_level=0,
+    )
+    engine = rollout.VllmEngine(g.judge_model, vcfg)
+    stack.callback(engine.close)
+    fallback = setup.scorer.reward_fn if g.fallback == "rules" else judge_lib.zero
+    judge = judge_lib.Judge(engine, tokenizer.load(g.judge_model), fallback=fallback, config=jcfg)
+    log_path = os.path.join(setup.cfg.out_dir, "judge_log.jsonl")
+    return scoring.Grader(judge=judge, mode=g.mode, log_path=log_path)
+
+
 def _sft_and_rl(setup: Setup, engine, progress, console) -> tuple[model.Params, list, list, dict]:
     """Runs SFT, its evaluation, RL and its evaluation; returns (params, histories, results).
 
@@ -473,9 +506,10 @@ def _sft_and_rl(setup: Setup, engine, progress, console) -> tuple[model.Params, 
                 os.path.join(cfg.out_dir, "eval_sft.json"), lambda: evaluate(setup, engine)
             )
             console(report.eval_line("SFT", results["sft"]))
+            grader = make_grader(setup, stack)
         else:
-            engine = None
-        params, rl_history = run_rl(setup, engine, params, progress, console)
+            engine = grader = None
+        params, rl_history = run_rl(setup, engine, params, progress, console, grader)
         if main:
             engine.load_weights(params)
             results["rl"] = atomic.json_once(

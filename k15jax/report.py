@@ -19,6 +19,7 @@ PLOTS = (
     ("logprob_mismatch_max", "max |vLLM - JAX| log-prob"),
     ("rollout_tokens_per_s", "rollout tokens/s"),
     ("train_tokens_per_s", "training tokens/s"),
+    ("judge_agreement", "judge agreement with the rules"),
 )
 
 
@@ -50,9 +51,41 @@ def iteration_line(m: dict) -> str:
         f"| mismatch {m['logprob_mismatch_max']:.1e} | {m['rollout_tokens_per_s']:.0f} tok/s "
         f"| {m['seconds']:.1f}s"
     )
+    if "judge_calls" in m:
+        line += f" | judge {m['judge_calls']:.0f} calls, agree {m['judge_agreement']:.3f}"
     if "heldout_pass_at_1" in m:
         line += f" | held-out {m['heldout_pass_at_1']:.3f}"
     return line
+
+
+def judge_lines(rl_history: list[dict], grader: dict) -> list[str]:
+    """Returns the report's judge section: per iteration, the judge's calls, unusable verdicts,
+    disagreements with the rules and their agreement; [] when the rules graded alone."""
+    rows = [m for m in rl_history if "judge_calls" in m]
+    if not rows:
+        return []
+    calls = sum(m["judge_calls"] for m in rows)
+    usable = calls - sum(m["judge_malformed"] for m in rows)
+    disagree = sum(m["judge_disagreements"] for m in rows)
+    overall = f"{1 - disagree / usable:.3f}" if usable else "n/a"
+    lines = [
+        "## Judge",
+        "",
+        f"Grader `{grader['mode']}`, judge {grader['judge_model']}; unusable verdicts fall back "
+        f"to `{grader['fallback']}`. Agreement = share of usable verdicts equal to the rules' "
+        f"(the task's reward) on the same responses: {overall} over {usable:.0f} verdicts "
+        f"({calls:.0f} judge calls). Judge texts: judge_log.jsonl.",
+        "",
+        "| it | judge calls | unusable | disagreements | agreement | judge tokens |",
+        "|---|---|---|---|---|---|",
+    ]
+    for m in rows:
+        lines.append(
+            f"| {m['iteration']} | {m['judge_calls']:.0f} | {m['judge_malformed']:.0f} | "
+            f"{m['judge_disagreements']:.0f} | {m['judge_agreement']:.3f} | "
+            f"{m['judge_tokens']:.1f} |"
+        )
+    return [*lines, ""]
 
 
 def removed_lines(removed: dict, max_prompt_tokens: int) -> list[str]:
@@ -185,6 +218,7 @@ def write(out_dir: str, config: dict, sft_history, rl_history, results: dict) ->
         f"{len(rl_history)} RL iterations.",
         "",
         *at_k_lines(results),
+        *judge_lines(rl_history, config.get("grader", {})),
         "## Prompt set",
         "",
         *removed_lines(results["removed"], config["task"]["max_prompt_tokens"]),

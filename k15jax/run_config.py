@@ -80,6 +80,35 @@ class RlConfig:
         return self.groups_per_step * self.samples_per_prompt
 
 
+GRADERS = ("rules", "judge", "rules_then_judge")  # `scoring.Grader`
+JUDGE_FALLBACKS = ("rules", "zero")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GraderConfig:
+    """Who grades RL samples: the task's rules, or a judge model (k1.5 §2.3.3) beside them.
+
+    The held-out evaluation, the difficulty pass and the easy-to-hack filter always use the
+    rules: a reported result cannot be moved by fooling the judge.
+    """
+
+    mode: str = "rules"  # "rules", "judge" (every sample), "rules_then_judge" (rules' misses)
+    judge_model: str | None = None  # HF directory; its judge_config.json (if any) is used
+    fallback: str = "rules"  # an unusable verdict's reward: the rules', or 0
+    kv_cache_memory_bytes: int = 256 << 20  # the judge engine's KV cache
+
+    def __post_init__(self):
+        if self.mode not in GRADERS:
+            raise ValueError(f"grader={self.mode!r} must be one of {GRADERS}")
+        if self.fallback not in JUDGE_FALLBACKS:
+            raise ValueError(f"judge_fallback={self.fallback!r} must be one of {JUDGE_FALLBACKS}")
+        if (self.mode == "rules") != (self.judge_model is None):
+            raise ValueError(
+                f"grader={self.mode!r} with judge_model={self.judge_model!r}: a judge grader "
+                "needs --judge_model, and --judge_model needs --grader=judge|rules_then_judge"
+            )
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RunConfig:
     """A run. `model` is the built-in model's shape; with `model_dir`, the shape comes from the
@@ -121,6 +150,7 @@ class RunConfig:
     vllm: rollout.VllmConfig = rollout.VllmConfig(max_model_len=None, enable_prefix_caching=False)
     sandbox: sandbox_lib.SandboxConfig = sandbox_lib.SandboxConfig()  # used by reward="code"
     preflight: preflight.PreflightConfig = preflight.PreflightConfig()
+    grader: GraderConfig = GraderConfig()
     # Rollouts on vLLM servers (`servers.ServerPool`) instead of the in-process engine.
     servers: servers.ServerPoolConfig | None = None
 

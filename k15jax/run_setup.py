@@ -15,6 +15,7 @@ from jax.sharding import Mesh
 
 from k15jax import convert, data, evaluation, model, rollout, scoring, sharding, tokenizer
 from k15jax.config import ModelConfig
+from k15jax.rewards import judge as judge_lib
 from k15jax.rewards import sandbox as sandbox_lib
 from k15jax.run_config import ConfigError, RunConfig, engine_config
 
@@ -77,6 +78,7 @@ def prepare(cfg: RunConfig, *, sandbox: sandbox_lib.Sandbox | None = None) -> Se
             f"--chat_template: {where} has no chat template (chat_template.jinja, or "
             "chat_template in tokenizer_config.json)"
         )
+    check_judge(cfg)
     context = engine_config(cfg).max_model_len
     if context > positions:
         raise ConfigError(
@@ -105,6 +107,27 @@ def prepare(cfg: RunConfig, *, sandbox: sandbox_lib.Sandbox | None = None) -> Se
         repeat_penalty=cfg.partial.repeat_penalty,
     )
     return Setup(cfg, model_cfg, params, tok, problems, scorer, mesh, removed)
+
+
+def check_judge(cfg: RunConfig) -> None:
+    """Refuses a judge model directory that is missing, has a bad judge_config.json, or whose
+    context cannot hold its prompt bound plus its token bound."""
+    path = cfg.grader.judge_model
+    if path is None:
+        return
+    if not os.path.isdir(path):
+        raise ConfigError(f"--judge_model={path}: no such directory")
+    try:
+        jcfg = judge_lib.load_config(path)
+    except ValueError as e:
+        raise ConfigError(f"--judge_model: {e}") from None
+    positions = convert.read_config(path).max_position_embeddings
+    if jcfg.max_prompt_tokens + jcfg.max_tokens > positions:
+        raise ConfigError(
+            f"--judge_model={path}: its judge config asks for {jcfg.max_prompt_tokens} prompt + "
+            f"{jcfg.max_tokens} judge tokens, over the model's max_position_embeddings="
+            f"{positions} (lower max_prompt_tokens in {judge_lib.CONFIG_FILE})"
+        )
 
 
 def load_problems(

@@ -38,10 +38,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import re
 from collections.abc import Callable, Sequence
 
-from k15jax import rollout
+from k15jax import atomic, rollout
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +176,33 @@ class JudgeResult:
     info: dict  # the fallback's info when it was used, else {}
 
 
-def _fill(template: str, **fields: str) -> str:
+CONFIG_FILE = "judge_config.json"  # a judge model directory's own prompt and bounds
+
+
+def save_config(model_dir: str, config: JudgeConfig) -> None:
+    """Writes `config` into a judge model directory, for `load_config` (atomically)."""
+    atomic.write_json(os.path.join(model_dir, CONFIG_FILE), dataclasses.asdict(config))
+
+
+def load_config(model_dir: str) -> JudgeConfig:
+    """Returns the judge config saved in `model_dir`, or the default one (PROMPT_TEMPLATE).
+
+    A file that is not a JSON object of `JudgeConfig` fields is a ValueError naming it.
+    """
+    path = os.path.join(model_dir, CONFIG_FILE)
+    if not os.path.exists(path):
+        return JudgeConfig()
+    try:
+        with open(path) as f:
+            fields = json.load(f)
+        if not isinstance(fields, dict):
+            raise TypeError(f"expected an object, got {type(fields).__name__}")
+        return JudgeConfig(**fields)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{path}: not a judge config: {e}") from None
+
+
+def fill(template: str, **fields: str) -> str:
     # One pass, so a field's text that contains "{response}" is not substituted again.
     return _FIELD.sub(lambda m: fields[m.group(1)], template)
 
@@ -224,7 +251,7 @@ class Judge:
         """
         cfg, enc = self.config, self.tokenizer.encode
         marker = "\x00"
-        before, after = _fill(
+        before, after = fill(
             cfg.template, problem=item.problem, reference=item.reference, response=marker
         ).split(marker)
         head, tail = enc(before), enc(after)

@@ -1,0 +1,248 @@
+"""Classic vs chain-of-thought judge (k1.5 §2.3.3), reproduced at CPU scale on the built-in task.
+
+  python -m experiments.judge --out_dir=runs/judge           # both judges, table and PNG
+
+Builds an answer-equivalence set from the built-in task (`answer_forms`: the reference sum and
+a long trace whose final answer is written as `12`, `12.0`, `twelve`, `3*4`, `24/2`, `5+7`,
+`15-3`, or a near miss `13`, `21`, `1 2`, `thirteen`, `2*7`, `12.5`; half equal), split by
+problem with the task's fixed held-out hash. Two judges are trained from the same starting model
+(the built-in tiny model's initialisation with --seed, or --start_model) on the same items, the
+same steps and batches:
+  - classic: writes the verdict at once, `{"correct": true}`;
+  - cot: first writes a normalisation of the response's answer and the reference
+    (`twelve = 12; reference 12; same`), then the verdict.
+Each is saved as a Hugging Face directory with its judge_config.json (its prompt template and
+bounds): `--grader=judge --judge_model=<out_dir>/cot/judge_model` grades an RL run with it.
+Both are then measured on the held-out items through a real vLLM engine and `rewards.judge.Judge`
+(greedy, the verdict parsed from the text; an unusable verdict counts as wrong), with the
+task's digits-only checker as a baseline. Writes judge.md, judge.json and judge.png.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+import time
+
+from absl import app, flags
+
+from k15jax import answer_forms, atomic, convert, evaluation, loop, rollout, run_config, tasks
+from k15jax.rewards import judge as judge_lib
+
+_OUT = flags.DEFINE_string("out_dir", "runs/judge", "Output directory.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the data, the initial weights and the batches.")
+_START = flags.DEFINE_string("start_model", None, "Starting HF directory (default: built-in init).")
+_TRAIN_N = flags.DEFINE_integer("train_problems", 3000, "Training problems (built-in task).")
+_HELD_N = flags.DEFINE_integer("held_out_problems", 400, "Held-out problems.")
+_PER = flags.DEFINE_integer("per_problem", 3, "Responses (answer forms) per problem.")
+_STEPS = flags.DEFINE_integer("judge_steps", 600, "Optimizer steps per judge.")
+_BATCH = flags.DEFINE_integer("judge_batch", 32, "Items per step.")
+_LR = flags.DEFINE_float("judge_lr", 3e-3, "Peak learning rate (AdamW, warm-up + cosine).")
+_CHARS = flags.DEFINE_integer(
+    "max_response_chars", 24, "The end of the response a judge sees (its final answer line)."
+)
+_JUDGES = flags.DEFINE_list("judges", ["classic", "cot"], "Which judges to train and measure.")
+
+# The trained judges' prompt: the built-in model is character-level, so it is short.
+TEMPLATE = "{problem}reference: {reference}\nresponse: ...{response}\njudge:\n"
+TARGETS = {"classic": answer_forms.classic_target, "cot": answer_forms.cot_target}
+MAX_TOKENS = {"classic": 24, "cot": 64}
+MAX_PROMPT_TOKENS = 96
+
+
+def judge_config(kind: str) -> judge_lib.JudgeConfig:
+    """Returns judge `kind`'s prompt and bounds (saved with the model)."""
+    return judge_lib.JudgeConfig(
+        template=TEMPLATE,
+        max_tokens=MAX_TOKENS[kind],
+        max_prompt_tokens=MAX_PROMPT_TOKENS,
+        max_response_chars=_CHARS.value,
+    )
+
+
+def items() -> tuple[list[answer_forms.Item], list[answer_forms.Item]]:
+    """Returns (train, held-out) equivalence items, disjoint by problem."""
+    seed = _SEED.value
+    train = tasks.generate(_TRAIN_N.value, seed=seed)
+    held = tasks.generate(_HELD_N.value, seed=seed, split="held_out")
+    per = _PER.value
+    return (
+        answer_forms.equivalence_set(train, per_problem=per, seed=seed),
+        answer_forms.equivalence_set(held, per_problem=per, seed=seed + 1),
+    )
+
+
+def prompt_text(cfg: judge_lib.JudgeConfig, item: answer_forms.Item) -> str:
+    """Returns the judge prompt of `item` as `Judge.prompt_ids` builds it (a character-level
+    tokenizer: the ids of the text are the ids of its parts)."""
+    return judge_lib.fill(
+        cfg.template,
+        problem=item.problem,
+        reference=item.reference,
+        response=item.response[-cfg.max_response_chars :],
+    )
+
+
+def train(kind: str, train_items: list[answer_forms.Item]) -> str:
+    """Trains judge `kind` by SFT on (prompt, target) and returns its HF directory."""
+    jcfg = judge_config(kind)
+    out = os.path.join(_OUT.value, kind)
+    d = run_config.RunConfig()
+    cfg = dataclasses.replace(
+        d,
+        out_dir=out,
+        seed=_SEED.value,
+        model_dir=_START.value,
+        task=dataclasses.replace(d.task, max_prompt_tokens=MAX_PROMPT_TOKENS, sft_examples=1),
+        partial=dataclasses.replace(d.partial, budget=jcfg.max_tokens, max_length=jcfg.max_tokens),
+        sft=dataclasses.replace(
+            d.sft, steps=_STEPS.value, batch_size=_BATCH.value, learning_rate=_LR.value
+        ),
+    )
+    run_config.check_out_dir(cfg)
+    setup = loop.prepare(cfg)
+    traces = tuple((prompt_text(jcfg, it), TARGETS[kind](it)) for it in train_items)
+    setup = dataclasses.replace(
+        setup, problems=dataclasses.replace(setup.problems, sft_traces=traces)
+    )
+    t0 = time.perf_counter()
+    params, history = loop.run_sft(setup, progress=_progress)
+    path = convert.save_hf(
+        setup.model_cfg, params, os.path.join(out, "judge_model"), tokenizer=setup.tok
+    )
+    judge_lib.save_config(path, jcfg)
+    print(
+        f"{kind}: {len(history)} steps in {time.perf_counter() - t0:.0f} s, final loss "
+        f"{history[-1]['loss'] if history else float('nan'):.4f}; {path}"
+    )
+    return path
+
+
+def measure(kind: str, path: str, held: list[answer_forms.Item]) -> dict:
+    """Returns judge `kind`'s held-out accuracy, interval, judge tokens and per-form accuracy."""
+    jcfg = judge_lib.load_config(path)
+    vcfg = rollout.VllmConfig(
+        max_model_len=jcfg.max_prompt_tokens + jcfg.max_tokens,
+        enable_prefix_caching=False,
+        publish_dir=os.path.join(_OUT.value, "publish"),
+        kv_cache_memory_bytes=256 << 20,
+    )
+    engine = rollout.VllmEngine(path, vcfg)
+    try:
+        from k15jax import tokenizer
+
+        judge = judge_lib.Judge(engine, tokenizer.load(path), config=jcfg)
+        t0 = time.perf_counter()
+        results = judge([judge_lib.JudgeItem(it.problem, it.reference, it.response) for it in held])
+        seconds = time.perf_counter() - t0
+    finally:
+        engine.close()
+    right = [float(r.verdict.correct == it.label) for r, it in zip(results, held, strict=True)]
+    acc, ci = evaluation.mean_ci95(right)
+    by_form = collections.defaultdict(list)
+    for r, it in zip(right, held, strict=True):
+        by_form[it.form].append(r)
+    wrong = [
+        {"answer": it.answer, "reference": it.reference, "label": it.label, "judge": r.text}
+        for r, it, ok in zip(results, held, right, strict=True)
+        if not ok
+    ]
+    return {
+        "accuracy": acc,
+        "ci95": ci,
+        "judge_tokens": sum(r.judge_tokens for r in results) / len(results),
+        "unusable": judge.stats["malformed"],
+        "seconds": seconds,
+        "by_form": {f: sum(v) / len(v) for f, v in sorted(by_form.items())},
+        "errors": wrong[:40],
+    }
+
+
+def rules_baseline(held: list[answer_forms.Item]) -> dict:
+    """Returns the digits-only task checker's accuracy on the same items."""
+    right = [
+        float((tasks.reward(it.problem, it.response, it.reference)[0] >= 1.0) == it.label)
+        for it in held
+    ]
+    acc, ci = evaluation.mean_ci95(right)
+    return {"accuracy": acc, "ci95": ci, "judge_tokens": 0.0}
+
+
+def markdown(results: dict, n_train: int, n_held: int) -> str:
+    lines = [
+        f"Held-out answer-equivalence items: {n_held} (training items: {n_train}, disjoint by "
+        f"problem). Accuracy: verdict equals the label (an unusable verdict counts as wrong); "
+        "95% interval = mean ± 1.96 standard errors.",
+        "",
+        "| judge | held-out accuracy [95% interval] | mean judge tokens | unusable verdicts |",
+        "|---|---|---|---|",
+    ]
+    for name, r in results.items():
+        lo, hi = r["ci95"]
+        lines.append(
+            f"| {name} | {r['accuracy']:.3f} [{lo:.3f}, {hi:.3f}] | {r['judge_tokens']:.1f} | "
+            f"{r.get('unusable', 0)} |"
+        )
+    judged = [k for k in results if "by_form" in results[k]]
+    if judged:
+        forms = sorted(results[judged[0]]["by_form"])
+        lines += ["", "| form | " + " | ".join(judged) + " |", "|---" * (len(judged) + 1) + "|"]
+        for f in forms:
+            row = " | ".join(f"{results[k]['by_form'][f]:.3f}" for k in judged)
+            lines.append(f"| {f} | {row} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results)
+    acc = [results[n]["accuracy"] for n in names]
+    err = [
+        [a - results[n]["ci95"][0] for a, n in zip(acc, names, strict=True)],
+        [results[n]["ci95"][1] - a for a, n in zip(acc, names, strict=True)],
+    ]
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.bar(names, acc, yerr=err, capsize=5, color=["#999", "#4a7", "#47a"][: len(names)])
+    ax.set(ylim=(0, 1), ylabel="held-out accuracy", title="answer-equivalence judges")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _progress(**kw):
+    from tqdm import tqdm
+
+    return tqdm(**kw, leave=False)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    unknown = set(_JUDGES.value) - set(TARGETS)
+    if unknown:
+        raise app.UsageError(f"--judges: {sorted(unknown)} not in {sorted(TARGETS)}")
+    os.makedirs(_OUT.value, exist_ok=True)
+    train_items, held = items()
+    print(
+        f"{len(train_items)} training items, {len(held)} held-out; "
+        f"{sum(it.label for it in held) / len(held):.3f} of held-out are equal"
+    )
+    paths = {kind: train(kind, train_items) for kind in _JUDGES.value}
+    results = {"rules (digits only)": rules_baseline(held)}
+    for kind, path in paths.items():
+        results[kind] = measure(kind, path, held)
+        print(f"{kind}: accuracy {results[kind]['accuracy']:.3f} {results[kind]['ci95']}")
+    text = markdown(results, len(train_items), len(held))
+    atomic.write_text(os.path.join(_OUT.value, "judge.md"), text)
+    atomic.write_json(os.path.join(_OUT.value, "judge.json"), results)
+    plot(results, os.path.join(_OUT.value, "judge.png"))
+    print(text)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,225 @@
+"""A judge model grading RL samples (`scoring.Grader`, `--grader`): which samples it is asked
+about, how its verdicts become rewards, its counts and log, the config checks, the report, and
+a whole run with a judge on a second real vLLM engine."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from k15jax import data, partial, report, rollout, run_config, run_setup, scoring, tokenizer
+from k15jax.rewards import judge as judge_lib
+from k15jax.rewards import length as length_reward
+
+TOK = tokenizer.builtin()
+PROBLEMS = [
+    data.Problem("a", "Q:5+7\n", "12"),
+    data.Problem("b", "Q:2+2\n", "4"),
+]
+TEMPLATE = "[{problem}|{reference}|{response}]"
+
+
+class VerdictEngine:
+    """A judge engine that answers by a table of the response's last word (and counts calls)."""
+
+    def __init__(self, table: dict[str, tuple[str, str]]):
+        self.table = table  # last word of the response -> (judge text, finish reason)
+        self.asked = []
+
+    def generate(self, prompts, spec, *, max_tokens=None, seeds=None):
+        out = []
+        for i, p in enumerate(prompts):
+            response = TOK.decode(p).rsplit("|", 1)[1].rstrip("]")
+            word = response.split()[-1]
+            self.asked.append(response)
+            text, reason = self.table[word]
+            out.append(rollout.Completion(i, TOK.encode(text), [0.0] * len(text), reason))
+        return out
+
+    def load_weights(self, params):
+        raise NotImplementedError
+
+
+TABLE = {
+    "12": ('{"correct": true}', "stop"),
+    "twelve": ('twelve = 12 {"correct": true}', "stop"),
+    "13": ('{"correct": false}', "stop"),
+    "4": ('{"correct": false}', "stop"),  # wrong: the rules say 4 is right
+    "four": ("no verdict at all", "stop"),
+    "3": ('{"correct": true}', "stop"),  # wrong, and on a repeating sample
+}
+
+
+def _group(problem, responses):
+    samples = []
+    for text, reason in responses:
+        s = partial.Sample(problem, TOK.encode("Q"))
+        ids = TOK.encode(text)
+        s.segments.append(partial.Segment(0, ids, [0.0] * len(ids)))
+        s.finish_reason = reason
+        samples.append(s)
+    return partial.Group(problem, samples)
+
+
+GROUPS = [
+    _group(0, [("answer: 12", "stop"), ("answer: twelve", "stop"), ("answer: 13", "stop")]),
+    _group(1, [("answer: 4", "stop"), ("answer: four", "stop"), ("answer: 3", "repeat")]),
+]
+CUT = _group(0, [("answer: 12", "truncated"), ("answer: twelve", "length"), ("answer: 1", "stop")])
+
+
+def _score(mode, fallback=judge_lib.zero, groups=GROUPS, log_path=None):
+    engine = VerdictEngine(dict(TABLE, **{"1": ('{"correct": false}', "stop")}))
+    cfg = judge_lib.JudgeConfig(template=TEMPLATE, max_tokens=40, max_prompt_tokens=200)
+    judge = judge_lib.Judge(engine, TOK, fallback=fallback, config=cfg)
+    grader = scoring.Grader(judge=judge, mode=mode, log_path=log_path)
+    scorer = scoring.Scorer(reward_fn=scoring.reward_fn("task"), decode=TOK.decode)
+    off = length_reward.LengthPenaltyConfig(weight=0.0, warmup_iterations=0)
+    rewards, correct, stats = scoring.score_groups(
+        groups, PROBLEMS, scorer, iteration=3, length=off, grader=grader
+    )
+    return engine, rewards, correct, stats
+
+
+def test_judge_mode_grades_every_sample_that_ended(tmp_path):
+    log = tmp_path / "judge_log.jsonl"
+    engine, rewards, correct, stats = _score("judge", log_path=str(log))
+    assert len(engine.asked) == 6  # one batch, every sample
+    # 12 yes, twelve yes (rules: no), 13 no, 4 no (rules: yes), four: unusable -> 0 (fallback
+    # zero), 3 yes on a repeating sample: 1 - 0.5 repeat penalty, never correct.
+    np.testing.assert_allclose(rewards, [1, 1, 0, 0, 0, 0.5])
+    assert correct.tolist() == [True, True, False, False, False, False]
+    # Usable verdicts: 5; they differ from the rules on twelve, 4 and 3.
+    assert stats["judge_calls"] == 6 and stats["judge_malformed"] == 1
+    assert stats["judge_disagreements"] == 3
+    assert math.isclose(stats["judge_agreement"], 1 - 3 / 5)
+    assert stats["accuracy"] == pytest.approx(2 / 6)
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len(rows) == 6 and {r["iteration"] for r in rows} == {3}
+    four = next(r for r in rows if r["response_end"].endswith("four"))
+    assert four["judge_status"] == "missing" and four["judge_text"] == "no verdict at all"
+    assert four["rules"] == 0.0 and four["score"] == 0.0
+
+
+def test_rules_then_judge_asks_only_about_the_rules_misses():
+    engine, rewards, correct, stats = _score("rules_then_judge", fallback=scoring.reward_fn("task"))
+    # The rules give 12 and 4 their 1 and are not asked about them.
+    assert sorted(engine.asked) == ["answer: 13", "answer: 3", "answer: four", "answer: twelve"]
+    np.testing.assert_allclose(rewards, [1, 1, 0, 1, 0, 0.5])
+    assert correct.tolist() == [True, True, False, True, False, False]
+    # four: unusable -> the rules' 0; disagreements: twelve and 3.
+    assert stats["judge_calls"] == 4 and stats["judge_malformed"] == 1
+    assert stats["judge_disagreements"] == 2
+
+
+def test_cut_samples_are_never_judged():
+    engine, rewards, correct, stats = _score("judge", groups=[CUT])
+    assert engine.asked == ["answer: 1"]
+    np.testing.assert_allclose(rewards, [-0.5, -0.5, 0.0])
+    assert stats["judge_calls"] == 1 and stats["judge_agreement"] == 1.0
+
+
+def test_grader_mode_is_checked():
+    judge = judge_lib.Judge(VerdictEngine(TABLE), TOK)
+    with pytest.raises(ValueError, match="rules"):
+        scoring.Grader(judge=judge, mode="rules")
+
+
+def test_grader_config_needs_a_judge_model_and_the_judge_needs_a_grader():
+    with pytest.raises(ValueError, match="needs --judge_model"):
+        run_config.GraderConfig(mode="judge")
+    with pytest.raises(ValueError, match="needs --judge_model"):
+        run_config.GraderConfig(judge_model="/x")
+    with pytest.raises(ValueError, match="judge_fallback"):
+        run_config.GraderConfig(mode="judge", judge_model="/x", fallback="half")
+
+
+def _judge_dir(tiny_hf_dir, tmp_path, config=None):
+    path = tmp_path / "judge"
+    shutil.copytree(tiny_hf_dir[0], path)
+    if config is not None:
+        judge_lib.save_config(str(path), config)
+    return str(path)
+
+
+def test_judge_model_is_checked_before_anything_runs(tiny_hf_dir, tmp_path):
+    def cfg(path):
+        return dataclasses.replace(
+            run_config.RunConfig(),
+            grader=run_config.GraderConfig(mode="judge", judge_model=path),
+        )
+
+    with pytest.raises(run_config.ConfigError, match="no such directory"):
+        run_setup.check_judge(cfg(str(tmp_path / "missing")))
+    # No judge_config.json: the default bounds (3584 + 512 tokens) exceed the tiny model's 512.
+    path = _judge_dir(tiny_hf_dir, tmp_path)
+    with pytest.raises(run_config.ConfigError, match="max_position_embeddings"):
+        run_setup.check_judge(cfg(path))
+    with open(os.path.join(path, judge_lib.CONFIG_FILE), "w") as f:
+        f.write('{"template": "{problem}", "max_tokens": 8}')
+    with pytest.raises(run_config.ConfigError, match="judge_config.json: not a judge config"):
+        run_setup.check_judge(cfg(path))
+    with open(os.path.join(path, judge_lib.CONFIG_FILE), "w") as f:
+        f.write('{"max_tokens": 8, "max_prompt_tokens": 100, "cutoff": 3}')
+    with pytest.raises(run_config.ConfigError, match="cutoff"):
+        run_setup.check_judge(cfg(path))
+    good = judge_lib.JudgeConfig(template=TEMPLATE, max_tokens=8, max_prompt_tokens=100)
+    judge_lib.save_config(path, good)
+    run_setup.check_judge(cfg(path))
+    assert judge_lib.load_config(path) == good
+
+
+def test_report_judge_section():
+    history = [
+        {"iteration": 0, "judge_calls": 10.0, "judge_malformed": 2.0, "judge_disagreements": 1.0,
+         "judge_agreement": 7 / 8, "judge_tokens": 20.0},
+        {"iteration": 1, "pending_samples": 4},
+        {"iteration": 2, "judge_calls": 6.0, "judge_malformed": 0.0, "judge_disagreements": 0.0,
+         "judge_agreement": 1.0, "judge_tokens": 18.0},
+    ]  # fmt: skip
+    grader = {"mode": "judge", "judge_model": "/j", "fallback": "rules"}
+    text = "\n".join(report.judge_lines(history, grader))
+    assert "0.929 over 14 verdicts (16 judge calls)" in text  # 1 - 1/14
+    assert "| 0 | 10 | 2 | 1 | 0.875 | 20.0 |" in text
+    assert "| 2 | 6 | 0 | 0 | 1.000 | 18.0 |" in text
+    assert report.judge_lines([{"iteration": 0, "reward": 1.0}], grader) == []
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_run_graded_by_a_judge_on_its_own_engine(vllm_engine, tiny_hf_dir, tmp_path):
+    # The judge is a random tiny model on a second in-process vLLM engine: its verdicts are
+    # unusable, so every judged sample falls back to the rules, and the run learns as with
+    # rules alone; the counts, the log and the report show it.
+    from test_loop import TINY, _quiet
+
+    from k15jax import loop
+
+    jcfg = judge_lib.JudgeConfig(template=TEMPLATE, max_tokens=8, max_prompt_tokens=200)
+    path = _judge_dir(tiny_hf_dir, tmp_path, jcfg)
+    cfg = dataclasses.replace(
+        TINY,
+        out_dir=str(tmp_path / "run"),
+        rl=dataclasses.replace(TINY.rl, iterations=2, eval_every=0),
+        grader=run_config.GraderConfig(mode="judge", judge_model=path, fallback="rules"),
+    )
+    lines = []
+    try:
+        loop.run(cfg, engine=vllm_engine, progress=_quiet, console=lines.append)
+    finally:
+        vllm_engine.load_weights(tiny_hf_dir[2])
+    results = json.load(open(os.path.join(cfg.out_dir, "results.json")))
+    assert 0 <= results["rl"]["pass_at_1"] <= 1
+    log = [json.loads(x) for x in open(os.path.join(cfg.out_dir, "judge_log.jsonl"))]
+    assert log and {r["iteration"] for r in log} <= {0, 1}
+    for r in log:
+        assert r["judge_status"] != "ok" and r["score"] == r["rules"]
+    text = open(os.path.join(cfg.out_dir, "report.md")).read()
+    assert "## Judge" in text and f"judge {path}" in text
+    assert any("judge" in line and "calls" in line for line in lines if line.startswith("it "))
