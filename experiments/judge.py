@@ -4,8 +4,9 @@
 
 Builds an answer-equivalence set from the built-in task (`answer_forms`: the reference sum and
 a long trace whose final answer is written as `12`, `12.0`, `twelve`, `3*4`, `24/2`, `5+7`,
-`15-3`, or a near miss `13`, `21`, `1 2`, `thirteen`, `2*7`, `12.5`; half equal), split by
-problem with the task's fixed held-out hash. Two judges are trained from the same starting model
+`15-3`, or as a near miss in the same shape, `13`, `21`, `12.5`, `thirteen`, `2*7`, `26/2`, or
+`1 2`; half equal, and no shape tells the label), split by problem with the task's fixed
+held-out hash. Two judges are trained from the same starting model
 (the built-in tiny model's initialisation with --seed, or --start_model) on the same items, the
 same steps and batches:
   - classic: writes the verdict at once, `{"correct": true}`;
@@ -51,13 +52,13 @@ MAX_TOKENS = {"classic": 24, "cot": 64}
 MAX_PROMPT_TOKENS = 96
 
 
-def judge_config(kind: str) -> judge_lib.JudgeConfig:
+def judge_config(kind: str, max_response_chars: int) -> judge_lib.JudgeConfig:
     """Returns judge `kind`'s prompt and bounds (saved with the model)."""
     return judge_lib.JudgeConfig(
         template=TEMPLATE,
         max_tokens=MAX_TOKENS[kind],
         max_prompt_tokens=MAX_PROMPT_TOKENS,
-        max_response_chars=_CHARS.value,
+        max_response_chars=max_response_chars,
     )
 
 
@@ -86,7 +87,7 @@ def prompt_text(cfg: judge_lib.JudgeConfig, item: answer_forms.Item) -> str:
 
 def train(kind: str, train_items: list[answer_forms.Item]) -> str:
     """Trains judge `kind` by SFT on (prompt, target) and returns its HF directory."""
-    jcfg = judge_config(kind)
+    jcfg = judge_config(kind, _CHARS.value)
     out = os.path.join(_OUT.value, kind)
     d = run_config.RunConfig()
     cfg = dataclasses.replace(
@@ -142,7 +143,7 @@ def measure(kind: str, path: str, held: list[answer_forms.Item]) -> dict:
     acc, ci = evaluation.mean_ci95(right)
     by_form = collections.defaultdict(list)
     for r, it in zip(right, held, strict=True):
-        by_form[it.form].append(r)
+        by_form[f"{it.form} ({'equal' if it.label else 'differs'})"].append(r)
     wrong = [
         {"answer": it.answer, "reference": it.reference, "label": it.label, "judge": r.text}
         for r, it, ok in zip(results, held, right, strict=True)
@@ -187,7 +188,8 @@ def markdown(results: dict, n_train: int, n_held: int) -> str:
     judged = [k for k in results if "by_form" in results[k]]
     if judged:
         forms = sorted(results[judged[0]]["by_form"])
-        lines += ["", "| form | " + " | ".join(judged) + " |", "|---" * (len(judged) + 1) + "|"]
+        lines += ["", "| answer shape | " + " | ".join(judged) + " |"]
+        lines.append("|---" * (len(judged) + 1) + "|")
         for f in forms:
             row = " | ".join(f"{results[k]['by_form'][f]:.3f}" for k in judged)
             lines.append(f"| {f} | {row} |")

@@ -4,8 +4,9 @@ The built-in task's checker reads "answer: <digits>" only; a judge model (k1.5 Â
 `rewards.judge`) should also accept `twelve`, `12.0`, `3*4` or `24/2` for 12 and refuse `13`,
 `21` or `1 2`. This module gives the ground truth to train and measure such judges with:
 
-- `render(value, form, rng)` writes an integer in one of `EQUAL_FORMS` (same value) or
-  `UNEQUAL_FORMS` (a near miss: another value, or no single value at all);
+- `render(value, shape, rng, equal=)` writes an integer in one of `SHAPES` (`12`, `12.0`,
+  `twelve`, `3*4`, `24/2`, `5+7`, `15-3`), or a near miss in the same shape (`13`, `21`,
+  `12.5`, `thirteen`, `2*7`, `26/2`, ...; `1 2` has no single value);
 - `parse(text)` reads exactly the forms this module writes and nothing else (an integer, a
   decimal, English number words up to 99, or one binary operation `a op b` with op in + - * /),
   never evaluating the text as code; `reward` is the built-in task's checker over those forms;
@@ -23,9 +24,9 @@ from fractions import Fraction
 
 from k15jax import tasks
 
-EQUAL_FORMS = ("digits", "decimal", "words", "product", "quotient", "sum", "difference")
-UNEQUAL_FORMS = ("off_by_one", "swapped", "spaced", "wrong_words", "wrong_product", "wrong_decimal")
-FORMS = EQUAL_FORMS + UNEQUAL_FORMS
+# How an answer is written; each but "spaced" can write the reference's value or a near miss.
+SHAPES = ("digits", "decimal", "words", "product", "quotient", "sum", "difference", "spaced")
+VALUE_SHAPES = SHAPES[:-1]
 
 _ONES = (
     "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
@@ -85,7 +86,7 @@ def final_answer(response: str) -> str | None:
 def reward(prompt: str, response: str, answer: str) -> tuple[float, dict]:
     """Returns (1.0 if the last line's "answer: <form>" has the value `answer`, else 0.0; info).
 
-    The exact checker of the built-in task with answers in any of `EQUAL_FORMS`.
+    The exact checker of the built-in task with answers in any of `VALUE_SHAPES`.
     """
     del prompt
     text = final_answer(response)
@@ -94,59 +95,54 @@ def reward(prompt: str, response: str, answer: str) -> tuple[float, dict]:
     return float(ok), {"extracted": text, "reason": "correct" if ok else "wrong or missing"}
 
 
-def _factor_pairs(value: int) -> list[tuple[int, int]]:
-    return [(a, value // a) for a in range(2, 10) if value % a == 0 and 2 <= value // a <= 99]
+def _product(n: int, rng: random.Random) -> str:
+    pairs = [(a, n // a) for a in range(2, 10) if n % a == 0 and 2 <= n // a <= 99]
+    a, b = rng.choice(pairs) if pairs else (1, n)
+    return f"{a}*{b}"
 
 
-def render(value: int, form: str, rng: random.Random) -> str:
-    """Returns `value` written in `form`; an `UNEQUAL_FORMS` form writes something else.
-
-    Forms that `value` cannot take (a product of a prime) fall back to another of their kind.
-    """
-    if form == "digits":
-        return str(value)
-    if form == "decimal":
-        return f"{value}.0"
-    if form == "words":
-        return words(value)
-    if form == "product":
-        pairs = _factor_pairs(value)
-        if not pairs:
-            return render(value, "sum", rng)
-        a, b = rng.choice(pairs)
-        return f"{a}*{b}"
-    if form == "quotient":
+def _write(n: int, shape: str, rng: random.Random) -> str:
+    if shape == "digits":
+        return str(n)
+    if shape == "decimal":
+        return f"{n}.0"
+    if shape == "words":
+        return words(n)
+    if shape == "product":
+        return _product(n, rng)
+    if shape == "quotient":
         b = rng.randint(2, 4)
-        return f"{value * b}/{b}"
-    if form == "sum":
-        a = rng.randint(1, max(1, value - 1))
-        return f"{a}+{value - a}"
-    if form == "difference":
+        return f"{n * b}/{b}"
+    if shape == "sum":
+        a = rng.randint(1, n - 1) if n >= 2 else 0
+        return f"{a}+{n - a}"
+    if shape == "difference":
         b = rng.randint(1, 9)
-        return f"{value + b}-{b}"
-    if form == "off_by_one":
-        return str(value + rng.choice([-1, 1]))
-    if form == "swapped":
-        s = str(value)
-        if len(s) < 2 or s[0] == s[1]:
-            return str(value + rng.choice([-2, 2, 10]))
-        return s[::-1]
-    if form == "spaced":
+        return f"{n + b}-{b}"
+    raise ValueError(f"shape={shape!r} must be one of {SHAPES}")
+
+
+def render(value: int, shape: str, rng: random.Random, *, equal: bool = True) -> str:
+    """Returns `value` (0..97) written in `shape`, or with `equal=False` a near miss in the
+    same shape: a value 1 or 2 away, the digits swapped, `<value>.5`; "spaced" (`1 2`, no
+    single value) is never equal. A product of a prime p is written `1*p`.
+    """
+    if shape == "spaced":
+        if equal:
+            raise ValueError("a spaced answer ('1 2') has no value: it cannot be equal")
         s = str(value)
         return " ".join(s) if len(s) > 1 else f"{s} {rng.randint(1, 9)}"
-    if form == "wrong_words":
-        return words(value + rng.choice([-1, 1, 10]))
-    if form == "wrong_product":
-        other = [
-            (a, b) for a in range(2, 10) for b in range(2, 10) if a * b in (value - 1, value + 1)
-        ]
-        if not other:
-            return render(value, "off_by_one", rng)
-        a, b = rng.choice(other)
-        return f"{a}*{b}"
-    if form == "wrong_decimal":
+    if shape not in SHAPES:
+        raise ValueError(f"shape={shape!r} must be one of {SHAPES}")
+    if equal:
+        return _write(value, shape, rng)
+    s = str(value)
+    if shape == "digits" and len(s) == 2 and s[0] != s[1] and s[1] != "0" and rng.random() < 0.3:
+        return s[::-1]
+    if shape == "decimal" and rng.random() < 0.5:
         return f"{value}.5"
-    raise ValueError(f"form={form!r} must be one of {FORMS}")
+    other = value + rng.choice([-2, -1, 1, 2])
+    return _write(other if other >= 0 else value + 1, shape, rng)
 
 
 def with_answer(trace: str, text: str) -> str:
@@ -165,28 +161,35 @@ class Item:
     reference: str
     response: str
     answer: str  # the response's final answer as written
-    form: str
+    form: str  # its shape (`SHAPES`)
     label: bool  # the answer's value equals the reference
 
 
 def equivalence_set(
-    examples: list[tasks.Example], *, per_problem: int, seed: int, equal_fraction: float = 0.5
+    examples: list[tasks.Example],
+    *,
+    per_problem: int,
+    seed: int,
+    equal_fraction: float = 4 / 7,
 ) -> list[Item]:
-    """Returns `per_problem` items for each example: its long trace ending in a drawn form.
+    """Returns `per_problem` items for each example: its long trace ending in a drawn answer.
 
-    A form is equal with probability `equal_fraction`, then uniform over its kind; the label is
-    computed by `parse`, not assumed from the form's kind.
+    The shape is uniform over `SHAPES`; a value shape writes the reference's value with
+    probability `equal_fraction` (4/7: half of all items, "spaced" never is), else a near miss
+    in the same shape, so no shape tells the label. The label is computed by `parse`.
     """
     rng = random.Random(f"equivalence:{seed}")
     out = []
     for e in examples:
         value = int(e.answer)
         for _ in range(per_problem):
-            kind = EQUAL_FORMS if rng.random() < equal_fraction else UNEQUAL_FORMS
-            form = rng.choice(kind)
-            text = render(value, form, rng)
+            shape = rng.choice(SHAPES)
+            equal = shape != "spaced" and rng.random() < equal_fraction
+            text = render(value, shape, rng, equal=equal)
             label = parse(text) == value
-            out.append(Item(e.prompt, e.answer, with_answer(e.long_trace, text), text, form, label))
+            out.append(
+                Item(e.prompt, e.answer, with_answer(e.long_trace, text), text, shape, label)
+            )
     return out
 
 

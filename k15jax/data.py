@@ -147,7 +147,7 @@ class TaskConfig:
     # for rollouts, evaluation and SFT alike (`tokenizer.Tokenizer.apply_chat_template`).
     chat_template: bool = False
     # "task" (built-in checker: "answer: <digits>"), "forms" (built-in task, final answers in
-    # `answer_forms.EQUAL_FORMS`), "math" (math-verify), "code" (sandbox)
+    # `answer_forms.VALUE_SHAPES`), "math" (math-verify), "code" (sandbox)
     reward: str = "task"
     prompt_template: str = "{prompt}"
     max_prompt_tokens: int = 24  # longest prompt (sets the trainer's sequence length)
@@ -166,7 +166,7 @@ class TaskConfig:
     max_terms: int = 4
     max_term: int = 9  # built-in task: terms are 1..max_term
     # Built-in task: each warm-up trace writes its final answer in a form drawn from
-    # `answer_forms.EQUAL_FORMS` ("twelve", "3*4", "12.0", ...) instead of digits.
+    # `answer_forms.VALUE_SHAPES` ("twelve", "3*4", "12.0", ...) instead of digits.
     answer_forms: bool = False
 
     def __post_init__(self):
@@ -218,7 +218,7 @@ def load_problems(task: TaskConfig, *, held_out_problems: int, seed: int) -> Pro
             rng = random.Random(f"answer_forms:{seed}")
             traces = [
                 (p, answer_forms.with_answer(t, answer_forms.render(
-                    int(e.answer), rng.choice(answer_forms.EQUAL_FORMS), rng
+                    int(e.answer), rng.choice(answer_forms.VALUE_SHAPES), rng
                 )))
                 for (p, t), e in zip(traces, sft_set, strict=True)
             ]  # fmt: skip

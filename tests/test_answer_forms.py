@@ -78,18 +78,33 @@ def test_parse_refuses_everything_else(text):
     assert af.parse(text) is None
 
 
-@pytest.mark.parametrize("form", af.FORMS)
-def test_render_equal_forms_keep_the_value_and_the_others_do_not(form):
+@pytest.mark.parametrize("shape", af.VALUE_SHAPES)
+def test_render_equal_keeps_the_value_and_a_near_miss_does_not(shape):
     rng = random.Random(0)
-    for value in range(2, 41):
+    for value in range(0, 41):
         for _ in range(5):
-            text = af.render(value, form, rng)
-            assert (af.parse(text) == value) == (form in af.EQUAL_FORMS), (value, form, text)
+            text = af.render(value, shape, rng)
+            assert af.parse(text) == value, (value, shape, text)
+            miss = af.render(value, shape, rng, equal=False)
+            assert af.parse(miss) is not None and af.parse(miss) != value, (value, shape, miss)
+            assert abs(af.parse(miss) - value) <= 81, miss  # near: 1 or 2 away, swapped, .5
 
 
-def test_render_refuses_an_unknown_form():
+def test_render_shapes_are_what_they_say():
+    rng = random.Random(1)
+    assert af.render(12, "digits", rng) == "12"
+    assert af.render(12, "decimal", rng) == "12.0"
+    assert af.render(12, "words", rng) == "twelve"
+    assert af.render(12, "product", rng) in ("2*6", "3*4", "4*3", "6*2")
+    assert af.render(13, "product", rng) == "1*13"  # a prime
+    assert af.render(12, "quotient", rng) in ("24/2", "36/3", "48/4")
+    assert af.render(34, "spaced", rng, equal=False) == "3 4"
+    with pytest.raises(ValueError, match="no value"):
+        af.render(34, "spaced", rng)
     with pytest.raises(ValueError, match="roman"):
-        af.render(3, "roman", random.Random(0))
+        af.render(3, "roman", rng)
+    misses = {af.render(12, "digits", random.Random(s), equal=False) for s in range(60)}
+    assert misses == {"10", "11", "13", "14", "21"}
 
 
 def test_reward_reads_the_last_line_only():
@@ -103,17 +118,23 @@ def test_reward_reads_the_last_line_only():
 
 
 def test_equivalence_set_labels_and_balance():
-    examples = tasks.generate(200, seed=3)
-    items = af.equivalence_set(examples, per_problem=4, seed=1)
-    assert len(items) == 800
+    examples = tasks.generate(400, seed=3)
+    items = af.equivalence_set(examples, per_problem=5, seed=1)
+    assert len(items) == 2000
     for it in items:
-        assert it.label == (it.form in af.EQUAL_FORMS)
         assert it.response.endswith(f"answer: {it.answer}")
         assert af.reward(it.problem, it.response, it.reference)[0] == float(it.label)
     share = sum(it.label for it in items) / len(items)
-    assert 0.45 < share < 0.55
-    assert {it.form for it in items} == set(af.FORMS)
-    assert af.equivalence_set(examples, per_problem=4, seed=1) == items  # seeded
+    assert 0.46 < share < 0.54
+    # No shape gives the label away: each value shape is equal about 4/7 of the time.
+    for shape in af.SHAPES:
+        of = [it.label for it in items if it.form == shape]
+        assert len(of) > 150, shape
+        if shape == "spaced":
+            assert not any(of)
+        else:
+            assert 0.47 < sum(of) / len(of) < 0.67, shape
+    assert af.equivalence_set(examples, per_problem=5, seed=1) == items  # seeded
 
 
 def test_targets_end_in_the_labelled_verdict():

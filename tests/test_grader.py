@@ -207,6 +207,7 @@ def test_run_graded_by_a_judge_on_its_own_engine(vllm_engine, tiny_hf_dir, tmp_p
         TINY,
         out_dir=str(tmp_path / "run"),
         rl=dataclasses.replace(TINY.rl, iterations=2, eval_every=0),
+        partial=dataclasses.replace(TINY.partial, budget=TINY.partial.max_length),  # all finish
         grader=run_config.GraderConfig(mode="judge", judge_model=path, fallback="rules"),
     )
     lines = []
@@ -223,3 +224,24 @@ def test_run_graded_by_a_judge_on_its_own_engine(vllm_engine, tiny_hf_dir, tmp_p
     text = open(os.path.join(cfg.out_dir, "report.md")).read()
     assert "## Judge" in text and f"judge {path}" in text
     assert any("judge" in line and "calls" in line for line in lines if line.startswith("it "))
+
+
+def test_judge_experiment_trains_on_the_prompts_the_judge_asks():
+    # experiments.judge writes its SFT prompts as text; `Judge.prompt_ids` builds them from
+    # parts. They must be the same ids, or the judges would be measured on another prompt.
+    from experiments import judge as judge_exp
+    from k15jax import answer_forms, tasks
+
+    items = answer_forms.equivalence_set(tasks.generate(30, seed=2), per_problem=3, seed=0)
+    for kind in ("classic", "cot"):
+        cfg = judge_exp.judge_config(kind, 24)
+        judge = judge_lib.Judge(None, TOK, config=cfg)
+        for it in items:
+            ids = judge.prompt_ids(judge_lib.JudgeItem(it.problem, it.reference, it.response))
+            assert ids == TOK.encode(judge_exp.prompt_text(cfg, it))
+            assert len(ids) <= cfg.max_prompt_tokens
+            assert TOK.decode(ids).endswith(f"answer: {it.answer}\njudge:\n")
+        target = judge_exp.TARGETS[kind](items[0])
+        assert len(TOK.encode(target)) + 1 <= cfg.max_tokens  # + eos
+    longest = max(items, key=lambda it: len(answer_forms.cot_target(it)))
+    assert len(TOK.encode(answer_forms.cot_target(longest))) < judge_exp.MAX_TOKENS["cot"]
