@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
+import json
 import os
 import time
 
@@ -104,6 +106,16 @@ def train(kind: str, train_items: list[answer_forms.Item]) -> str:
     run_config.check_out_dir(cfg)
     setup = loop.prepare(cfg)
     traces = tuple((prompt_text(jcfg, it), TARGETS[kind](it)) for it in train_items)
+    check_same_data(out, traces, jcfg)
+    asker = judge_lib.Judge(None, setup.tok, config=jcfg)
+    for it, (text, _) in zip(train_items, traces, strict=True):
+        item = judge_lib.JudgeItem(it.problem, it.reference, it.response)
+        if asker.prompt_ids(item) != setup.tok.encode(text):
+            raise app.UsageError(
+                f"the tokenizer of {_START.value or 'the built-in model'} encodes the judge prompt "
+                "differently in parts (as the judge asks) and whole (as it would be trained): "
+                f"{text!r}; use a character-level tokenizer"
+            )
     setup = dataclasses.replace(
         setup, problems=dataclasses.replace(setup.problems, sft_traces=traces)
     )
@@ -118,6 +130,19 @@ def train(kind: str, train_items: list[answer_forms.Item]) -> str:
         f"{history[-1]['loss'] if history else float('nan'):.4f}; {path}"
     )
     return path
+
+
+def check_same_data(out: str, traces, jcfg: judge_lib.JudgeConfig) -> None:
+    """Refuses to continue a judge in `out` trained on other items or another prompt (flags
+    such as --train_problems are not in the run config that guards its checkpoints)."""
+    digest = hashlib.sha256(json.dumps([traces, dataclasses.asdict(jcfg)]).encode()).hexdigest()
+    path = os.path.join(out, "judge_data.sha256")
+    if os.path.exists(path) and open(path).read() != digest and run_config.run_products(out):
+        raise app.UsageError(
+            f"{out} holds a judge trained on other items or another prompt (--train_problems, "
+            "--per_problem, --max_response_chars, --seed); use another --out_dir"
+        )
+    atomic.write_text(path, digest)
 
 
 def measure(kind: str, path: str, held: list[answer_forms.Item]) -> dict:

@@ -27,6 +27,9 @@ from k15jax import tasks
 # How an answer is written; each but "spaced" can write the reference's value or a near miss.
 SHAPES = ("digits", "decimal", "words", "product", "quotient", "sum", "difference", "spaced")
 VALUE_SHAPES = SHAPES[:-1]
+# What a final answer to an RL problem may be: one value. An expression (`5+7`) equals 12 but
+# leaves the work undone, and copying the problem `Q:5+7` as its answer would earn the reward.
+FINAL_SHAPES = ("digits", "decimal", "words")
 
 _ONES = (
     "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
@@ -34,9 +37,10 @@ _ONES = (
 ).split()
 _TENS = "twenty thirty forty fifty sixty seventy eighty ninety".split()
 _ANSWER_LINE = re.compile(r"answer:[ \t]*([^\n]*)\s*\Z")
-_INT = re.compile(r"-?\d{1,6}")
-_DEC = re.compile(r"-?\d{1,6}\.\d{1,6}")
-_BINARY = re.compile(r"(-?\d{1,6})\s*([-+*/])\s*(\d{1,6})")
+# ASCII digits only: `\d` would also read Arabic-Indic or mathematical digits.
+_INT = re.compile(r"-?\d{1,6}", re.ASCII)
+_DEC = re.compile(r"-?\d{1,6}\.\d{1,6}", re.ASCII)
+_BINARY = re.compile(r"(-?\d{1,6})\s*([-+*/])\s*(\d{1,6})", re.ASCII)
 
 
 def words(n: int) -> str:
@@ -83,16 +87,27 @@ def final_answer(response: str) -> str | None:
     return m.group(1).strip() if m else None
 
 
-def reward(prompt: str, response: str, answer: str) -> tuple[float, dict]:
-    """Returns (1.0 if the last line's "answer: <form>" has the value `answer`, else 0.0; info).
+def is_value(text: str) -> bool:
+    """Returns whether `text` is one value (`FINAL_SHAPES`), not an expression `a op b`."""
+    return (
+        parse(text) is not None
+        and _BINARY.fullmatch(text.strip().removesuffix(".").strip()) is None
+    )
 
-    The exact checker of the built-in task with answers in any of `VALUE_SHAPES`.
+
+def reward(prompt: str, response: str, answer: str) -> tuple[float, dict]:
+    """Returns (1.0 if the last line's "answer: <value>" equals `answer`, else 0.0; info).
+
+    The exact checker of the built-in task with final answers in `FINAL_SHAPES` (`12`, `12.0`,
+    `twelve`); an expression such as `3*4` or `5+7` is refused (it restates the work: see
+    `FINAL_SHAPES`), whatever its value.
     """
     del prompt
     text = final_answer(response)
-    value = None if text is None else parse(text)
-    ok = value is not None and value == parse(answer)
-    return float(ok), {"extracted": text, "reason": "correct" if ok else "wrong or missing"}
+    if text is None or not is_value(text):
+        return 0.0, {"extracted": text, "reason": "no single value on the last answer line"}
+    ok = parse(text) == parse(answer)
+    return float(ok), {"extracted": text, "reason": "correct" if ok else "wrong"}
 
 
 def _product(n: int, rng: random.Random) -> str:

@@ -147,7 +147,7 @@ class TaskConfig:
     # for rollouts, evaluation and SFT alike (`tokenizer.Tokenizer.apply_chat_template`).
     chat_template: bool = False
     # "task" (built-in checker: "answer: <digits>"), "forms" (built-in task, final answers in
-    # `answer_forms.VALUE_SHAPES`), "math" (math-verify), "code" (sandbox)
+    # `answer_forms.FINAL_SHAPES`), "math" (math-verify), "code" (sandbox)
     reward: str = "task"
     prompt_template: str = "{prompt}"
     max_prompt_tokens: int = 24  # longest prompt (sets the trainer's sequence length)
@@ -166,7 +166,7 @@ class TaskConfig:
     max_terms: int = 4
     max_term: int = 9  # built-in task: terms are 1..max_term
     # Built-in task: each warm-up trace writes its final answer in a form drawn from
-    # `answer_forms.VALUE_SHAPES` ("twelve", "3*4", "12.0", ...) instead of digits.
+    # `answer_forms.FINAL_SHAPES` ("12", "12.0", "twelve"); needs reward "forms" (their checker).
     answer_forms: bool = False
 
     def __post_init__(self):
@@ -174,8 +174,16 @@ class TaskConfig:
             raise ValueError(f"reward={self.reward!r} must be one of {REWARDS}")
         if not 0 <= self.short_fraction <= 1:
             raise ValueError(f"short_fraction={self.short_fraction} must be in [0, 1]")
-        if self.answer_forms and self.data is not None:
-            raise ValueError("answer_forms is for the built-in task's traces; --data has its own")
+        if self.answer_forms and (self.data is not None or self.reward != "forms"):
+            raise ValueError(
+                "answer_forms is for the built-in task's traces (not --data) and needs "
+                "--reward=forms: the digits checker reads 'answer: 12.5' as 12"
+            )
+        if self.answer_forms and self.max_terms * self.max_term > 97:
+            raise ValueError(
+                f"answer_forms writes sums as words up to 99: max_terms={self.max_terms} x "
+                f"max_term={self.max_term} is over it"
+            )
         if "{prompt}" not in self.prompt_template:
             raise ValueError(f"prompt_template={self.prompt_template!r} must contain {{prompt}}")
         if self.max_prompt_tokens < 1:
@@ -218,7 +226,7 @@ def load_problems(task: TaskConfig, *, held_out_problems: int, seed: int) -> Pro
             rng = random.Random(f"answer_forms:{seed}")
             traces = [
                 (p, answer_forms.with_answer(t, answer_forms.render(
-                    int(e.answer), rng.choice(answer_forms.VALUE_SHAPES), rng
+                    int(e.answer), rng.choice(answer_forms.FINAL_SHAPES), rng
                 )))
                 for (p, t), e in zip(traces, sft_set, strict=True)
             ]  # fmt: skip

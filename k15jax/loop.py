@@ -407,6 +407,8 @@ def run_rl(
         state, start = start_rl(setup, engine, fresh, console), 0
         run_state.save(ckpt_dir, 0, state)
     pool = data.select(setup.problems.train, state.train_ids)
+    if grader is not None:
+        grader.start(start)
     bar = progress(total=rl.iterations, initial=start, desc="RL")
     for it in range(start, rl.iterations):
         state, m = rl_iteration(setup, engine, trainer, state, pool, it, grader)

@@ -13,7 +13,17 @@ from collections.abc import Callable
 import jax
 from jax.sharding import Mesh
 
-from k15jax import convert, data, evaluation, model, rollout, scoring, sharding, tokenizer
+from k15jax import (
+    convert,
+    data,
+    distributed,
+    evaluation,
+    model,
+    rollout,
+    scoring,
+    sharding,
+    tokenizer,
+)
 from k15jax.config import ModelConfig
 from k15jax.rewards import judge as judge_lib
 from k15jax.rewards import sandbox as sandbox_lib
@@ -113,7 +123,7 @@ def check_judge(cfg: RunConfig) -> None:
     """Refuses a judge model directory that is missing, has a bad judge_config.json, or whose
     context cannot hold its prompt bound plus its token bound."""
     path = cfg.grader.judge_model
-    if path is None:
+    if path is None or not distributed.is_main():  # process 0 alone grades
         return
     if not os.path.isdir(path):
         raise ConfigError(f"--judge_model={path}: no such directory")

@@ -21,11 +21,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from k15jax import answer_forms, data, partial, tasks
+from k15jax import answer_forms, atomic, data, partial, tasks
 from k15jax.rewards import code as code_reward
 from k15jax.rewards import judge as judge_lib
 from k15jax.rewards import length as length_reward
@@ -103,6 +104,15 @@ class Grader:
         if self.mode not in GRADERS[1:]:
             raise ValueError(f"grader mode={self.mode!r} must be one of {GRADERS[1:]}")
 
+    def start(self, iteration: int) -> None:
+        """Keeps the log's rows of the iterations before `iteration` (a run resumed from its
+        checkpoint redoes the later ones; a fresh run starts an empty log)."""
+        if not self.log_path or not os.path.exists(self.log_path):
+            return
+        with open(self.log_path) as f:
+            keep = [line for line in f if _log_iteration(line) < iteration]
+        atomic.write_text(self.log_path, "".join(keep))
+
     def __call__(
         self,
         items: Sequence[tuple[data.Problem, str, float]],
@@ -148,6 +158,13 @@ class Grader:
             "judge_tokens": tokens / len(ask) if ask else 0.0,
         }
         return out, stats
+
+
+def _log_iteration(line: str) -> float:
+    try:
+        return json.loads(line)["iteration"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")  # a torn last line of a killed run: dropped
 
 
 def score_groups(

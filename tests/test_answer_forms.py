@@ -81,13 +81,16 @@ def test_parse_refuses_everything_else(text):
 @pytest.mark.parametrize("shape", af.VALUE_SHAPES)
 def test_render_equal_keeps_the_value_and_a_near_miss_does_not(shape):
     rng = random.Random(0)
-    for value in range(0, 41):
-        for _ in range(5):
+    for value in range(0, 98):
+        for _ in range(3):
             text = af.render(value, shape, rng)
             assert af.parse(text) == value, (value, shape, text)
             miss = af.render(value, shape, rng, equal=False)
-            assert af.parse(miss) is not None and af.parse(miss) != value, (value, shape, miss)
-            assert abs(af.parse(miss) - value) <= 81, miss  # near: 1 or 2 away, swapped, .5
+            got = af.parse(miss)
+            near = {value - 2, value - 1, value + 1, value + 2, value + Fraction(1, 2)}
+            if value >= 10:
+                near.add(int(str(value)[::-1]))
+            assert got in near and got >= 0, (value, shape, miss)
 
 
 def test_render_shapes_are_what_they_say():
@@ -109,8 +112,16 @@ def test_render_shapes_are_what_they_say():
 
 def test_reward_reads_the_last_line_only():
     trace = "plan: add 2 numbers, check each\n5+7=12, left none\ncheck 12-7=5 ok\nanswer: 12"
-    for text, want in [("3*4", 1.0), ("twelve", 1.0), ("12.0", 1.0), ("13", 0.0), ("1 2", 0.0)]:
+    for text, want in [("12", 1.0), ("twelve", 1.0), ("12.0", 1.0), ("13", 0.0), ("1 2", 0.0)]:
         assert af.reward("Q:5+7\n", af.with_answer(trace, text), "12")[0] == want, text
+    # An expression is not a final answer, whatever its value: copying the problem (5+7) or
+    # leaving the last step to the checker must not earn the reward.
+    for text in ("5+7", "3*4", "24/2", "15-3", "10+2."):
+        assert af.parse(text) == 12 and not af.is_value(text)
+        assert af.reward("Q:5+7\n", af.with_answer(trace, text), "12")[0] == 0.0, text
+    # Only ASCII digits: other scripts' digits (read as 12 by int()) are not this task's forms.
+    for text in ("\u0661\u0662", "\uff11\uff12", "1\u0662.0"):
+        assert af.parse(text) is None, text
     assert af.reward("", "answer: 12\nno, wait", "12")[0] == 0.0
     assert af.reward("", "the total is 12", "12")[0] == 0.0
     # The task's own strict checker misses the forms this reader accepts.
@@ -123,7 +134,9 @@ def test_equivalence_set_labels_and_balance():
     assert len(items) == 2000
     for it in items:
         assert it.response.endswith(f"answer: {it.answer}")
-        assert af.reward(it.problem, it.response, it.reference)[0] == float(it.label)
+        # The checker refuses expressions even when equal (the judge is trained to accept them).
+        want = float(it.label and af.is_value(it.answer))
+        assert af.reward(it.problem, it.response, it.reference)[0] == want
     share = sum(it.label for it in items) / len(items)
     assert 0.46 < share < 0.54
     # No shape gives the label away: each value shape is equal about 4/7 of the time.

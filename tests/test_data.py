@@ -319,3 +319,31 @@ def test_built_in_task_too_small_for_the_sizes_is_a_clear_error():
     task = data.TaskConfig(max_terms=2, max_term=3)
     with pytest.raises(data.DataError, match=r"cannot find .* \(--train_problems"):
         data.load_problems(task, held_out_problems=150, seed=0)
+
+
+def test_answer_forms_traces_and_their_checks():
+    task = data.TaskConfig(answer_forms=True, reward="forms", sft_examples=300)
+    traces = data.load_problems(task, held_out_problems=8, seed=0).sft_traces
+    plain = data.load_problems(
+        data.TaskConfig(sft_examples=300), held_out_problems=8, seed=0
+    ).sft_traces
+    from k15jax import answer_forms
+
+    shapes = set()
+    for (prompt, text), (prompt0, text0) in zip(traces, plain, strict=True):
+        head, _, answer = text.rpartition("answer: ")
+        assert prompt == prompt0 and text0.startswith(head)  # only the answer line differs
+        assert answer_forms.is_value(answer)
+        assert answer_forms.reward(prompt, text, text0.rpartition("answer: ")[2])[0] == 1.0
+        shapes.add(
+            "words"
+            if answer.isalpha() or "-" in answer
+            else "decimal"
+            if "." in answer
+            else "digits"
+        )
+    assert shapes == {"digits", "decimal", "words"}
+    with pytest.raises(ValueError, match="--reward=forms"):
+        data.TaskConfig(answer_forms=True)
+    with pytest.raises(ValueError, match="up to 99"):
+        data.TaskConfig(answer_forms=True, reward="forms", max_terms=12)

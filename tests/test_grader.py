@@ -118,6 +118,32 @@ def test_rules_then_judge_asks_only_about_the_rules_misses():
     assert stats["judge_disagreements"] == 2
 
 
+def test_a_repeating_sample_keeps_its_rules_score_and_its_penalty():
+    # "answer: 4" is right by the rules but the sample stopped for repetition: its rule score
+    # (1, before the 0.5 penalty) decides whether the judge is asked and what it is compared to.
+    rep = [_group(1, [("answer: 4", "repeat"), ("answer: 4", "stop")])]
+    engine, rewards, correct, stats = _score("rules_then_judge", groups=rep)
+    assert engine.asked == []  # the rules gave both 1
+    np.testing.assert_allclose(rewards, [0.5, 1.0])
+    assert correct.tolist() == [False, True]
+    engine, rewards, correct, stats = _score("judge", groups=rep)
+    np.testing.assert_allclose(rewards, [-0.5, 0.0])  # the judge says no (TABLE)
+    assert stats["judge_disagreements"] == 2  # against the rules' 1, repeat or not
+
+
+def test_the_log_keeps_only_the_iterations_before_a_resume(tmp_path):
+    log = tmp_path / "judge_log.jsonl"
+    rows = [{"iteration": i, "score": 1.0} for i in (0, 1, 2, 3)]
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"iteration": 4, "sc')
+    judge = judge_lib.Judge(VerdictEngine(TABLE), TOK)
+    grader = scoring.Grader(judge=judge, log_path=str(log))
+    grader.start(2)  # resumed at iteration 2: 2, 3 and the torn line go
+    assert [json.loads(x)["iteration"] for x in log.read_text().splitlines()] == [0, 1]
+    grader.start(0)  # a fresh run
+    assert log.read_text() == ""
+    scoring.Grader(judge=judge, log_path=str(tmp_path / "absent")).start(3)  # no file: fine
+
+
 def test_cut_samples_are_never_judged():
     engine, rewards, correct, stats = _score("judge", groups=[CUT])
     assert engine.asked == ["answer: 1"]
@@ -215,8 +241,6 @@ def test_run_graded_by_a_judge_on_its_own_engine(vllm_engine, tiny_hf_dir, tmp_p
         loop.run(cfg, engine=vllm_engine, progress=_quiet, console=lines.append)
     finally:
         vllm_engine.load_weights(tiny_hf_dir[2])
-    results = json.load(open(os.path.join(cfg.out_dir, "results.json")))
-    assert 0 <= results["rl"]["pass_at_1"] <= 1
     log = [json.loads(x) for x in open(os.path.join(cfg.out_dir, "judge_log.jsonl"))]
     assert log and {r["iteration"] for r in log} <= {0, 1}
     for r in log:
