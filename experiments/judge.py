@@ -50,7 +50,7 @@ _JUDGES = flags.DEFINE_list("judges", ["classic", "cot"], "Which judges to train
 # The trained judges' prompt: the built-in model is character-level, so it is short.
 TEMPLATE = "{problem}reference: {reference}\nresponse: ...{response}\njudge:\n"
 TARGETS = {"classic": answer_forms.classic_target, "cot": answer_forms.cot_target}
-MAX_TOKENS = {"classic": 24, "cot": 64}
+MAX_TOKENS = {"classic": 24, "cot": 80}
 MAX_PROMPT_TOKENS = 96
 
 

@@ -218,16 +218,21 @@ def classic_target(item: Item) -> str:
 
 
 def cot_target(item: Item) -> str:
-    """Returns what a chain-of-thought judge writes: both answers normalised, then the verdict.
+    """Returns what a chain-of-thought judge writes: the response's answer normalised, then the
+    reference and the answer's digits side by side (`=` same, `x` different), then the verdict.
 
-    "twelve = 12; reference 12; same" / "1 2 = none; reference 12; differ".
+    "thirteen = 13; reference 12; 1=1 3x2; differ" / "twelve = 12; reference 12; 1=1 2=2; same";
+    an answer with no single whole value: "1 2 = none; reference 12; differ".
     """
     value = parse(item.answer)
-    if value is None:
-        norm = "none"
-    elif value.denominator == 1:
-        norm = str(value.numerator)
-    else:
-        norm = f"{float(value):g}"
     same = "same" if item.label else "differ"
-    return f"{item.answer} = {norm}; reference {item.reference}; {same}\n{_verdict(item.label)}"
+    if value is None or value.denominator != 1 or value < 0:
+        norm = "none" if value is None else f"{float(value):g}"
+        return f"{item.answer} = {norm}; reference {item.reference}; {same}\n{_verdict(item.label)}"
+    width = max(len(str(value.numerator)), len(item.reference))
+    a, b = str(value.numerator).zfill(width), item.reference.zfill(width)
+    digits = " ".join(f"{x}{'=' if x == y else 'x'}{y}" for x, y in zip(a, b, strict=True))
+    return (
+        f"{item.answer} = {value.numerator}; reference {item.reference}; {digits}; {same}\n"
+        f"{_verdict(item.label)}"
+    )

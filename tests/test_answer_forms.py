@@ -157,6 +157,10 @@ def test_targets_end_in_the_labelled_verdict():
             v = judge.parse_verdict(target)
             assert v.status == "ok" and v.correct == it.label, target
     twelve = af.Item("Q:5+7\n", "12", "answer: twelve", "twelve", "words", True)
-    assert af.cot_target(twelve) == 'twelve = 12; reference 12; same\n{"correct": true}'
+    assert af.cot_target(twelve) == 'twelve = 12; reference 12; 1=1 2=2; same\n{"correct": true}'
+    nine = af.Item("Q:5+7\n", "12", "answer: nine", "nine", "words", False)
+    assert af.cot_target(nine) == 'nine = 9; reference 12; 0x1 9x2; differ\n{"correct": false}'
+    half = af.Item("Q:5+7\n", "12", "answer: 12.5", "12.5", "decimal", False)
+    assert af.cot_target(half).startswith("12.5 = 12.5; reference 12; differ")
     spaced = af.Item("Q:5+7\n", "12", "answer: 1 2", "1 2", "spaced", False)
     assert af.cot_target(spaced).startswith("1 2 = none; reference 12; differ")
