@@ -12,7 +12,8 @@ sessions; 15.7 min on 2026-12-03 with packed steps, 17 min on 2026-11-30 without
 runs/default/report.md with held-out pass@1 of the SFT and RL models (one seed each: 2026-12-03
 0.335 [0.300, 0.370] -> 0.447 [0.404, 0.490]; 2026-11-30 0.364 [0.330, 0.399] -> 0.507
 [0.465, 0.549]; with packed SFT batches and the easy-first curriculum, 2026-12-03 afternoon,
-0.357 [0.322, 0.393] -> 0.539 [0.496, 0.582], its wall time not measured on a quiet machine).
+0.357 [0.322, 0.393] -> 0.539 [0.496, 0.582]; on a quiet machine from a fresh clone, 2026-12-03
+evening, the same result in 994 s, `make run` 1145 s with the install from pip's cache).
 Re-running the same command after an interruption resumes from the last checkpoint. A mistake in
 flags, prompt files or the run directory ends it with one line on stderr and exit status 2.
 """
