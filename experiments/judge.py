@@ -31,6 +31,7 @@ import time
 from absl import app, flags
 
 from k15jax import answer_forms, atomic, convert, evaluation, loop, rollout, run_config, tasks
+from k15jax.judge_training import MAX_PROMPT_TOKENS, TARGETS, judge_config, prompt_text
 from k15jax.rewards import judge as judge_lib
 
 _OUT = flags.DEFINE_string("out_dir", "runs/judge", "Output directory.")
@@ -47,22 +48,6 @@ _CHARS = flags.DEFINE_integer(
 )
 _JUDGES = flags.DEFINE_list("judges", ["classic", "cot"], "Which judges to train and measure.")
 
-# The trained judges' prompt: the built-in model is character-level, so it is short.
-TEMPLATE = "{problem}reference: {reference}\nresponse: ...{response}\njudge:\n"
-TARGETS = {"classic": answer_forms.classic_target, "cot": answer_forms.cot_target}
-MAX_TOKENS = {"classic": 24, "cot": 80}
-MAX_PROMPT_TOKENS = 96
-
-
-def judge_config(kind: str, max_response_chars: int) -> judge_lib.JudgeConfig:
-    """Returns judge `kind`'s prompt and bounds (saved with the model)."""
-    return judge_lib.JudgeConfig(
-        template=TEMPLATE,
-        max_tokens=MAX_TOKENS[kind],
-        max_prompt_tokens=MAX_PROMPT_TOKENS,
-        max_response_chars=max_response_chars,
-    )
-
 
 def items() -> tuple[list[answer_forms.Item], list[answer_forms.Item]]:
     """Returns (train, held-out) equivalence items, disjoint by problem."""
@@ -73,17 +58,6 @@ def items() -> tuple[list[answer_forms.Item], list[answer_forms.Item]]:
     return (
         answer_forms.equivalence_set(train, per_problem=per, seed=seed),
         answer_forms.equivalence_set(held, per_problem=per, seed=seed + 1),
-    )
-
-
-def prompt_text(cfg: judge_lib.JudgeConfig, item: answer_forms.Item) -> str:
-    """Returns the judge prompt of `item` as `Judge.prompt_ids` builds it (a character-level
-    tokenizer: the ids of the text are the ids of its parts)."""
-    return judge_lib.fill(
-        cfg.template,
-        problem=item.problem,
-        reference=item.reference,
-        response=item.response[-cfg.max_response_chars :],
     )
 
 

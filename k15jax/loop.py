@@ -474,6 +474,8 @@ def make_grader(setup: Setup, stack: contextlib.ExitStack) -> scoring.Grader | N
         sleep_level=0,
     )
     engine = rollout.VllmEngine(g.judge_model, vcfg)
+    # Closed at the end of the run. Closing an in-process vLLM engine tears down vLLM's
+    # process-wide parallel groups: an engine passed to `run` is unusable afterwards.
     stack.callback(engine.close)
     fallback = setup.scorer.reward_fn if g.fallback == "rules" else judge_lib.zero
     judge = judge_lib.Judge(engine, tokenizer.load(g.judge_model), fallback=fallback, config=jcfg)

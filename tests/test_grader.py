@@ -9,6 +9,8 @@ import json
 import math
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -219,42 +221,39 @@ def test_report_judge_section():
 
 @pytest.mark.slow
 @pytest.mark.vllm
-def test_run_graded_by_a_judge_on_its_own_engine(vllm_engine, tiny_hf_dir, tmp_path):
-    # The judge is a random tiny model on a second in-process vLLM engine: its verdicts are
-    # unusable, so every judged sample falls back to the rules, and the run learns as with
-    # rules alone; the counts, the log and the report show it.
-    from test_loop import TINY, _quiet
-
-    from k15jax import loop
+def test_run_graded_by_a_judge_on_its_own_engine(tiny_hf_dir, tmp_path):
+    # The command line, in its own process (closing the judge's in-process engine tears down
+    # vLLM's process-wide state, which a test worker's shared engine needs). The judge is a
+    # random tiny model on a second engine: its verdicts are unusable, so every judged sample
+    # falls back to the rules; the counts, the log and the report show it.
+    from test_loop import RESUME_FLAGS
 
     jcfg = judge_lib.JudgeConfig(template=TEMPLATE, max_tokens=8, max_prompt_tokens=200)
     path = _judge_dir(tiny_hf_dir, tmp_path, jcfg)
-    cfg = dataclasses.replace(
-        TINY,
-        out_dir=str(tmp_path / "run"),
-        rl=dataclasses.replace(TINY.rl, iterations=2, eval_every=0),
-        partial=dataclasses.replace(TINY.partial, budget=TINY.partial.max_length),  # all finish
-        grader=run_config.GraderConfig(mode="judge", judge_model=path, fallback="rules"),
-    )
-    lines = []
-    try:
-        loop.run(cfg, engine=vllm_engine, progress=_quiet, console=lines.append)
-    finally:
-        vllm_engine.load_weights(tiny_hf_dir[2])
-    log = [json.loads(x) for x in open(os.path.join(cfg.out_dir, "judge_log.jsonl"))]
+    out = str(tmp_path / "run")
+    flags = [f for f in RESUME_FLAGS if not f.startswith(("--iterations", "--budget"))]
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.rl", f"--out_dir={out}", *flags,
+         "--iterations=2", "--budget=100", "--grader=judge", f"--judge_model={path}",
+         "--judge_fallback=rules"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    log = [json.loads(x) for x in open(os.path.join(out, "judge_log.jsonl"))]
     assert log and {r["iteration"] for r in log} <= {0, 1}
     for r in log:
         assert r["judge_status"] != "ok" and r["score"] == r["rules"]
-    text = open(os.path.join(cfg.out_dir, "report.md")).read()
+    text = open(os.path.join(out, "report.md")).read()
     assert "## Judge" in text and f"judge {path}" in text
-    assert any("judge" in line and "calls" in line for line in lines if line.startswith("it "))
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("it ")]
+    assert lines and all("judge" in x and "calls" in x for x in lines if "reward" in x)
 
 
 def test_judge_experiment_trains_on_the_prompts_the_judge_asks():
     # experiments.judge writes its SFT prompts as text; `Judge.prompt_ids` builds them from
     # parts. They must be the same ids, or the judges would be measured on another prompt.
-    from experiments import judge as judge_exp
     from k15jax import answer_forms, tasks
+    from k15jax import judge_training as judge_exp
 
     items = answer_forms.equivalence_set(tasks.generate(30, seed=2), per_problem=3, seed=0)
     for kind in ("classic", "cot"):
