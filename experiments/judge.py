@@ -30,7 +30,17 @@ import time
 
 from absl import app, flags
 
-from k15jax import answer_forms, atomic, convert, evaluation, loop, rollout, run_config, tasks
+from k15jax import (
+    answer_forms,
+    atomic,
+    convert,
+    evaluation,
+    loop,
+    rollout,
+    run_config,
+    tasks,
+    tokenizer,
+)
 from k15jax.judge_training import MAX_PROMPT_TOKENS, TARGETS, judge_config, prompt_text
 from k15jax.rewards import judge as judge_lib
 
@@ -130,8 +140,6 @@ def measure(kind: str, path: str, held: list[answer_forms.Item]) -> dict:
     )
     engine = rollout.VllmEngine(path, vcfg)
     try:
-        from k15jax import tokenizer
-
         judge = judge_lib.Judge(engine, tokenizer.load(path), config=jcfg)
         t0 = time.perf_counter()
         results = judge([judge_lib.JudgeItem(it.problem, it.reference, it.response) for it in held])
