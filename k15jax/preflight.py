@@ -149,7 +149,7 @@ def suggestions(cfg: ModelConfig, mesh, plan: MemoryPlan, micro_batches: int) ->
     out = []
     if not k.remat:
         out.append("--remat (activations of one layer at a time in the backward pass)")
-    if k.attention_impl == "xla":
+    if k.attention_impl in ("xla", "xla_blocked"):
         out.append("--attention_impl=xla_chunked (no t x t attention scores)")
     if k.logprob_impl == "xla":
         out.append("--logprob_impl=xla_chunked (no full t x vocab logits)")

@@ -232,8 +232,8 @@ def test_xla_causal_prefix_blocks_match_reference_with_gradients(layout, t, bloc
 
 
 def test_xla_causal_attention_skips_the_upper_triangle():
-    """The `xla` dispatch, causal, compiles to ~(n+1)/2n of the square's flops (n=5 here); not
-    causal it is the reference's square."""
+    """`xla_blocked`, causal, compiles to ~(n+1)/2n of the square's flops (n=5 here); not causal
+    it is the reference's square."""
     b, t, h, kv, d = 4, 280, 4, 2, 32
     q = jax.ShapeDtypeStruct((b, t, h, d), jnp.float32)
     k = jax.ShapeDtypeStruct((b, t, kv, d), jnp.float32)
@@ -244,8 +244,8 @@ def test_xla_causal_attention_skips_the_upper_triangle():
         return (cost[0] if isinstance(cost, list) else cost)["flops"]
 
     square = flops(lambda q, k, v: reference.attention(q, k, v, causal=True))
-    blocked = flops(lambda q, k, v: attention.attention(q, k, v, causal=True, impl="xla"))
-    full = flops(lambda q, k, v: attention.attention(q, k, v, causal=False, impl="xla"))
+    blocked = flops(lambda q, k, v: attention.attention(q, k, v, causal=True, impl="xla_blocked"))
+    full = flops(lambda q, k, v: attention.attention(q, k, v, causal=False, impl="xla_blocked"))
     assert 0.5 < blocked / square < 0.7, (blocked, square)
     assert full == pytest.approx(square, rel=0.05)
 
