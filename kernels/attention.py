@@ -121,31 +121,17 @@ def causal_prefix_blocks(
     keys as in the full square and the masked keys it leaves out weigh exactly 0 there.
     Work: (n + 1) / 2n of the square for n blocks.
     """
-    b, t, h, d = q_bthd.shape
+    t = q_bthd.shape[1]
     n = blocks or min(PREFIX_BLOCKS, max(1, round(t / PREFIX_BLOCK)))
     if n <= 1:
         return reference.attention(
             q_bthd, k_btkd, v_btkd, causal=True, segment_ids_bt=segment_ids_bt
         )
-    kv = k_btkd.shape[2]
     bounds = [round(i * t / n) for i in range(n + 1)]
-    scale = jnp.sqrt(jnp.float32(d))
     outs = []
     for a, e in zip(bounds[:-1], bounds[1:]):
-        q_btkgd = q_bthd[:, a:e].reshape(b, e - a, kv, h // kv, d)
-        scores_bkgts = (
-            jnp.einsum(
-                "btkgd,bskd->bkgts", q_btkgd, k_btkd[:, :e], preferred_element_type=jnp.float32
-            )
-            / scale
-        )
         mask = (jnp.arange(a, e)[:, None] >= jnp.arange(e)[None, :])[None]
         if segment_ids_bt is not None:
             mask = mask & (segment_ids_bt[:, a:e, None] == segment_ids_bt[:, None, :e])
-        scores_bkgts = jnp.where(mask[:, None, None], scores_bkgts, jnp.finfo(jnp.float32).min)
-        probs_bkgts = jax.nn.softmax(scores_bkgts, axis=-1).astype(v_btkd.dtype)
-        out_btkgd = jnp.einsum(
-            "bkgts,bskd->btkgd", probs_bkgts, v_btkd[:, :e], preferred_element_type=jnp.float32
-        )
-        outs.append(out_btkgd.reshape(b, e - a, h, d))
-    return jnp.concatenate(outs, axis=1).astype(q_bthd.dtype)
+        outs.append(reference.masked_attention(q_bthd[:, a:e], k_btkd[:, :e], v_btkd[:, :e], mask))
+    return jnp.concatenate(outs, axis=1)

@@ -47,17 +47,28 @@ def attention(
     segment_ids_bt: Int[Array, "b t"] | None = None,
 ) -> Float[Array, "b t h d"]:
     """Returns softmax(q k^T / sqrt(d)) v with grouped-query heads, f32 softmax; O(t^2) memory."""
+    mask = attention_mask(segment_ids_bt, q_bthd.shape[1], causal=causal)
+    return masked_attention(q_bthd, k_btkd, v_btkd, mask)
+
+
+def masked_attention(
+    q_bthd: Float[Array, "b t h d"],
+    k_bskd: Float[Array, "b s k d"],
+    v_bskd: Float[Array, "b s k d"],
+    mask_bts: jax.Array | None,
+) -> Float[Array, "b t h d"]:
+    """Returns `attention` of t queries over s keys where the boolean `mask_bts` [b or 1, t, s]
+    (None: every key) allows; f32 scores and softmax."""
     b, t, h, d = q_bthd.shape
-    kv = k_btkd.shape[2]
+    kv = k_bskd.shape[2]
     q_btkgd = q_bthd.reshape(b, t, kv, h // kv, d)
     scores_bkgts = jnp.einsum(
-        "btkgd,bskd->bkgts", q_btkgd, k_btkd, preferred_element_type=jnp.float32
+        "btkgd,bskd->bkgts", q_btkgd, k_bskd, preferred_element_type=jnp.float32
     ) / jnp.sqrt(jnp.float32(d))
-    mask = attention_mask(segment_ids_bt, t, causal=causal)
-    if mask is not None:
-        scores_bkgts = jnp.where(mask[:, None, None], scores_bkgts, jnp.finfo(jnp.float32).min)
-    probs_bkgts = jax.nn.softmax(scores_bkgts, axis=-1).astype(v_btkd.dtype)
+    if mask_bts is not None:
+        scores_bkgts = jnp.where(mask_bts[:, None, None], scores_bkgts, jnp.finfo(jnp.float32).min)
+    probs_bkgts = jax.nn.softmax(scores_bkgts, axis=-1).astype(v_bskd.dtype)
     out_btkgd = jnp.einsum(
-        "bkgts,bskd->btkgd", probs_bkgts, v_btkd, preferred_element_type=jnp.float32
+        "bkgts,bskd->btkgd", probs_bkgts, v_bskd, preferred_element_type=jnp.float32
     )
     return out_btkgd.reshape(b, t, h, d).astype(q_bthd.dtype)
