@@ -33,8 +33,8 @@ _LAYERS = flags.DEFINE_integer("layers", 4, "Layers of the benchmark model.")
 def _model(tmp):
     import jax
 
-    from k15jax import convert, model, tokenizer
-    from k15jax.config import ModelConfig
+    from k15jax.model import convert, decoder, tokenizer
+    from k15jax.model.config import ModelConfig
 
     tok = tokenizer.builtin()
     h = _HIDDEN.value
@@ -49,7 +49,7 @@ def _model(tmp):
         eos_token_id=tok.eos_id,
         max_position_embeddings=4096,
     )
-    params = model.init(cfg, jax.random.key(0))
+    params = decoder.init(cfg, jax.random.key(0))
     path = convert.save_hf(cfg, params, os.path.join(tmp, "model"), tokenizer=tok)
     return cfg, params, path, tok
 
@@ -57,9 +57,9 @@ def _model(tmp):
 def bench_reload(engine, cfg, params) -> dict:
     import jax
 
-    from k15jax import model
+    from k15jax.model import decoder
 
-    new = [model.init(cfg, jax.random.key(i + 1)) for i in range(_REPEATS.value)]
+    new = [decoder.init(cfg, jax.random.key(i + 1)) for i in range(_REPEATS.value)]
     jax.block_until_ready(new)
     inplace, restart = [], []
     for p in new:
@@ -89,14 +89,14 @@ def bench_partial(engine, tok) -> dict:
     """Same prompts and target lengths; full = each iteration waits for its longest sample."""
     import numpy as np
 
-    from k15jax import rollout
+    from k15jax.rollout import engines
 
     iters, per_iter, budget = 6, 64, 128
     work = [
         (tok.encode(f"Q:{i}+{i}\n"), n)
         for i, n in enumerate(_long_tail_lengths(iters * per_iter, 0))
     ]
-    spec = rollout.SamplingSpec(temperature=1.0, max_tokens=1, ignore_eos=True)
+    spec = engines.SamplingSpec(temperature=1.0, max_tokens=1, ignore_eos=True)
 
     def full():
         times, tokens, slots = [], 0, 0
@@ -158,11 +158,12 @@ def bench_partial(engine, tok) -> dict:
 
 
 def bench_sampler(engine, cfg, params, tok) -> dict:
-    from k15jax import generation, rollout
+    from k15jax.model import generation
+    from k15jax.rollout import engines
 
     batch, new = 32, 64
     prompts = [tok.encode(f"Q:{i}+7\n") for i in range(batch)]
-    spec = rollout.SamplingSpec(temperature=1.0, max_tokens=new, ignore_eos=True, seed=0)
+    spec = engines.SamplingSpec(temperature=1.0, max_tokens=new, ignore_eos=True, seed=0)
     import jax
 
     generation.generate(
@@ -197,14 +198,14 @@ def bench_sampler(engine, cfg, params, tok) -> dict:
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
-    from k15jax import rollout
+    from k15jax.rollout import engines
 
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         cfg, params, path, tok = _model(tmp)
-        engine = rollout.VllmEngine(
+        engine = engines.VllmEngine(
             path,
-            rollout.VllmConfig(
+            engines.VllmConfig(
                 max_model_len=1024,
                 publish_dir=os.path.join(tmp, "publish"),
                 enable_prefix_caching=True,

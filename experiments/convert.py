@@ -14,7 +14,7 @@ import os
 
 from absl import app, flags, logging
 
-from k15jax import convert, tokenizer
+from k15jax.model import convert, tokenizer
 
 _SRC = flags.DEFINE_string("src", None, "Hugging Face directory or k15jax orbax checkpoint.")
 _DST = flags.DEFINE_string("dst", None, "Output directory.")

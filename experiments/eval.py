@@ -21,9 +21,12 @@ import os
 from absl import app, flags
 
 from experiments import rl as rl_script  # its flags are this script's flags too
-from k15jax import atomic, data, evaluation, rollout, run_setup
+from k15jax.data import prompt_sets
+from k15jax.infra import atomic
 from k15jax.rewards import sandbox
-from k15jax.run_config import RunConfig, engine_config
+from k15jax.rollout import engines
+from k15jax.run import evaluation, run_setup
+from k15jax.run.run_config import RunConfig, engine_config
 
 _SAMPLES = flags.DEFINE_integer("samples", 16, "Samples per problem (n of pass@k).")
 _KS = flags.DEFINE_string("k", "1,4,16", "Comma-separated k of pass@k, avg@k and maj@k.")
@@ -49,8 +52,8 @@ def eval_config(cfg: RunConfig, *, samples: int, ks: tuple[int, ...]) -> evaluat
 
 def evaluate_sets(
     setup: run_setup.Setup,
-    engine: rollout.RolloutEngine,
-    sets: dict[str, tuple[data.Problem, ...]],
+    engine: engines.RolloutEngine,
+    sets: dict[str, tuple[prompt_sets.Problem, ...]],
     cfg: evaluation.EvalConfig,
 ) -> dict[str, dict]:
     """Returns {set name: `evaluation.evaluate` result} with the run's prompts, scorer and seed."""
@@ -98,10 +101,12 @@ def main(argv):
             box = stack.enter_context(sandbox.Sandbox(cfg.sandbox))
         setup = run_setup.prepare(cfg, sandbox=box)
         if files:
-            sets = {os.path.basename(f): data.load_jsonl(f)[: eval_cfg.problems] for f in files}
+            sets = {
+                os.path.basename(f): prompt_sets.load_jsonl(f)[: eval_cfg.problems] for f in files
+            }
         else:
             sets = {"built-in held-out": setup.problems.held_out}
-        engine = rollout.VllmEngine(cfg.model_dir, engine_config(cfg))
+        engine = engines.VllmEngine(cfg.model_dir, engine_config(cfg))
         stack.callback(engine.close)
         results = evaluate_sets(setup, engine, sets, eval_cfg)
     print(markdown(results))

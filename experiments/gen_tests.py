@@ -19,7 +19,7 @@ import time
 
 from absl import app, flags
 
-from k15jax import atomic
+from k15jax.infra import atomic
 
 _PROBLEMS = flags.DEFINE_string("problems", None, "JSONL of problems.", required=True)
 _OUT = flags.DEFINE_string("out", "runs/problems_with_tests.jsonl", "Output JSONL.")

@@ -102,7 +102,7 @@ def kernel_speed(env: dict, out: str) -> list[dict]:
 
 
 def _model_cfg():
-    from k15jax.config import KernelConfig, ModelConfig, qwen25_05b
+    from k15jax.model.config import KernelConfig, ModelConfig, qwen25_05b
 
     kernels = KernelConfig(
         attention_impl="xla_chunked", logprob_impl="xla_chunked", logprob_chunk=1024, remat=True
@@ -124,7 +124,8 @@ def train_step_case(t: int) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from k15jax import model, preflight, sharding, train_step
+    from k15jax.model import decoder, sharding
+    from k15jax.train import preflight, train_step
 
     cfg = _model_cfg()
     mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
@@ -136,7 +137,7 @@ def train_step_case(t: int) -> dict:
     )
     compile_s = time.perf_counter() - t0
     shardings = sharding.param_shardings(cfg, mesh)
-    params = jax.jit(lambda k: model.init(cfg, k), out_shardings=shardings)(jax.random.key(0))
+    params = jax.jit(lambda k: decoder.init(cfg, k), out_shardings=shardings)(jax.random.key(0))
     state = train_step.init_state(params, cfg, opt, mesh)
     del params
     rng = np.random.default_rng(0)
@@ -192,14 +193,18 @@ def rl_iterations() -> list[dict]:
     """Three RL iterations of the built-in task with the JAX sampler."""
     import dataclasses
 
-    from k15jax import data, distributed, loop, rollout, run_config, train_step
+    from k15jax.data import prompt_sets
+    from k15jax.infra import distributed
+    from k15jax.rollout import engines
+    from k15jax.run import loop, run_config
+    from k15jax.train import train_step
 
     d = run_config.RunConfig()
     small = _SMOKE.value
     cfg = dataclasses.replace(
         d,
         out_dir=os.path.join(_OUT.value, "rl"),
-        task=data.TaskConfig(train_problems=32 if small else 128, sft_examples=16),
+        task=prompt_sets.TaskConfig(train_problems=32 if small else 128, sft_examples=16),
         rl=dataclasses.replace(
             d.rl,
             iterations=3,
@@ -215,13 +220,13 @@ def rl_iterations() -> list[dict]:
     t0 = time.perf_counter()
     setup = loop.prepare(cfg)
     params = distributed.host_value(setup.params)
-    engine = rollout.FakeEngine(setup.model_cfg, params, eos_id=setup.tok.eos_id)
+    engine = engines.FakeEngine(setup.model_cfg, params, eos_id=setup.tok.eos_id)
     optimizer = train_step.make_optimizer(cfg.rl.learning_rate)
     step_cfg = train_step.StepConfig(tau=cfg.rl.tau, group_size=cfg.rl.samples_per_prompt)
     trainer = train_step.make_trainer(setup.model_cfg, optimizer, step_cfg, setup.mesh)
     fresh = train_step.init_state(setup.params, setup.model_cfg, optimizer, setup.mesh)
     state = loop.start_rl(setup, engine, fresh, console=lambda *a: None)
-    pool = data.select(setup.problems.train, state.train_ids)
+    pool = prompt_sets.select(setup.problems.train, state.train_ids)
     rows = [dict(part="RL (JAX sampler)", case="setup + difficulty", result=f"{len(pool)} "
                  f"problems kept", seconds=time.perf_counter() - t0)]  # fmt: skip
     for it in range(3):

@@ -22,7 +22,9 @@ import time
 
 from absl import app, flags
 
-from k15jax import atomic, config, run_config, tokenizer
+from k15jax.infra import atomic
+from k15jax.model import config, tokenizer
+from k15jax.run import run_config
 
 _OUT = flags.DEFINE_string("out", "runs/handoff_bench.json", "Where to write the results.")
 _SIZES = flags.DEFINE_list("sizes", ["tiny", "0.5b", "1.5b"], "Model shapes: tiny, 0.5b, 1.5b.")
@@ -44,16 +46,16 @@ def model_config(size: str) -> config.ModelConfig:
 
 
 def _engine(kind: str, model_dir: str, publish_dir: str):
-    from k15jax import rollout, servers
+    from k15jax.rollout import engines, servers
 
-    vcfg = rollout.VllmConfig(
+    vcfg = engines.VllmConfig(
         dtype=_DTYPE.value,
         max_model_len=256,
         kv_cache_memory_bytes=64 << 20,
         publish_dir=publish_dir,
     )
     if kind == "in_process":
-        return rollout.VllmEngine(model_dir, vcfg)
+        return engines.VllmEngine(model_dir, vcfg)
     return servers.ServerPool(model_dir, vcfg, servers.ServerPoolConfig(launch=1))
 
 
@@ -61,10 +63,10 @@ def measure(size: str, kind: str, repeats: int) -> dict:
     """Returns median publish and reload seconds of one engine kind at one model size."""
     import jax
 
-    from k15jax import convert, model
+    from k15jax.model import convert, decoder
 
     cfg = model_config(size)
-    params = model.init(cfg, jax.random.key(0))
+    params = decoder.init(cfg, jax.random.key(0))
     n_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
     with tempfile.TemporaryDirectory(dir=_PUBLISH.value) as tmp:
         start = convert.save_hf(cfg, params, f"{tmp}/start", tokenizer=tokenizer.builtin())

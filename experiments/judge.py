@@ -30,19 +30,13 @@ import time
 
 from absl import app, flags
 
-from k15jax import (
-    answer_forms,
-    atomic,
-    convert,
-    evaluation,
-    loop,
-    rollout,
-    run_config,
-    tasks,
-    tokenizer,
-)
-from k15jax.judge_training import MAX_PROMPT_TOKENS, TARGETS, judge_config, prompt_text
+from k15jax.data import answer_forms, tasks
+from k15jax.infra import atomic
+from k15jax.model import convert, tokenizer
 from k15jax.rewards import judge as judge_lib
+from k15jax.rewards.judge_training import MAX_PROMPT_TOKENS, TARGETS, judge_config, prompt_text
+from k15jax.rollout import engines
+from k15jax.run import evaluation, loop, run_config
 
 _OUT = flags.DEFINE_string("out_dir", "runs/judge", "Output directory.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the data, the initial weights and the batches.")
@@ -132,13 +126,13 @@ def check_same_data(out: str, traces, jcfg: judge_lib.JudgeConfig) -> None:
 def measure(kind: str, path: str, held: list[answer_forms.Item]) -> dict:
     """Returns judge `kind`'s held-out accuracy, interval, judge tokens and per-form accuracy."""
     jcfg = judge_lib.load_config(path)
-    vcfg = rollout.VllmConfig(
+    vcfg = engines.VllmConfig(
         max_model_len=jcfg.max_prompt_tokens + jcfg.max_tokens,
         enable_prefix_caching=False,
         publish_dir=os.path.join(_OUT.value, "publish"),
         kv_cache_memory_bytes=256 << 20,
     )
-    engine = rollout.VllmEngine(path, vcfg)
+    engine = engines.VllmEngine(path, vcfg)
     try:
         judge = judge_lib.Judge(engine, tokenizer.load(path), config=jcfg)
         t0 = time.perf_counter()

@@ -21,7 +21,7 @@ import time
 
 from absl import app, flags
 
-from k15jax import atomic
+from k15jax.infra import atomic
 
 _OUT = flags.DEFINE_string("out", "runs/kernel_bench.json", "Where to write the results.")
 _SPEED_LENGTHS = flags.DEFINE_list("speed_lengths", ["4096", "8192", "16384", "32768"], "Tokens.")

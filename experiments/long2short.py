@@ -35,18 +35,12 @@ from collections.abc import Callable
 from absl import app, flags
 
 from experiments import rl as rl_script  # its flags are this script's flags too
-from k15jax import (
-    atomic,
-    convert,
-    long2short,
-    loop,
-    model,
-    rollout,
-    run_config,
-    run_setup,
-    sft,
-)
-from k15jax.run_config import RunConfig
+from k15jax.infra import atomic
+from k15jax.model import convert, decoder
+from k15jax.rollout import engines
+from k15jax.run import long2short, loop, run_config, run_setup
+from k15jax.run.run_config import RunConfig
+from k15jax.train import sft
 
 METHODS = ("report", "merge", "shortest", "dpo", "rl", "short")
 _METHOD = flags.DEFINE_enum("method", "report", METHODS, "What to run (module docstring).")
@@ -138,7 +132,7 @@ def _progress(**kw):
     return tqdm(**kw, leave=False)
 
 
-def model_once(setup: run_setup.Setup, path: str, compute: Callable[[], model.Params]):
+def model_once(setup: run_setup.Setup, path: str, compute: Callable[[], decoder.Params]):
     """Returns the params of the model directory `path`; computes and writes it if absent."""
     if os.path.exists(os.path.join(path, "config.json")):
         return convert.load_hf(path, dtype=setup.model_cfg.dtype)[1]
@@ -153,7 +147,7 @@ def start_engine(cfg: RunConfig, model_dir: str, stack: contextlib.ExitStack):
     vcfg = dataclasses.replace(
         vcfg, publish_dir=os.path.join(vcfg.publish_dir, f"l2s-{os.getpid()}")
     )
-    engine = rollout.VllmEngine(model_dir, vcfg)
+    engine = engines.VllmEngine(model_dir, vcfg)
     stack.callback(engine.close)
     return engine
 
@@ -181,7 +175,7 @@ def samples(setup: run_setup.Setup, engine, params, out_dir: str) -> list:
     )
 
 
-def shortest_rejection(setup, engine, params, out_dir: str, info: dict) -> model.Params:
+def shortest_rejection(setup, engine, params, out_dir: str, info: dict) -> decoder.Params:
     """SFT of `params` on the shortest correct of `--rs_samples` samples per prompt."""
     groups = samples(setup, engine, params, out_dir)
     chosen, skipped = long2short.shortest_correct(groups)
@@ -212,7 +206,7 @@ def shortest_rejection(setup, engine, params, out_dir: str, info: dict) -> model
     )
 
 
-def dpo(setup, engine, params, out_dir: str, info: dict) -> model.Params:
+def dpo(setup, engine, params, out_dir: str, info: dict) -> decoder.Params:
     """DPO of `params` against itself frozen, on pairs from the same samples."""
     groups = samples(setup, engine, params, out_dir)
     pairs = long2short.preference_pairs(groups, pair_rules())
@@ -234,7 +228,7 @@ def dpo(setup, engine, params, out_dir: str, info: dict) -> model.Params:
     return model_once(setup, os.path.join(out_dir, "dpo", "model"), compute)
 
 
-def long2short_rl(cfg: RunConfig, engine, params, info: dict) -> model.Params:
+def long2short_rl(cfg: RunConfig, engine, params, info: dict) -> decoder.Params:
     """The RL loop from `params` with the long2short preset (`rl_config`)."""
     rl_cfg = rl_config(cfg)
     run_config.check_out_dir(rl_cfg)
@@ -250,7 +244,7 @@ def long2short_rl(cfg: RunConfig, engine, params, info: dict) -> model.Params:
     return model_once(setup, os.path.join(rl_cfg.out_dir, "model"), compute)
 
 
-def short_model(cfg: RunConfig) -> tuple[run_setup.Setup, model.Params]:
+def short_model(cfg: RunConfig) -> tuple[run_setup.Setup, decoder.Params]:
     """The short model: the run's SFT phase on the built-in task's short traces only."""
     short_cfg = short_config(cfg)
     run_config.check_out_dir(short_cfg)

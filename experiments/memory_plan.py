@@ -18,7 +18,8 @@ import time
 
 from absl import app, flags
 
-from k15jax import atomic, config
+from k15jax.infra import atomic
+from k15jax.model import config
 
 _OUT = flags.DEFINE_string("out", "runs/memory_plan.json", "Where to write the results.")
 _LENGTHS = flags.DEFINE_list("memory_lengths", ["8192", "32768", "131072"], "Tokens.")
@@ -32,10 +33,11 @@ def train_step_memory(t: int, plan: str) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from k15jax import model, sharding, train_step
+    from k15jax.model import decoder, sharding
+    from k15jax.train import train_step
 
     impl = {"a": ("xla", "xla"), "b": ("xla_chunked", "xla_chunked")}[plan]
-    from k15jax.config import KernelConfig
+    from k15jax.model.config import KernelConfig
 
     kernels = KernelConfig(
         attention_impl=impl[0], logprob_impl=impl[1], logprob_chunk=1024, remat=True
@@ -46,7 +48,7 @@ def train_step_memory(t: int, plan: str) -> dict:
     opt = train_step.make_optimizer(1e-6)
     step = train_step.make_train_step(cfg, opt, step_cfg, mesh)
     state = jax.eval_shape(
-        lambda p: train_step.init_state(p, cfg, opt, mesh), model.abstract_params(cfg)
+        lambda p: train_step.init_state(p, cfg, opt, mesh), decoder.abstract_params(cfg)
     )
     shape = lambda s, d: jax.ShapeDtypeStruct(s, d)
     batch = train_step.Batch(
@@ -93,7 +95,8 @@ def run_meshes() -> list[dict]:
     8-device meshes, from the shardings alone (abstract arrays: nothing is allocated)."""
     import jax
 
-    from k15jax import model, preflight, sharding, train_step
+    from k15jax.model import decoder, sharding
+    from k15jax.train import preflight, train_step
 
     cfg = config.qwen25_05b()
     opt = train_step.make_optimizer(1e-6)
@@ -106,7 +109,9 @@ def run_meshes() -> list[dict]:
         mesh = sharding.make_mesh(shape, devices[:8])
         state, _ = preflight.abstract_step_inputs(cfg, opt, mesh, rows=8, seq_len=8)
         per = preflight._sharded_bytes(state.params), preflight._sharded_bytes(state.opt_state)
-        total = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(model.abstract_params(cfg)))
+        total = sum(
+            x.size * x.dtype.itemsize for x in jax.tree.leaves(decoder.abstract_params(cfg))
+        )
         rows.append(dict(mesh=shape, params=per[0], opt=per[1], whole_params=total))
     print("\nPer-device state of a Qwen2.5-0.5B-shaped model (bf16 params and AdamW moments), "
           "8 devices:")  # fmt: skip

@@ -62,7 +62,7 @@ GROUP, ROWS, SEQ = 4, 16, 24
 
 
 def _model_cfg():
-    from k15jax.config import ModelConfig
+    from k15jax.model.config import ModelConfig
 
     return ModelConfig(
         vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -81,7 +81,7 @@ def _meshes() -> dict[str, tuple[int, int, int]]:
 def _optimizer():
     import optax
 
-    from k15jax import train_step
+    from k15jax.train import train_step
 
     if _OPT.value == "adamw":
         return train_step.make_optimizer(1e-3)
@@ -107,12 +107,14 @@ def train(out: str) -> None:
     import jax
     import numpy as np
 
-    from k15jax import checkpoint, distributed, model, sharding, train_step
+    from k15jax.infra import checkpoint, distributed
+    from k15jax.model import decoder, sharding
+    from k15jax.train import train_step
 
     cfg = _model_cfg()
     optimizer = _optimizer()
     step_cfg = train_step.StepConfig(tau=0.5, group_size=GROUP, micro_batches=2)
-    host_params = jax.device_get(model.init(cfg, jax.random.key(0)))  # the same everywhere
+    host_params = jax.device_get(decoder.init(cfg, jax.random.key(0)))  # the same everywhere
     results = {}
     for name, shape in _meshes().items():
         mesh = sharding.make_mesh(shape)
@@ -144,12 +146,14 @@ def restore(out: str, ckpt_dir: str) -> None:
     import jax
     import numpy as np
 
-    from k15jax import checkpoint, model, sharding, train_step
+    from k15jax.infra import checkpoint
+    from k15jax.model import decoder, sharding
+    from k15jax.train import train_step
 
     cfg = _model_cfg()
     optimizer = _optimizer()
     mesh = sharding.make_mesh((-1, 1, 1))
-    target = train_step.init_state(model.init(cfg, jax.random.key(1)), cfg, optimizer, mesh)
+    target = train_step.init_state(decoder.init(cfg, jax.random.key(1)), cfg, optimizer, mesh)
     state, extra = checkpoint.restore(ckpt_dir, 1, target)
     np.savez(os.path.join(out, "restored.npz"), **_flat(jax.device_get(state.params)))
 
@@ -168,15 +172,17 @@ def loop_run(out: str) -> None:
     import jax
     import numpy as np
 
-    from k15jax import distributed, loop, rollout
-    from k15jax import tokenizer as tokenizer_lib
+    from k15jax.infra import distributed
+    from k15jax.model import tokenizer as tokenizer_lib
+    from k15jax.rollout import engines
+    from k15jax.run import loop
 
     cfg = _loop_cfg(out)
     engine = None
     if distributed.is_main():
         tok = tokenizer_lib.builtin()
         shape = dataclasses.replace(cfg.model, vocab_size=tok.vocab_size, eos_token_id=tok.eos_id)
-        engine = rollout.FakeEngine(shape, None, eos_id=tok.eos_id)
+        engine = engines.FakeEngine(shape, None, eos_id=tok.eos_id)
     result = loop.run(cfg, engine=engine, progress=None, console=print)
     if distributed.is_main():
         np.savez(os.path.join(out, "loop.npz"), **_flat(jax.device_get(result["params"])))
@@ -191,8 +197,10 @@ def restore_loop(out: str, run_dir: str) -> None:
     import jax
     import numpy as np
 
-    from k15jax import model, run_state, sharding, train_step
-    from k15jax import tokenizer as tokenizer_lib
+    from k15jax.model import decoder, sharding
+    from k15jax.model import tokenizer as tokenizer_lib
+    from k15jax.run import run_state
+    from k15jax.train import train_step
 
     cfg = _loop_cfg(run_dir)
     tok = tokenizer_lib.builtin()
@@ -201,7 +209,7 @@ def restore_loop(out: str, run_dir: str) -> None:
     )
     opt = train_step.make_optimizer(cfg.rl.learning_rate, max_grad_norm=cfg.rl.max_grad_norm)
     mesh = sharding.make_mesh((-1, 1, 1))
-    target = train_step.init_state(model.init(model_cfg, jax.random.key(9)), model_cfg, opt, mesh)
+    target = train_step.init_state(decoder.init(model_cfg, jax.random.key(9)), model_cfg, opt, mesh)
     state, _ = run_state.restore_latest(
         os.path.join(cfg.out_dir, "ckpt", "rl"), run_state.RlState, target
     )
@@ -213,7 +221,10 @@ def _loop_cfg(out: str):
     """The RL run of the check: a tiny built-in task, SFT, two iterations with partial rollouts."""
     import dataclasses
 
-    from k15jax import data, evaluation, partial, run_config, sft
+    from k15jax.data import prompt_sets
+    from k15jax.rollout import partial
+    from k15jax.run import evaluation, run_config
+    from k15jax.train import sft
 
     d = run_config.RunConfig()
     return dataclasses.replace(
@@ -221,7 +232,9 @@ def _loop_cfg(out: str):
         out_dir=os.path.join(out, "run"),
         model=dataclasses.replace(d.model, hidden_size=64, intermediate_size=128, head_dim=16),
         mesh=(2, 2, 2),
-        task=data.TaskConfig(train_problems=16, sft_examples=64, max_terms=2, max_prompt_tokens=16),
+        task=prompt_sets.TaskConfig(
+            train_problems=16, sft_examples=64, max_terms=2, max_prompt_tokens=16
+        ),
         sft=sft.SftConfig(steps=4, batch_size=8, checkpoint_every=2),
         rl=run_config.RlConfig(
             iterations=2, prompts_per_iteration=4, samples_per_prompt=4, groups_per_step=2,
@@ -386,7 +399,7 @@ def main(argv):
         return
     from absl import logging
 
-    from k15jax import distributed
+    from k15jax.infra import distributed
 
     logging.set_verbosity(logging.WARNING)
     distributed.initialize(

@@ -44,7 +44,8 @@ _OUT = flags.DEFINE_string("out", "runs/peer_bench.json", "Where to write the re
 
 
 def _config(out_dir: str):
-    from k15jax import partial, run_config
+    from k15jax.rollout import partial
+    from k15jax.run import run_config
 
     d = run_config.RunConfig()
     r = dataclasses.replace
@@ -89,13 +90,16 @@ def run_k15jax(tmp: str) -> list[dict]:
     """Returns per-iteration {seconds, tokens, generate_seconds} of k15jax's RL loop."""
     import numpy as np
 
-    from k15jax import loop, partial, rollout, run_config, run_setup, run_state, sampler, train_step
+    from k15jax.data import sampler
+    from k15jax.rollout import engines, partial
+    from k15jax.run import loop, run_config, run_setup, run_state
+    from k15jax.train import train_step
 
     cfg = _config(tmp)
     setup = run_setup.prepare(cfg)
     rl = cfg.rl
     vcfg = dataclasses.replace(run_config.engine_config(cfg), publish_dir=tmp)
-    engine = _Counting(rollout.VllmEngine(cfg.model_dir, vcfg))
+    engine = _Counting(engines.VllmEngine(cfg.model_dir, vcfg))
     optimizer = train_step.make_optimizer(rl.learning_rate, max_grad_norm=rl.max_grad_norm)
     step_cfg = train_step.StepConfig(
         tau=rl.tau, group_size=rl.samples_per_prompt, micro_batches=rl.micro_batches
@@ -139,7 +143,7 @@ def run_trl(tmp: str) -> list[dict]:
     import trl
     from datasets import Dataset
 
-    from k15jax import run_setup
+    from k15jax.run import run_setup
 
     cfg = _config(tmp)
     setup = run_setup.prepare(cfg)

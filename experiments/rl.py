@@ -27,20 +27,15 @@ from typing import NoReturn
 
 from absl import app, flags, logging
 
-from k15jax import (
-    convert,
-    data,
-    distributed,
-    loop,
-    partial,
-    preflight,
-    run_config,
-    sampler,
-    servers,
-)
-from k15jax.config import DTYPES, KernelConfig
+from k15jax.data import prompt_sets, sampler
+from k15jax.infra import distributed
+from k15jax.model import convert
+from k15jax.model.config import DTYPES, KernelConfig
+from k15jax.model.sharding import MESH_AXES
 from k15jax.rewards import length as length_reward
-from k15jax.sharding import MESH_AXES
+from k15jax.rollout import partial, servers
+from k15jax.run import loop, run_config
+from k15jax.train import preflight
 from kernels import attention as kernel_attention
 from kernels import logprobs as kernel_logprobs
 
@@ -50,7 +45,7 @@ _SEED = flags.DEFINE_integer("seed", D.seed, "Seed of everything random in the r
 _MODEL = flags.DEFINE_string("model", None, "Hugging Face model directory (default: built-in).")
 _DATA = flags.DEFINE_string("data", None, "JSONL prompt set (default: built-in task).")
 _EVAL_DATA = flags.DEFINE_string("eval_data", None, "JSONL held-out set.")
-_REWARD = flags.DEFINE_enum("reward", D.task.reward, data.REWARDS, "Reward function.")
+_REWARD = flags.DEFINE_enum("reward", D.task.reward, prompt_sets.REWARDS, "Reward function.")
 _GRADER = flags.DEFINE_enum(
     "grader",
     D.grader.mode,
@@ -110,7 +105,7 @@ _MAX_PROMPT = flags.DEFINE_integer(
 _OVERLONG = flags.DEFINE_enum(
     "overlong_prompts",
     D.task.overlong_prompts,
-    data.OVERLONG,
+    prompt_sets.OVERLONG,
     "A prompt over --max_prompt_tokens: drop it (counted in the report) or stop with an error.",
 )
 _SCREEN = flags.DEFINE_bool(
@@ -451,7 +446,7 @@ def distributed_config() -> distributed.DistributedConfig:
 # (any other exception is a bug and keeps its traceback). ValueErrors of the dataclasses'
 # checks are caught only while the flags become a config.
 USER_ERRORS = (
-    data.DataError,
+    prompt_sets.DataError,
     run_config.ConfigError,
     convert.CheckpointError,
     FileNotFoundError,

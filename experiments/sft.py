@@ -13,7 +13,8 @@ import os
 from absl import app
 
 from experiments import rl as rl_script  # its flags are this script's flags too
-from k15jax import convert, loop, run_config
+from k15jax.model import convert
+from k15jax.run import loop, run_config
 
 
 def main(argv):

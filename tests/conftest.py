@@ -125,13 +125,14 @@ def tiny_hf_dir(tmp_path_factory):
     """A converted built-in-tokenizer Qwen2 with sharp logits (greedy has clear winners)."""
     import jax
 
-    from k15jax import convert, model, run_config, tokenizer
+    from k15jax.model import convert, decoder, tokenizer
+    from k15jax.run import run_config
 
     # The shape of the RL loop's built-in model, so the loop test can reuse this engine.
     cfg = dataclasses.replace(
         run_config.RunConfig().model, vocab_size=tokenizer.builtin().vocab_size
     )
-    params = model.init(cfg, jax.random.key(0))
+    params = decoder.init(cfg, jax.random.key(0))
     # Scale the matrices so logits have margins far above float32 noise across engines.
     params = jax.tree.map(lambda x: x * 10 if x.ndim == 2 else x, params)
     path = str(tmp_path_factory.mktemp("tiny") / "model")
@@ -142,11 +143,11 @@ def tiny_hf_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def vllm_engine(tiny_hf_dir, tmp_path_factory):
     """One real vLLM engine for the whole session (start-up is paid once)."""
-    from k15jax import rollout
+    from k15jax.rollout import engines
 
     publish = str(tmp_path_factory.mktemp("publish"))
-    engine = rollout.VllmEngine(
-        tiny_hf_dir[0], rollout.VllmConfig(max_model_len=512, publish_dir=publish)
+    engine = engines.VllmEngine(
+        tiny_hf_dir[0], engines.VllmConfig(max_model_len=512, publish_dir=publish)
     )
     yield engine
     engine.close()

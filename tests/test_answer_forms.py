@@ -7,8 +7,8 @@ from fractions import Fraction
 
 import pytest
 
-from k15jax import answer_forms as af
-from k15jax import tasks
+from k15jax.data import answer_forms as af
+from k15jax.data import tasks
 from k15jax.rewards import judge
 
 

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from k15jax import atomic
+from k15jax.infra import atomic
 
 
 def test_directory_replaces_whole_or_not_at_all(tmp_path):

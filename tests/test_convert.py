@@ -11,8 +11,8 @@ import torch
 import transformers
 from safetensors.numpy import load_file, save_file
 
-from k15jax import convert, model, tokenizer
-from k15jax.config import ModelConfig
+from k15jax.model import convert, decoder, tokenizer
+from k15jax.model.config import ModelConfig
 
 
 def _tensors(path):
@@ -54,7 +54,7 @@ def test_sharded_save_loads_back(hf_dirs, tmp_path):
 
 def test_orbax_round_trip_is_bit_exact(tmp_path):
     cfg = ModelConfig(architecture="Qwen3ForCausalLM", qk_norm=True, dtype="bfloat16")
-    params = model.init(cfg, jax.random.key(3))
+    params = decoder.init(cfg, jax.random.key(3))
     convert.save_orbax(cfg, params, str(tmp_path / "ck"))
     cfg2, back = convert.load_orbax(str(tmp_path / "ck"))
     assert cfg2 == cfg
@@ -65,7 +65,7 @@ def test_orbax_round_trip_is_bit_exact(tmp_path):
 
 def test_save_with_tokenizer_loads_in_transformers(tmp_path):
     cfg = ModelConfig(attention_bias=True, eos_token_id=2, pad_token_id=0)
-    params = model.init(cfg, jax.random.key(0))
+    params = decoder.init(cfg, jax.random.key(0))
     out = convert.save_hf(cfg, params, str(tmp_path / "m"), tokenizer=tokenizer.builtin())
     tok = transformers.AutoTokenizer.from_pretrained(out)
     assert tok.eos_token_id == 2

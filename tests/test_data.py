@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from k15jax import data, sampler
+from k15jax.data import prompt_sets, sampler
 
 
 def _write(tmp_path, lines):
@@ -25,9 +25,9 @@ def test_load_jsonl_fields_and_defaults(tmp_path):
             json.dumps({"prompt": "2+2?", "answer": 4, "level": 3}),
         ],
     )
-    probs = data.load_jsonl(path)
-    assert probs[0] == data.Problem("a", "1+1?", "2", 0.3, "x")
-    assert probs[1] == data.Problem("set.jsonl:3", "2+2?", "4", 3.0, None)
+    probs = prompt_sets.load_jsonl(path)
+    assert probs[0] == prompt_sets.Problem("a", "1+1?", "2", 0.3, "x")
+    assert probs[1] == prompt_sets.Problem("set.jsonl:3", "2+2?", "4", 3.0, None)
 
 
 @pytest.mark.parametrize(
@@ -47,15 +47,15 @@ def test_load_jsonl_fields_and_defaults(tmp_path):
 )
 def test_bad_lines_name_file_line_and_problem(tmp_path, line, message):
     path = _write(tmp_path, [json.dumps({"prompt": "ok", "answer": "1", "id": "a"}), line])
-    with pytest.raises(data.DataError, match=message):
-        data.load_jsonl(path)
+    with pytest.raises(prompt_sets.DataError, match=message):
+        prompt_sets.load_jsonl(path)
 
 
 def test_empty_and_missing_files(tmp_path):
-    with pytest.raises(data.DataError, match="no problems"):
-        data.load_jsonl(_write(tmp_path, [""]))
-    with pytest.raises(data.DataError, match="cannot read"):
-        data.load_jsonl(str(tmp_path / "missing.jsonl"))
+    with pytest.raises(prompt_sets.DataError, match="no problems"):
+        prompt_sets.load_jsonl(_write(tmp_path, [""]))
+    with pytest.raises(prompt_sets.DataError, match="cannot read"):
+        prompt_sets.load_jsonl(str(tmp_path / "missing.jsonl"))
 
 
 def test_shared_sets_load():
@@ -64,8 +64,8 @@ def test_shared_sets_load():
     root = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
     if not os.path.isdir(root):
         pytest.skip("shared data not present")
-    assert len(data.load_jsonl(os.path.join(root, "gsm8k_train.jsonl"))) == 7473
-    assert len(data.load_jsonl(os.path.join(root, "math_train.jsonl"))) == 11998
+    assert len(prompt_sets.load_jsonl(os.path.join(root, "gsm8k_train.jsonl"))) == 7473
+    assert len(prompt_sets.load_jsonl(os.path.join(root, "math_train.jsonl"))) == 11998
 
 
 # ----------------------------------------------------------------------------- sampler
@@ -145,22 +145,22 @@ def test_update_is_running_mean_and_state_round_trips():
 
 
 def test_problem_selection_and_prompt_length_are_checked():
-    problems = [data.Problem(str(i), f"Q:{i}\n", "1") for i in range(4)]
+    problems = [prompt_sets.Problem(str(i), f"Q:{i}\n", "1") for i in range(4)]
     # A saved selection comes back in its own order, as new values.
-    assert [p.id for p in data.select(problems, ["3", "1"])] == ["3", "1"]
-    with pytest.raises(data.DataError, match=r"problems \['9'\] of the saved run"):
-        data.select(problems, ["1", "9"])
+    assert [p.id for p in prompt_sets.select(problems, ["3", "1"])] == ["3", "1"]
+    with pytest.raises(prompt_sets.DataError, match=r"problems \['9'\] of the saved run"):
+        prompt_sets.select(problems, ["1", "9"])
     encode = lambda s: [ord(c) for c in f"<{s}>"]  # noqa: E731  (a templated encoder)
-    ids = data.prompt_ids(problems[0], encode=encode, max_tokens=6)
+    ids = prompt_sets.prompt_ids(problems[0], encode=encode, max_tokens=6)
     assert ids == [ord(c) for c in "<Q:0\n>"]
-    with pytest.raises(data.DataError, match="problem 0: prompt of 6 tokens exceeds"):
-        data.prompt_ids(problems[0], encode=encode, max_tokens=5)
+    with pytest.raises(prompt_sets.DataError, match="problem 0: prompt of 6 tokens exceeds"):
+        prompt_sets.prompt_ids(problems[0], encode=encode, max_tokens=5)
 
 
 def test_builtin_problem_set_is_deterministic_and_split():
-    task = data.TaskConfig(train_problems=20, sft_examples=10, short_fraction=0.5)
-    a = data.load_problems(task, held_out_problems=5, seed=3)
-    assert a == data.load_problems(task, held_out_problems=5, seed=3)
+    task = prompt_sets.TaskConfig(train_problems=20, sft_examples=10, short_fraction=0.5)
+    a = prompt_sets.load_problems(task, held_out_problems=5, seed=3)
+    assert a == prompt_sets.load_problems(task, held_out_problems=5, seed=3)
     assert (len(a.train), len(a.held_out), len(a.sft_traces)) == (20, 5, 10)
     assert not {p.prompt for p in a.train} & {p.prompt for p in a.held_out}
     short = sum(not r.startswith("plan:") for _, r in a.sft_traces)
@@ -171,7 +171,7 @@ def test_builtin_problem_set_is_deterministic_and_split():
 
 
 def _p(prompt, answer, pid="x"):
-    return data.Problem(pid, prompt, answer)
+    return prompt_sets.Problem(pid, prompt, answer)
 
 
 @pytest.mark.parametrize(
@@ -212,14 +212,14 @@ def _p(prompt, answer, pid="x"):
     ],
 )
 def test_screen_removes_multiple_choice(prompt, answer):
-    assert data.screen_reason(_p(prompt, answer)) == "multiple_choice"
+    assert prompt_sets.screen_reason(_p(prompt, answer)) == "multiple_choice"
 
 
 @pytest.mark.parametrize(
     "answer", ["True", "false", "YES", "no", r"\text{Yes}", r"\boxed{\text{No}}", "$True$", "No."]
 )
 def test_screen_removes_true_false(answer):
-    assert data.screen_reason(_p("Is 91 a prime number?", answer)) == "true_false"
+    assert prompt_sets.screen_reason(_p("Is 91 a prime number?", answer)) == "true_false"
 
 
 @pytest.mark.parametrize(
@@ -236,7 +236,7 @@ def test_screen_removes_true_false(answer):
     ],
 )
 def test_screen_removes_proofs(prompt, answer):
-    assert data.screen_reason(_p(prompt, answer)) == "proof"
+    assert prompt_sets.screen_reason(_p(prompt, answer)) == "proof"
 
 
 @pytest.mark.parametrize(
@@ -266,7 +266,7 @@ def test_screen_removes_proofs(prompt, answer):
     ],
 )
 def test_screen_keeps_near_misses(prompt, answer):
-    assert data.screen_reason(_p(prompt, answer)) is None
+    assert prompt_sets.screen_reason(_p(prompt, answer)) is None
 
 
 def test_screen_splits_ids_by_reason_and_keeps_order():
@@ -279,35 +279,36 @@ def test_screen_splits_ids_by_reason_and_keeps_order():
         # Both a lettered list and a True answer: the first rule (multiple_choice) names it.
         _p("Pick one: (A) True (B) False (C) Unknown (D) Both", "True", "both"),
     ]
-    kept, dropped = data.screen(problems)
+    kept, dropped = prompt_sets.screen(problems)
     assert [p.id for p in kept] == ["keep1", "keep2"]
     assert dropped == {"multiple_choice": ("mc", "both"), "true_false": ("tf",), "proof": ("pr",)}
-    assert data.screen_line(dropped, len(problems)) == (
+    assert prompt_sets.screen_line(dropped, len(problems)) == (
         "screen removed 4 of 6 problems (multiple_choice 2, true_false 1, proof 1)"
     )
-    kept, dropped = data.screen(problems[:1])
+    kept, dropped = prompt_sets.screen(problems[:1])
     assert len(kept) == 1 and dropped == {"multiple_choice": (), "true_false": (), "proof": ()}
 
 
 def test_overlong_prompts_are_dropped_or_refused():
     texts = {"a": "Q:1\n", "long": "Q:1+2+3\n", "b": "Q:22\n", "longer": "Q:1+2+3+4\n"}
-    problems = [data.Problem(pid, prompt, "1") for pid, prompt in texts.items()]
+    problems = [prompt_sets.Problem(pid, prompt, "1") for pid, prompt in texts.items()]
     encode = lambda s: [ord(c) for c in f"<{s}>"]  # noqa: E731  (a templated encoder: +2 tokens)
     keep = dict(encode=encode, max_tokens=7, what="RL pool (x.jsonl)")
-    kept, dropped = data.drop_overlong(problems, overlong="drop", **keep)
+    kept, dropped = prompt_sets.drop_overlong(problems, overlong="drop", **keep)
     assert [p.id for p in kept] == ["a", "b"] and dropped == ("long", "longer")
     # The template counts: "<Q:22\n>" is 7 tokens and fits; 6 would not.
-    kept, _ = data.drop_overlong(problems, overlong="drop", **dict(keep, max_tokens=6))
+    kept, _ = prompt_sets.drop_overlong(problems, overlong="drop", **dict(keep, max_tokens=6))
     assert [p.id for p in kept] == ["a"]
     with pytest.raises(
-        data.DataError, match=r"RL pool \(x.jsonl\): problem long: prompt of 10 tokens exceeds "
-        r"--max_prompt_tokens=7"
+        prompt_sets.DataError,
+        match=r"RL pool \(x.jsonl\): problem long: prompt of 10 tokens exceeds "
+        r"--max_prompt_tokens=7",
     ):  # fmt: skip
-        data.drop_overlong(problems, overlong="error", **keep)
-    assert data.drop_overlong(problems[:1], overlong="error", **keep) == ((problems[0],), ())
+        prompt_sets.drop_overlong(problems, overlong="error", **keep)
+    assert prompt_sets.drop_overlong(problems[:1], overlong="error", **keep) == ((problems[0],), ())
     with pytest.raises(ValueError, match="overlong_prompts='cut' must be one of"):
-        data.TaskConfig(overlong_prompts="cut")
-    removed = data.Removed({"proof": ("p1", "p2")}, ("long",), ())
+        prompt_sets.TaskConfig(overlong_prompts="cut")
+    removed = prompt_sets.Removed({"proof": ("p1", "p2")}, ("long",), ())
     assert removed.counts() == {
         "screen": {"proof": 2},
         "overlong": {"train": 1, "held_out": 0},
@@ -316,18 +317,18 @@ def test_overlong_prompts_are_dropped_or_refused():
 
 
 def test_built_in_task_too_small_for_the_sizes_is_a_clear_error():
-    task = data.TaskConfig(max_terms=2, max_term=3)
-    with pytest.raises(data.DataError, match=r"cannot find .* \(--train_problems"):
-        data.load_problems(task, held_out_problems=150, seed=0)
+    task = prompt_sets.TaskConfig(max_terms=2, max_term=3)
+    with pytest.raises(prompt_sets.DataError, match=r"cannot find .* \(--train_problems"):
+        prompt_sets.load_problems(task, held_out_problems=150, seed=0)
 
 
 def test_answer_forms_traces_and_their_checks():
-    task = data.TaskConfig(answer_forms=True, reward="forms", sft_examples=300)
-    traces = data.load_problems(task, held_out_problems=8, seed=0).sft_traces
-    plain = data.load_problems(
-        data.TaskConfig(sft_examples=300), held_out_problems=8, seed=0
+    task = prompt_sets.TaskConfig(answer_forms=True, reward="forms", sft_examples=300)
+    traces = prompt_sets.load_problems(task, held_out_problems=8, seed=0).sft_traces
+    plain = prompt_sets.load_problems(
+        prompt_sets.TaskConfig(sft_examples=300), held_out_problems=8, seed=0
     ).sft_traces
-    from k15jax import answer_forms
+    from k15jax.data import answer_forms
 
     shapes = set()
     for (prompt, text), (prompt0, text0) in zip(traces, plain, strict=True):
@@ -344,6 +345,6 @@ def test_answer_forms_traces_and_their_checks():
         )
     assert shapes == {"digits", "decimal", "words"}
     with pytest.raises(ValueError, match="--reward=forms"):
-        data.TaskConfig(answer_forms=True)
+        prompt_sets.TaskConfig(answer_forms=True)
     with pytest.raises(ValueError, match="up to 99"):
-        data.TaskConfig(answer_forms=True, reward="forms", max_terms=12)
+        prompt_sets.TaskConfig(answer_forms=True, reward="forms", max_terms=12)

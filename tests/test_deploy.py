@@ -10,7 +10,7 @@ import yaml
 from absl import flags
 
 from experiments import rl
-from k15jax import servers
+from k15jax.rollout import servers
 
 DEPLOY = os.path.join(os.path.dirname(__file__), os.pardir, "deploy")
 KUBERNETES = "1.34.0"  # the first release with the ResourceClaim API (resource.k8s.io/v1) GA

@@ -12,7 +12,10 @@ import jax
 import numpy as np
 import pytest
 
-from k15jax import distributed, loop, preflight, run_config, sharding, tokenizer, train_step
+from k15jax.infra import distributed
+from k15jax.model import decoder, sharding, tokenizer
+from k15jax.run import loop, run_config
+from k15jax.train import preflight, train_step
 
 MODEL = dataclasses.replace(
     run_config.RunConfig().model, vocab_size=tokenizer.builtin().vocab_size
@@ -26,7 +29,7 @@ def _total_bytes(tree) -> int:
 def _state(mesh_shape, devices):
     mesh = sharding.make_mesh(mesh_shape, devices)
     opt = train_step.make_optimizer(1e-4)
-    params = jax.device_get(loop.model.init(MODEL, jax.random.key(0)))
+    params = jax.device_get(decoder.init(MODEL, jax.random.key(0)))
     return train_step.init_state(params, MODEL, opt, mesh), params
 
 

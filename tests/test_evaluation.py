@@ -10,8 +10,10 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from k15jax import data, evaluation, scoring, tasks
-from k15jax.rollout import Completion
+from k15jax.data import prompt_sets, tasks
+from k15jax.rewards import scoring
+from k15jax.rollout.engines import Completion
+from k15jax.run import evaluation
 
 # ------------------------------------------------------------------ brute-force references
 
@@ -166,7 +168,7 @@ class _Scripted:
         ]
 
 
-PROBLEMS = [data.Problem("a", "Q:1+2\n", "3"), data.Problem("b", "Q:2+2\n", "4")]
+PROBLEMS = [prompt_sets.Problem("a", "Q:1+2\n", "3"), prompt_sets.Problem("b", "Q:2+2\n", "4")]
 OUTPUTS = [
     # a: 2 of 4 correct; votes 3, 3, 5 (the fourth is cut: abstains) -> maj@4 = 1.
     [("answer: 3", "stop"), ("answer: 3", "stop"), ("answer: 5", "stop"), ("answer: 3", "length")],
@@ -239,7 +241,7 @@ def test_eval_script_parses_ks_and_checks_samples():
     from absl import app
 
     from experiments import eval as eval_script
-    from k15jax.run_config import RunConfig
+    from k15jax.run.run_config import RunConfig
 
     assert eval_script.parse_ks("16, 1,4,4") == (1, 4, 16)
     for bad in ("", "1,x", "0,2", "-1"):
@@ -257,8 +259,8 @@ def test_eval_sets_with_the_real_engine(tiny_hf_dir, vllm_engine, tmp_path):
     import dataclasses
 
     from experiments import eval as eval_script
-    from k15jax import run_setup
-    from k15jax.run_config import RunConfig
+    from k15jax.run import run_setup
+    from k15jax.run.run_config import RunConfig
 
     rows = [
         {"id": f"p{i}", "prompt": f"Q:{i}+{i + 1}\n", "answer": str(2 * i + 1)} for i in range(5)
@@ -277,7 +279,7 @@ def test_eval_sets_with_the_real_engine(tiny_hf_dir, vllm_engine, tmp_path):
     )
     eval_cfg = eval_script.eval_config(cfg, samples=4, ks=(1, 2, 4))
     setup = run_setup.prepare(dataclasses.replace(cfg, eval=eval_cfg))
-    sets = {f.name: data.load_jsonl(str(f)) for f in files}
+    sets = {f.name: prompt_sets.load_jsonl(str(f)) for f in files}
 
     # A random model neither stops nor answers right within 12 tokens: a stand-in scorer calls
     # a sample correct by the parity of its first token, so pass@k is not trivially 0.
@@ -309,7 +311,7 @@ def test_eval_sets_with_the_real_engine(tiny_hf_dir, vllm_engine, tmp_path):
 
 
 def test_run_report_lists_pass_at_k_of_both_models():
-    from k15jax import report
+    from k15jax.run import report
 
     sft = _evaluate(_Scripted(OUTPUTS), (1, 4))
     rl = dict(sft, at_k={**sft["at_k"], "pass@4": {"mean": 0.75, "ci95": [0.5, 1.0]}})

@@ -5,8 +5,8 @@ import dataclasses
 from absl import flags
 
 from experiments import bench, convert, eval, rl, sft  # noqa: F401 - define their flags
-from k15jax import run_config
-from k15jax.config import KernelConfig
+from k15jax.model.config import KernelConfig
+from k15jax.run import run_config
 
 
 def _parse(*args):
@@ -127,7 +127,8 @@ def test_sandbox_bench_runs(tmp_path):
 def test_user_errors_are_one_line_and_bugs_keep_their_traceback(monkeypatch, capsys, tmp_path):
     import pytest
 
-    from k15jax import data, loop
+    from k15jax.data import prompt_sets
+    from k15jax.run import loop
 
     def fails_with(error):
         def run(cfg):
@@ -138,7 +139,7 @@ def test_user_errors_are_one_line_and_bugs_keep_their_traceback(monkeypatch, cap
     cases = [
         (("--tau=0",), None, "error: tau=0.0 must be > 0"),
         (("--max_model_len=100",), None, "error: max_model_len=100 is below"),
-        ((), data.DataError("x.jsonl:3: invalid JSON"), "error: x.jsonl:3: invalid JSON"),
+        ((), prompt_sets.DataError("x.jsonl:3: invalid JSON"), "error: x.jsonl:3: invalid JSON"),
         ((), run_config.ConfigError("runs/x holds a\ndifferent run"), "runs/x holds a different"),
         ((), FileNotFoundError("--model=/m: no such directory"), "error: --model=/m: no such"),
     ]

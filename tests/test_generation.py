@@ -5,15 +5,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from k15jax import generation, model
-from k15jax.config import ModelConfig
+from k15jax.model import decoder, generation
+from k15jax.model.config import ModelConfig
 
 CFG = ModelConfig(num_hidden_layers=1)
 
 
 @pytest.fixture(scope="module")
 def params():
-    return jax.tree.map(lambda x: x * 8 if x.ndim == 2 else x, model.init(CFG, jax.random.key(0)))
+    return jax.tree.map(lambda x: x * 8 if x.ndim == 2 else x, decoder.init(CFG, jax.random.key(0)))
 
 
 def test_greedy_matches_stepwise_argmax_with_ragged_prompts(params):
@@ -22,7 +22,7 @@ def test_greedy_matches_stepwise_argmax_with_ragged_prompts(params):
     for prompt, seq, lp in zip(prompts, s.sequences(), s.logprobs):
         ids = list(prompt)
         for i, t in enumerate(seq):
-            logits = model.apply(CFG, params, jnp.array([ids]))[0, -1]
+            logits = decoder.apply(CFG, params, jnp.array([ids]))[0, -1]
             assert int(jnp.argmax(logits)) == t
             np.testing.assert_allclose(lp[i], jax.nn.log_softmax(logits)[t], rtol=1e-5, atol=1e-6)
             ids.append(t)

@@ -15,14 +15,18 @@ import sys
 import numpy as np
 import pytest
 
-from k15jax import data, partial, report, rollout, run_config, run_setup, scoring, tokenizer
+from k15jax.data import prompt_sets
+from k15jax.model import tokenizer
 from k15jax.rewards import judge as judge_lib
 from k15jax.rewards import length as length_reward
+from k15jax.rewards import scoring
+from k15jax.rollout import engines, partial
+from k15jax.run import report, run_config, run_setup
 
 TOK = tokenizer.builtin()
 PROBLEMS = [
-    data.Problem("a", "Q:5+7\n", "12"),
-    data.Problem("b", "Q:2+2\n", "4"),
+    prompt_sets.Problem("a", "Q:5+7\n", "12"),
+    prompt_sets.Problem("b", "Q:2+2\n", "4"),
 ]
 TEMPLATE = "[{problem}|{reference}|{response}]"
 
@@ -41,7 +45,7 @@ class VerdictEngine:
             word = response.split()[-1]
             self.asked.append(response)
             text, reason = self.table[word]
-            out.append(rollout.Completion(i, TOK.encode(text), [0.0] * len(text), reason))
+            out.append(engines.Completion(i, TOK.encode(text), [0.0] * len(text), reason))
         return out
 
     def load_weights(self, params):
@@ -252,8 +256,8 @@ def test_run_graded_by_a_judge_on_its_own_engine(tiny_hf_dir, tmp_path):
 def test_judge_experiment_trains_on_the_prompts_the_judge_asks():
     # experiments.judge writes its SFT prompts as text; `Judge.prompt_ids` builds them from
     # parts. They must be the same ids, or the judges would be measured on another prompt.
-    from k15jax import answer_forms, tasks
-    from k15jax import judge_training as judge_exp
+    from k15jax.data import answer_forms, tasks
+    from k15jax.rewards import judge_training as judge_exp
 
     items = answer_forms.equivalence_set(tasks.generate(30, seed=2), per_problem=3, seed=0)
     for kind in ("classic", "cot"):

@@ -5,9 +5,10 @@ import dataclasses
 
 import pytest
 
-from k15jax import rollout, tokenizer
+from k15jax.model import tokenizer
 from k15jax.rewards import judge as judge_lib
 from k15jax.rewards import math as math_reward
+from k15jax.rollout import engines
 
 TOK = tokenizer.builtin()
 
@@ -77,7 +78,7 @@ class ScriptedEngine:
         for i in reversed(range(len(texts))):
             problem = next(k for k in self.script if f"Problem:\n{k}\n" in texts[i])
             text, reason = self.script[problem]
-            out.append(rollout.Completion(i, TOK.encode(text), [0.0] * len(text), reason))
+            out.append(engines.Completion(i, TOK.encode(text), [0.0] * len(text), reason))
         return out
 
     def load_weights(self, params):

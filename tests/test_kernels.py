@@ -16,8 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from k15jax import losses, model
-from k15jax.config import KernelConfig, ModelConfig
+from k15jax.model import decoder
+from k15jax.model.config import KernelConfig, ModelConfig
+from k15jax.train import losses
 from kernels import attention, reference
 from kernels import logprobs as kernel_logprobs
 
@@ -272,13 +273,13 @@ def test_xla_chunked_memory_is_linear_in_length():
 
 def test_model_logits_same_with_every_cpu_attention_impl(rng_key=jax.random.key(3)):
     cfg = ModelConfig(vocab_size=64, hidden_size=128, num_attention_heads=4, num_key_value_heads=2)
-    params = model.init(cfg, rng_key)
+    params = decoder.init(cfg, rng_key)
     tokens = jax.random.randint(jax.random.key(4), (2, 41), 0, cfg.vocab_size)
     seg = jnp.asarray(_segments("packed", 2, 41))
     logits = {}
     for impl in attention.CPU_IMPLS:
         c = dataclasses.replace(cfg, kernels=KernelConfig(attention_impl=impl, attention_block=16))
-        logits[impl] = model.apply(c, params, tokens, segment_ids=seg)
+        logits[impl] = decoder.apply(c, params, tokens, segment_ids=seg)
     np.testing.assert_allclose(logits["xla_chunked"], logits["xla"], rtol=1e-4, atol=1e-5)
 
 
@@ -325,9 +326,9 @@ def test_model_remat_with_chunked_attention_is_linear_in_length():
             kernels=KernelConfig(attention_impl="xla_chunked", attention_block=128, remat=remat),
         )  # fmt: skip
         tokens = jax.ShapeDtypeStruct((1, t), jnp.int32)
-        loss = lambda p, tok: model.hidden_states(cfg, p, tok, segment_ids=tok).sum()
+        loss = lambda p, tok: decoder.hidden_states(cfg, p, tok, segment_ids=tok).sum()
         grad = jax.jit(jax.grad(loss))
-        ma = grad.lower(model.abstract_params(cfg), tokens).compile().memory_analysis()
+        ma = grad.lower(decoder.abstract_params(cfg), tokens).compile().memory_analysis()
         return ma.temp_size_in_bytes
 
     plain, remat_1k, remat_2k = temp(1024, False), temp(1024, True), temp(2048, True)
@@ -402,13 +403,13 @@ def test_jax_binding_logprobs_match_reference(jax_triton_shim):
 
 def test_model_logits_and_grads_with_triton_impl(jax_triton_shim):
     cfg = ModelConfig(vocab_size=64, hidden_size=128, num_attention_heads=4, num_key_value_heads=2)
-    params = model.init(cfg, jax.random.key(8))
+    params = decoder.init(cfg, jax.random.key(8))
     tokens = jax.random.randint(jax.random.key(9), (2, 41), 0, cfg.vocab_size)
     seg = jnp.asarray(_segments("packed", 2, 41))
     res = {}
     for impl in ("xla", "triton"):
         c = dataclasses.replace(cfg, kernels=KernelConfig(attention_impl=impl))
-        loss = lambda p, c=c: jnp.mean(model.apply(c, p, tokens, segment_ids=seg) ** 2)
+        loss = lambda p, c=c: jnp.mean(decoder.apply(c, p, tokens, segment_ids=seg) ** 2)
         res[impl] = jax.value_and_grad(loss)(params)
     np.testing.assert_allclose(res["triton"][0], res["xla"][0], rtol=1e-5)
     jax.tree.map(

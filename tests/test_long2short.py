@@ -8,8 +8,10 @@ import numpy as np
 import optax
 import pytest
 
-from k15jax import convert, long2short, losses, model, run_config, sharding, tokenizer, train_step
-from k15jax.config import ModelConfig
+from k15jax.model import convert, decoder, sharding, tokenizer
+from k15jax.model.config import ModelConfig
+from k15jax.run import long2short, run_config
+from k15jax.train import losses, train_step
 
 CFG = ModelConfig(
     vocab_size=64,
@@ -31,13 +33,13 @@ S = long2short.Scored
 
 
 def test_merging_identical_checkpoints_is_the_identity():
-    params = model.init(CFG, jax.random.key(0))
+    params = decoder.init(CFG, jax.random.key(0))
     merged = long2short.merge_params(params, params, weight_a=0.3)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), merged, params)
 
 
 def test_merging_two_checkpoints_gives_their_weighted_mean():
-    a, b = model.init(CFG, jax.random.key(0)), model.init(CFG, jax.random.key(1))
+    a, b = decoder.init(CFG, jax.random.key(0)), decoder.init(CFG, jax.random.key(1))
     merged = long2short.merge_params(a, b, weight_a=0.25)
     want = jax.tree.map(lambda x, y: 0.25 * np.asarray(x) + 0.75 * np.asarray(y), a, b)
     jax.tree.map(lambda m, w: np.testing.assert_allclose(m, w, rtol=1e-6, atol=1e-7), merged, want)
@@ -46,9 +48,9 @@ def test_merging_two_checkpoints_gives_their_weighted_mean():
 
 
 def test_merge_refuses_other_shapes_naming_the_first_tensor():
-    a = model.init(CFG, jax.random.key(0))
+    a = decoder.init(CFG, jax.random.key(0))
     wider = dataclasses.replace(CFG, intermediate_size=48)
-    b = model.init(wider, jax.random.key(0))
+    b = decoder.init(wider, jax.random.key(0))
     with pytest.raises(long2short.MergeError, match=r"\['layers'\]\[0\]\['mlp'\]"):
         long2short.check_mergeable(CFG, a, wider, b)
     other = dataclasses.replace(CFG, rope_theta=CFG.rope_theta * 2)  # same shapes
@@ -58,7 +60,7 @@ def test_merge_refuses_other_shapes_naming_the_first_tensor():
 
 def test_merge_checkpoints_writes_the_mean_of_two_directories(tmp_path):
     cfg = dataclasses.replace(CFG, vocab_size=tokenizer.builtin().vocab_size)
-    a, b = model.init(cfg, jax.random.key(0)), model.init(cfg, jax.random.key(1))
+    a, b = decoder.init(cfg, jax.random.key(0)), decoder.init(cfg, jax.random.key(1))
     tok = tokenizer.builtin()
     da = convert.save_hf(cfg, a, str(tmp_path / "a"), tokenizer=tok)
     db = convert.save_hf(cfg, b, str(tmp_path / "b"), tokenizer=tok)
@@ -67,7 +69,7 @@ def test_merge_checkpoints_writes_the_mean_of_two_directories(tmp_path):
     want = jax.tree.map(lambda x, y: (np.asarray(x) + np.asarray(y)) / 2, a, b)
     jax.tree.map(lambda m, w: np.testing.assert_allclose(m, w, rtol=1e-6, atol=1e-7), merged, want)
     wide = dataclasses.replace(cfg, intermediate_size=48)
-    dw = convert.save_hf(wide, model.init(wide, jax.random.key(0)), str(tmp_path / "w"))
+    dw = convert.save_hf(wide, decoder.init(wide, jax.random.key(0)), str(tmp_path / "w"))
     with pytest.raises(long2short.MergeError, match="mlp"):
         long2short.merge_checkpoints(da, dw, str(tmp_path / "bad"))
     assert not (tmp_path / "bad").exists()
@@ -155,7 +157,7 @@ def _seq_logp(params, tokens, mask, seg):
 
 def _dpo_run(mesh_shape, devices, *, micro=1, steps=2):
     mesh = sharding.make_mesh(mesh_shape, devices)
-    params = model.init(CFG, jax.random.key(0))
+    params = decoder.init(CFG, jax.random.key(0))
     step_cfg = train_step.StepConfig(objective="dpo", group_size=2, beta=0.5, micro_batches=micro)
     step = train_step.make_train_step(CFG, OPT, step_cfg, mesh)
     state = train_step.init_state(params, CFG, OPT, mesh)
@@ -186,7 +188,7 @@ def single_dpo_run():
 def test_dpo_step_raises_chosen_and_lowers_rejected_against_the_reference(single_dpo_run):
     metrics, params, (tokens, mask, seg, ref) = single_dpo_run
     ref_seq = (ref * mask).sum(axis=1)
-    start = model.init(CFG, jax.random.key(0))
+    start = decoder.init(CFG, jax.random.key(0))
     before = _seq_logp(start, tokens, mask, seg) - ref_seq
     after = _seq_logp(params, tokens, mask, seg) - ref_seq
     # Chosen rows (even) gain log-prob relative to the reference, rejected rows (odd) lose it,
@@ -254,7 +256,9 @@ def test_efficiency_rows_and_table():
 
 @pytest.fixture(scope="module")
 def small_setup():
-    from k15jax import data, evaluation, partial, run_setup
+    from k15jax.data import prompt_sets
+    from k15jax.rollout import partial
+    from k15jax.run import evaluation, run_setup
 
     base = run_config.RunConfig()
     cfg = dataclasses.replace(
@@ -262,7 +266,7 @@ def small_setup():
         model=dataclasses.replace(
             base.model, hidden_size=32, intermediate_size=64, head_dim=8, num_hidden_layers=1
         ),
-        task=data.TaskConfig(train_problems=6, sft_examples=0),
+        task=prompt_sets.TaskConfig(train_problems=6, sft_examples=0),
         partial=partial.PartialConfig(budget=16, max_length=16),
         eval=evaluation.EvalConfig(problems=2),
     )
@@ -277,11 +281,11 @@ class ScriptedEngine:
     script: list
 
     def generate(self, prompts, spec, *, max_tokens=None, seeds=None):
-        from k15jax import rollout
+        from k15jax.rollout import engines
 
         assert spec.n == len(self.script)
         return [
-            rollout.Completion(i, self.encode(text), [0.0] * len(self.encode(text)), reason)
+            engines.Completion(i, self.encode(text), [0.0] * len(self.encode(text)), reason)
             for i in range(len(prompts))
             for text, reason in self.script
         ]

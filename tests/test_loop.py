@@ -13,14 +13,20 @@ import jax
 import numpy as np
 import pytest
 
-from k15jax import convert, data, evaluation, loop, partial, run_config, sft
-from k15jax.config import KernelConfig
+from k15jax.data import prompt_sets
+from k15jax.model import convert
+from k15jax.model.config import KernelConfig
+from k15jax.rollout import partial
+from k15jax.run import evaluation, loop, run_config
+from k15jax.train import sft
 
 pytestmark = pytest.mark.vllm
 
 TINY = dataclasses.replace(
     run_config.RunConfig(),
-    task=data.TaskConfig(train_problems=24, sft_examples=200, max_terms=3, max_prompt_tokens=24),
+    task=prompt_sets.TaskConfig(
+        train_problems=24, sft_examples=200, max_terms=3, max_prompt_tokens=24
+    ),
     sft=sft.SftConfig(steps=12, batch_size=8, checkpoint_every=5),
     rl=run_config.RlConfig(
         iterations=3,
@@ -71,7 +77,7 @@ def test_rl_loop_end_to_end(vllm_engine, tiny_hf_dir, tmp_path):
     hist = json.load(open(os.path.join(out, "results.json")))
     assert hist["sft"]["problems"] == 8 and 0 <= hist["rl"]["pass_at_1"] <= 1
     # Per-iteration metrics: budget 40 < trace length, so samples were resumed across iterations.
-    from k15jax import checkpoint
+    from k15jax.infra import checkpoint
 
     step = checkpoint.latest_step(os.path.join(out, "ckpt", "rl"))
     assert step == 3
@@ -128,7 +134,7 @@ def _jsonl(path, rows):
 def test_jsonl_prompt_set_drops_overlong_prompts_and_restarts_after_a_failed_start(
     vllm_engine, tiny_hf_dir, tmp_path
 ):
-    from k15jax import tasks
+    from k15jax.data import tasks
 
     # Built-in-task problems in JSONL files, with prompts over the limit in both, and a
     # multiple-choice, a true/false and a proof problem in the RL pool.
@@ -143,7 +149,7 @@ def test_jsonl_prompt_set_drops_overlong_prompts_and_restarts_after_a_failed_sta
     ]
     held = [row(e, i) for i, e in enumerate(tasks.generate(6, seed=5, split="held_out"))]
     held += [{"id": f"hlong{i}", "prompt": long(i), "answer": str(15 + i)} for i in range(2)]
-    task = data.TaskConfig(
+    task = prompt_sets.TaskConfig(
         data=_jsonl(tmp_path / "pool.jsonl", pool),
         eval_data=_jsonl(tmp_path / "held.jsonl", held),
         max_prompt_tokens=24,
@@ -157,7 +163,7 @@ def test_jsonl_prompt_set_drops_overlong_prompts_and_restarts_after_a_failed_sta
         partial=partial.PartialConfig(budget=32, max_length=32),
     )
     # A failed start: the first over-long prompt stops the run after run_config.json is written.
-    with pytest.raises(data.DataError, match="problem long0: prompt of 32 tokens exceeds"):
+    with pytest.raises(prompt_sets.DataError, match="problem long0: prompt of 32 tokens exceeds"):
         loop.run(cfg, engine=vllm_engine, progress=_quiet, console=lambda line: None)
     assert os.path.exists(os.path.join(cfg.out_dir, "run_config.json"))
     # The corrected command runs in the same directory.
@@ -192,7 +198,8 @@ def test_jsonl_prompt_set_drops_overlong_prompts_and_restarts_after_a_failed_sta
 
 
 def _state_target(cfg, params):
-    from k15jax import sharding, tokenizer, train_step
+    from k15jax.model import sharding, tokenizer
+    from k15jax.train import train_step
 
     opt = train_step.make_optimizer(cfg.rl.learning_rate, max_grad_norm=cfg.rl.max_grad_norm)
     model_cfg = dataclasses.replace(cfg.model, vocab_size=tokenizer.builtin().vocab_size)
@@ -224,9 +231,9 @@ def test_bad_input_stops_with_a_clear_message(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "1+1", "answer": "2"}\n{"prompt": 3}\n')
     with pytest.raises(Exception, match=r"bad.jsonl:2: field 'prompt'"):
-        loop.prepare(dataclasses.replace(cfg, task=data.TaskConfig(data=str(bad))))
+        loop.prepare(dataclasses.replace(cfg, task=prompt_sets.TaskConfig(data=str(bad))))
     with pytest.raises(ValueError, match="reward="):
-        data.TaskConfig(reward="bleu")
+        prompt_sets.TaskConfig(reward="bleu")
     with pytest.raises(ValueError, match="micro_batches=3 must be >= 1 and divide"):
         run_config.RlConfig(groups_per_step=16, micro_batches=3)
     with pytest.raises(ValueError, match=r"mesh \(16, 1, 1\) \(data, fsdp, tensor\) needs 16"):

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from k15jax import losses
+from k15jax.train import losses
 
 B, T, V, K = 8, 5, 6, 4  # 2 groups of K = 4 samples
 

@@ -1,4 +1,4 @@
-"""Logit parity of k15jax.model with Hugging Face transformers, packing, dtypes."""
+"""Logit parity of k15jax.model.decoder with Hugging Face transformers, packing, dtypes."""
 
 import jax
 import jax.numpy as jnp
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from k15jax import convert, model
-from k15jax.config import KernelConfig, ModelConfig
+from k15jax.model import convert, decoder
+from k15jax.model.config import KernelConfig, ModelConfig
 
 ARCHS = ["Qwen2ForCausalLM", "Qwen3ForCausalLM", "LlamaForCausalLM"]
 
@@ -24,7 +24,7 @@ def test_logits_match_transformers(hf_dirs, arch):
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 19))
     with torch.no_grad():
         want = hf(torch.tensor(tokens)).logits.numpy()
-    got = np.asarray(model.apply(cfg, params, jnp.asarray(tokens)))
+    got = np.asarray(decoder.apply(cfg, params, jnp.asarray(tokens)))
     assert got.shape == want.shape
     assert _rel_err(got, want) <= 1e-4
 
@@ -42,7 +42,7 @@ def test_packed_segments_match_separate_runs(hf_dirs, arch):
         [np.full(n, i + 1) for i, n in enumerate(lengths)] + [np.zeros(pad)]
     )
     packed = np.asarray(
-        model.apply(
+        decoder.apply(
             cfg, params, jnp.asarray(tokens), segment_ids=jnp.asarray(segment_ids[None], jnp.int32)
         )
     )[0]
@@ -60,7 +60,7 @@ def test_bfloat16_params_close_to_float32(hf_dirs):
     cfg16, p16 = convert.load_hf(path, dtype="bfloat16")
     assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(p16))
     tokens = jnp.arange(12)[None] % cfg32.vocab_size
-    apply = jax.jit(model.apply, static_argnums=0)  # op by op, bf16 took seconds per primitive
+    apply = jax.jit(decoder.apply, static_argnums=0)  # op by op, bf16 took seconds per primitive
     a = apply(cfg32, p32, tokens)
     b = apply(cfg16, p16, tokens)
     assert b.dtype == jnp.float32
@@ -71,11 +71,11 @@ def test_bfloat16_params_close_to_float32(hf_dirs):
 def test_remat_gives_same_logits_and_grads():
     cfg = ModelConfig(qk_norm=True)
     remat_cfg = ModelConfig(qk_norm=True, kernels=KernelConfig(remat=True))
-    params = model.init(cfg, jax.random.key(0))
+    params = decoder.init(cfg, jax.random.key(0))
     tokens = jnp.arange(10)[None]
 
     def loss(c, p):
-        return jnp.mean(model.apply(c, p, tokens) ** 2)
+        return jnp.mean(decoder.apply(c, p, tokens) ** 2)
 
     # Jitted: op by op, the remat path's scan and checkpoint compiled each primitive alone
     # (about a minute on two cores).
@@ -88,8 +88,8 @@ def test_remat_gives_same_logits_and_grads():
 
 def test_logical_axes_cover_every_param():
     cfg = ModelConfig(attention_bias=True, qk_norm=True)
-    axes = model.logical_axes(cfg)
-    shapes = model.abstract_params(cfg)
+    axes = decoder.logical_axes(cfg)
+    shapes = decoder.abstract_params(cfg)
     flat_axes = jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, tuple))
     flat_shapes = jax.tree.leaves(shapes)
     assert len(flat_axes) == len(flat_shapes)

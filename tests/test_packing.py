@@ -7,8 +7,11 @@ import numpy as np
 import optax
 import pytest
 
-from k15jax import loop, losses, model, packing, partial, sft, sharding, train_step
-from k15jax.config import ModelConfig
+from k15jax.model import decoder, sharding
+from k15jax.model.config import ModelConfig
+from k15jax.rollout import partial
+from k15jax.run import loop
+from k15jax.train import losses, packing, sft, train_step
 
 CFG = ModelConfig(  # two layers: the second sees what the first let through the segment mask
     vocab_size=32,
@@ -109,7 +112,7 @@ def test_buckets_are_few_and_cover():
 
 
 def test_packed_loss_and_gradients_equal_unpacked():
-    params = model.init(CFG, jax.random.key(0))
+    params = decoder.init(CFG, jax.random.key(0))
     batch = _samples()
     packed = _packed(batch)
     assert packed.tokens_bt.shape[0] < batch.tokens_bt.shape[0]  # packing saved rows
@@ -127,7 +130,7 @@ def test_packed_train_step_equals_unpacked(micro=2):  # packed in two parts (mic
     opt = optax.sgd(0.1)
     step_cfg = train_step.StepConfig(tau=TAU, group_size=K, micro_batches=micro)
     trainer = train_step.make_trainer(CFG, opt, step_cfg, mesh)
-    params = model.init(CFG, jax.random.key(0))
+    params = decoder.init(CFG, jax.random.key(0))
     batch = _samples(seed=2, s=16)
     want_state, want = train_step.checked_step(
         trainer, train_step.init_state(params, CFG, opt, mesh), batch, where="test"
@@ -144,7 +147,7 @@ def test_packed_train_step_equals_unpacked(micro=2):  # packed in two parts (mic
 
 
 def test_own_reference_equals_a_separate_pass():
-    params = model.init(CFG, jax.random.key(3))
+    params = decoder.init(CFG, jax.random.key(3))
     batch = _samples(seed=4)
     own = jax.jit(train_step.sequence_logprobs, static_argnums=0)(
         CFG, params, batch.tokens_bt, batch.segment_ids_bt
@@ -184,7 +187,7 @@ def _groups_packed(seed=5):
 
 @pytest.mark.parametrize(("gap", "engine_rows"), [(1e-5, [2, 3, 4, 7]), (1.0, []), (None, [])])
 def test_engine_reference_only_for_current_segments(trainer, gap, engine_rows):
-    params = model.init(CFG, jax.random.key(6))
+    params = decoder.init(CFG, jax.random.key(6))
     packed = _groups_packed()
     ref, recompute = loop.iteration_reference(
         trainer, params, packed, first=2, gap=gap, max_gap=1e-3, block=2
@@ -218,7 +221,7 @@ def test_packed_sft_batch_equals_unpacked():
     opt = optax.sgd(0.1)
     step_cfg = train_step.StepConfig(objective="sft", group_size=1)
     trainer = train_step.make_trainer(CFG, opt, step_cfg, mesh)
-    params = model.init(CFG, jax.random.key(0))
+    params = decoder.init(CFG, jax.random.key(0))
     kw = dict(step=4, seed=1, batch_size=12, seq_len=T)
     plain = sft.batch(examples, pack=False, **kw)
     packed = sft.batch(examples, multiple=2, **kw)

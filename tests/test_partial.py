@@ -8,8 +8,9 @@ import jax
 import numpy as np
 import pytest
 
-from k15jax import generation, model, partial, rollout
-from k15jax.config import ModelConfig
+from k15jax.model import decoder, generation
+from k15jax.model.config import ModelConfig
+from k15jax.rollout import engines, partial
 
 CFG = ModelConfig(num_hidden_layers=1, vocab_size=64)
 EOS = 2
@@ -17,16 +18,16 @@ EOS = 2
 
 @pytest.fixture(scope="module")
 def params():
-    return jax.tree.map(lambda x: x * 8 if x.ndim == 2 else x, model.init(CFG, jax.random.key(0)))
+    return jax.tree.map(lambda x: x * 8 if x.ndim == 2 else x, decoder.init(CFG, jax.random.key(0)))
 
 
 def _engine(params):
-    return rollout.FakeEngine(CFG, params, eos_id=-1)  # never stops: every sample is long
+    return engines.FakeEngine(CFG, params, eos_id=-1)  # never stops: every sample is long
 
 
 def test_cut_resumed_and_concatenated_equals_uninterrupted(params):
     prompts = [[5, 6, 7], [9, 10]]
-    spec = rollout.SamplingSpec(n=1, temperature=0.0)
+    spec = engines.SamplingSpec(n=1, temperature=0.0)
     cfg = partial.PartialConfig(budget=4, max_length=10)
     buf = partial.ReplayBuffer()
     engine = _engine(params)
@@ -52,8 +53,8 @@ def test_cut_resumed_and_concatenated_equals_uninterrupted(params):
 
 def test_group_waits_for_all_samples_and_masks_follow_the_option(params):
     # eos = a token the sharp model emits early for some samples only.
-    engine = rollout.FakeEngine(CFG, params, eos_id=EOS)
-    spec = rollout.SamplingSpec(n=4, temperature=1.0)
+    engine = engines.FakeEngine(CFG, params, eos_id=EOS)
+    spec = engines.SamplingSpec(n=4, temperature=1.0)
     cfg = partial.PartialConfig(budget=3, max_length=6)
     buf = partial.ReplayBuffer()
     done, buf, _ = partial.rollout(engine, buf, [(7, [5, 6])], spec, cfg, iteration=0, seed=1)
@@ -99,7 +100,7 @@ def test_current_segments_of_a_sample_that_ended_while_its_group_waited():
 
 
 def test_buffer_round_trips_through_json(params):
-    spec = rollout.SamplingSpec(n=2, temperature=1.0)
+    spec = engines.SamplingSpec(n=2, temperature=1.0)
     cfg = partial.PartialConfig(budget=2, max_length=8)
     _, buf, _ = partial.rollout(
         _engine(params),
@@ -119,7 +120,7 @@ def test_buffer_round_trips_through_json(params):
 
 
 def test_pack_arrays_and_mismatch(params):
-    spec = rollout.SamplingSpec(n=2, temperature=0.0)
+    spec = engines.SamplingSpec(n=2, temperature=0.0)
     cfg = partial.PartialConfig(budget=3, max_length=3)
     done, _, _ = partial.rollout(
         _engine(params), partial.ReplayBuffer(), [(0, [5, 6])], spec, cfg, iteration=0
@@ -128,7 +129,7 @@ def test_pack_arrays_and_mismatch(params):
     np.testing.assert_array_equal(packed.segment_ids_bt[0], [1, 1, 1, 1, 1, 0, 0, 0])
     np.testing.assert_array_equal(packed.mask_bt[0], [0, 0, 1, 1, 1, 0, 0, 0])
     assert packed.tokens_bt[0, :2].tolist() == [5, 6]
-    logp = jax.nn.log_softmax(model.apply(CFG, params, packed.tokens_bt))
+    logp = jax.nn.log_softmax(decoder.apply(CFG, params, packed.tokens_bt))
     trainer = np.zeros_like(packed.rollout_logp_bt)
     trainer[:, 1:] = np.take_along_axis(
         np.asarray(logp[:, :-1]), packed.tokens_bt[:, 1:, None], -1
@@ -140,7 +141,7 @@ def test_pack_arrays_and_mismatch(params):
 
 
 def test_repeat_end_rule():
-    spec = rollout.RepeatSpec(min_pattern=2, max_pattern=4, min_count=3)
-    assert rollout.repeat_end([1, 2, 3, 1, 2, 1, 2, 1, 2, 9], spec) == 9
-    assert rollout.repeat_end([1, 1, 1, 1, 1, 1], spec) == 6  # "11" three times
-    assert rollout.repeat_end([1, 2, 3, 4, 5, 6, 7], spec) is None
+    spec = engines.RepeatSpec(min_pattern=2, max_pattern=4, min_count=3)
+    assert engines.repeat_end([1, 2, 3, 1, 2, 1, 2, 1, 2, 9], spec) == 9
+    assert engines.repeat_end([1, 1, 1, 1, 1, 1], spec) == 6  # "11" three times
+    assert engines.repeat_end([1, 2, 3, 4, 5, 6, 7], spec) is None

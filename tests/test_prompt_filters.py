@@ -9,8 +9,12 @@ import re
 
 import pytest
 
-from k15jax import data, loop, run_config, run_setup, scoring, sft, tasks, tokenizer
-from k15jax.rollout import Completion
+from k15jax.data import prompt_sets, tasks
+from k15jax.model import tokenizer
+from k15jax.rewards import scoring
+from k15jax.rollout.engines import Completion
+from k15jax.run import loop, run_config, run_setup
+from k15jax.train import sft
 
 
 def _jsonl(path, rows):
@@ -32,7 +36,7 @@ def test_jsonl_pool_is_screened_and_overlong_prompts_dropped_or_refused(tmp_path
         {"id": "h1", "prompt": "Q:3+3\n", "answer": "6"},
         {"id": "hlong", "prompt": long, "answer": "15"},
     ])  # fmt: skip
-    task = data.TaskConfig(data=pool, eval_data=held, max_prompt_tokens=24)
+    task = prompt_sets.TaskConfig(data=pool, eval_data=held, max_prompt_tokens=24)
     cfg = dataclasses.replace(run_config.RunConfig(), task=task)
     tok = tokenizer.builtin()
     encode = lambda text: run_setup.encode_prompt(tok, task, text)  # noqa: E731
@@ -55,7 +59,9 @@ def test_jsonl_pool_is_screened_and_overlong_prompts_dropped_or_refused(tmp_path
     assert [p.id for p in problems.train] == ["a", "b", "tf"] and removed.screened == {}
     assert removed.overlong_train == ("long1", "mc", "long2")
     strict = dataclasses.replace(cfg, task=dataclasses.replace(task, overlong_prompts="error"))
-    with pytest.raises(data.DataError, match=r"pool.jsonl\): problem long1: prompt of 32 tokens"):
+    with pytest.raises(
+        prompt_sets.DataError, match=r"pool.jsonl\): problem long1: prompt of 32 tokens"
+    ):
         run_setup.load_problems(strict, encode)
     # The built-in task is not screened.
     _, removed = run_setup.load_problems(run_config.RunConfig(), encode)
@@ -77,7 +83,7 @@ def test_sft_traces_from_files_leave_out_held_out_prompts_and_overlong_traces(tm
         {"prompt": "Q:5+1\n", "response": "5+1=6\nanswer: 6"},
         {"prompt": " Q:3+3\n", "response": "3+3=6\nanswer: 6"},  # the held-out problem
     ])  # fmt: skip
-    task = data.TaskConfig(
+    task = prompt_sets.TaskConfig(
         data=pool, eval_data=held, sft_data=sft_file, max_prompt_tokens=24,
         prompt_template="Solve {prompt}",
     )  # fmt: skip
@@ -101,11 +107,13 @@ def test_sft_traces_from_files_leave_out_held_out_prompts_and_overlong_traces(tm
     assert tok.decode(prompt_ids) == "Solve Q:1+2\n" and response_ids[-1] == tok.eos_id
     strict = dataclasses.replace(cfg, task=dataclasses.replace(task, overlong_prompts="error"))
     message = "SFT trace 'Q:4+4\\n': 163 tokens exceed a trainer row of 124"  # 12 + 150 + eos
-    with pytest.raises(data.DataError, match=re.escape(message)):
+    with pytest.raises(prompt_sets.DataError, match=re.escape(message)):
         run_setup.load_problems(strict, encode, response_tokens=tok.encode)
     bad = _jsonl(tmp_path / "bad.jsonl", [{"prompt": "Q:1+1\n", "response": "ok"}, {"prompt": "x"}])
-    with pytest.raises(data.DataError, match=r"bad.jsonl:2: field 'response' must be a non-empty"):
-        data.load_traces(bad)
+    with pytest.raises(
+        prompt_sets.DataError, match=r"bad.jsonl:2: field 'response' must be a non-empty"
+    ):
+        prompt_sets.load_traces(bad)
 
 
 def test_chat_template_wraps_every_prompt_of_the_run(tmp_path):
@@ -115,7 +123,7 @@ def test_chat_template_wraps_every_prompt_of_the_run(tmp_path):
     one-line configuration error."""
     import jax
 
-    from k15jax import convert, model
+    from k15jax.model import convert, decoder
 
     template = (
         "{% for m in messages %}User: {{ m['content'] }}{% endfor %}"
@@ -124,9 +132,9 @@ def test_chat_template_wraps_every_prompt_of_the_run(tmp_path):
     tok = dataclasses.replace(tokenizer.builtin(), chat_template=template)
     shape = dataclasses.replace(run_config.RunConfig().model, vocab_size=tok.vocab_size)
     model_dir = str(tmp_path / "m")
-    convert.save_hf(shape, model.init(shape, jax.random.key(0)), model_dir, tokenizer=tok)
+    convert.save_hf(shape, decoder.init(shape, jax.random.key(0)), model_dir, tokenizer=tok)
     rows = [{"id": f"p{i}", "prompt": f"Q:{i}+1\n", "answer": str(i + 1)} for i in range(6)]
-    task = data.TaskConfig(
+    task = prompt_sets.TaskConfig(
         data=_jsonl(tmp_path / "pool.jsonl", rows[:4]),
         eval_data=_jsonl(tmp_path / "held.jsonl", rows[4:]),
         chat_template=True,
@@ -185,13 +193,13 @@ class ScriptedEngine:
 def _setup(cfg, problems):
     tok = tokenizer.builtin()
     scorer = scoring.Scorer(reward_fn=tasks.reward, decode=tok.decode)
-    problem_set = data.ProblemSet(tuple(problems), (), ())
-    return run_setup.Setup(cfg, None, None, tok, problem_set, scorer, None, data.Removed({}))
+    problem_set = prompt_sets.ProblemSet(tuple(problems), (), ())
+    return run_setup.Setup(cfg, None, None, tok, problem_set, scorer, None, prompt_sets.Removed({}))
 
 
 def test_select_problems_drops_easy_to_hack_and_always_solved():
     # Problem i is "Q:i+0" with answer 1: the scripted engine's "1" is right.
-    problems = [data.Problem(f"p{i}", f"Q:{i}+0\n", "1") for i in range(4)]
+    problems = [prompt_sets.Problem(f"p{i}", f"Q:{i}+0\n", "1") for i in range(4)]
     base = run_config.RunConfig()
     task = dataclasses.replace(base.task, prompt_template="<{prompt}>")
     rl = dataclasses.replace(base.rl, difficulty_samples=4, easy_to_hack_tries=2)

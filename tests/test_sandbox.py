@@ -16,8 +16,8 @@ import time
 
 import pytest
 
-from k15jax import data, scoring
-from k15jax.rewards import code, sandbox
+from k15jax.data import prompt_sets
+from k15jax.rewards import code, sandbox, scoring
 
 DATA = pathlib.Path(__file__).parent / "data"
 REASON = sandbox.check_isolation()
@@ -110,7 +110,7 @@ def test_function_tests_cannot_be_faked_by_exiting_early(box):
 
 @needs_isolation
 def test_code_prompt_set_loads_and_scores_through_the_loop_reward(box):
-    problems = {p.id: p for p in data.load_jsonl(str(DATA / "code_problems.jsonl"))}
+    problems = {p.id: p for p in prompt_sets.load_jsonl(str(DATA / "code_problems.jsonl"))}
     raw = _problems()
     reward = scoring.reward_fn("code", sandbox=box)  # the reward the run builds
     for pid, p in problems.items():

@@ -4,16 +4,19 @@ repeats and cuts; the length reward composed per group; evaluation and difficult
 import numpy as np
 import pytest
 
-from k15jax import data, difficulty, evaluation, partial, scoring, tasks
+from k15jax.data import prompt_sets, tasks
 from k15jax.rewards import length as length_reward
-from k15jax.rollout import Completion
+from k15jax.rewards import scoring
+from k15jax.rollout import partial
+from k15jax.rollout.engines import Completion
+from k15jax.run import difficulty, evaluation
 
 ENC = lambda s: [ord(c) for c in s]  # noqa: E731
 DEC = lambda ids: "".join(chr(c) for c in ids)  # noqa: E731
 SCORER = scoring.Scorer(
     reward_fn=tasks.reward, decode=DEC, truncation_penalty=0.5, repeat_penalty=0.25
 )
-P = data.Problem("p", "Q:1+2\n", "3")
+P = prompt_sets.Problem("p", "Q:1+2\n", "3")
 
 
 def test_one_definition_of_correct_for_every_finish_reason():
@@ -44,7 +47,7 @@ def _group(problem, responses):
 
 
 def test_score_groups_adds_the_group_length_reward():
-    problems = [P, data.Problem("q", "Q:2+2\n", "4")]
+    problems = [P, prompt_sets.Problem("q", "Q:2+2\n", "4")]
     groups = [
         _group(0, [("answer: 3", "stop"), ("x answer: 3", "stop"), ("answer: 3xx", "repeat")]),
         _group(1, [("answer: 4", "stop"), ("answer: 5", "stop"), ("answer: 4" * 3, "truncated")]),

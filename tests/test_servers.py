@@ -15,12 +15,14 @@ import jax
 import numpy as np
 import pytest
 
-from k15jax import checkpoint, loop, rollout, servers
+from k15jax.infra import checkpoint
+from k15jax.rollout import engines, servers
+from k15jax.run import loop
 
 pytestmark = pytest.mark.vllm
 
-ENGINE = rollout.VllmConfig(max_model_len=512, kv_cache_memory_bytes=256 << 20)
-SPEC = rollout.SamplingSpec(n=3, temperature=1.0, max_tokens=24, repeat=rollout.RepeatSpec())
+ENGINE = engines.VllmConfig(max_model_len=512, kv_cache_memory_bytes=256 << 20)
+SPEC = engines.SamplingSpec(n=3, temperature=1.0, max_tokens=24, repeat=engines.RepeatSpec())
 
 
 def _start(model_dir, log_path):

@@ -3,8 +3,10 @@ difficulty estimation and filters through the engine interface."""
 
 import numpy as np
 
-from k15jax import data, difficulty, scoring, tasks
-from k15jax.rollout import Completion
+from k15jax.data import prompt_sets, tasks
+from k15jax.rewards import scoring
+from k15jax.rollout.engines import Completion
+from k15jax.run import difficulty
 
 
 def test_deterministic_per_seed_and_seeds_differ():
@@ -74,7 +76,7 @@ SCORER = scoring.Scorer(reward_fn=tasks.reward, decode=lambda ids: "".join(chr(c
 
 
 def test_pass_rates_and_filters():
-    probs = [data.Problem(str(i), f"Q:{i}\n", "1") for i in range(4)]
+    probs = [prompt_sets.Problem(str(i), f"Q:{i}\n", "1") for i in range(4)]
     engine = ScriptedEngine({"Q:0\n": 0, "Q:1\n": 3, "Q:2\n": 10, "Q:3\n": 5})
     rates = difficulty.pass_rates(engine, probs, SCORER, ENCODE, n=10)
     np.testing.assert_allclose(rates, [0.0, 0.3, 1.0, 0.5])

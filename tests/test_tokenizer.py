@@ -8,8 +8,8 @@ import pytest
 import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
-from k15jax import convert, model, tokenizer
-from k15jax.config import ModelConfig
+from k15jax.model import convert, decoder, tokenizer
+from k15jax.model.config import ModelConfig
 
 TEXTS = [
     "Q: 3 + 4 = ?\n",  # a prompt's trailing newline
@@ -44,7 +44,7 @@ def _save(tok, arch, path):
         eos_token_id=tok.eos_id,
         pad_token_id=tok.pad_id,
     )
-    return convert.save_hf(cfg, model.init(cfg, jax.random.key(0)), str(path), tokenizer=tok)
+    return convert.save_hf(cfg, decoder.init(cfg, jax.random.key(0)), str(path), tokenizer=tok)
 
 
 def _assert_same(tok, loaded):

@@ -10,8 +10,10 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from k15jax import checkpoint, generation, model, sharding, train_step
-from k15jax.config import KernelConfig, ModelConfig
+from k15jax.infra import checkpoint
+from k15jax.model import decoder, generation, sharding
+from k15jax.model.config import KernelConfig, ModelConfig
+from k15jax.train import train_step
 
 CFG = ModelConfig(
     vocab_size=64,
@@ -54,7 +56,7 @@ def _batch(seed=0, b=16, t=12):
 
 def _run(mesh_shape, devices, steps=2):
     mesh = sharding.make_mesh(mesh_shape, devices)
-    params = model.init(CFG, jax.random.key(0))
+    params = decoder.init(CFG, jax.random.key(0))
     state = train_step.init_state(params, CHUNKED, OPT, mesh)
     step = train_step.make_train_step(CHUNKED, OPT, STEP, mesh)
     losses_ = []
@@ -121,7 +123,7 @@ def test_partition_spec_snapshot():
     assert got == want
     # Every parameter follows the rule table through its logical names.
     flat_specs = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))
-    flat_names = jax.tree.leaves(model.logical_axes(CFG), is_leaf=lambda x: isinstance(x, tuple))
+    flat_names = jax.tree.leaves(decoder.logical_axes(CFG), is_leaf=lambda x: isinstance(x, tuple))
     for spec, names in zip(flat_specs, flat_names):
         rules = tuple(sharding.LOGICAL_AXIS_RULES[n] for n in names)
         if "embed" in names:
@@ -134,7 +136,7 @@ def test_partition_spec_snapshot():
 
 def test_micro_batches_match_one_batch_and_reset(single_device_run):
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
-    params = model.init(CFG, jax.random.key(0))
+    params = decoder.init(CFG, jax.random.key(0))
     one = train_step.StepConfig(tau=0.5, group_size=4, micro_batches=1)
     step = train_step.make_train_step(CFG, OPT, one, mesh)
     state = train_step.init_state(params, CFG, OPT, mesh)
@@ -151,7 +153,7 @@ def test_micro_batches_match_one_batch_and_reset(single_device_run):
 
 def test_non_finite_update_is_refused():
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
-    params = model.init(CFG, jax.random.key(0))
+    params = decoder.init(CFG, jax.random.key(0))
     step = train_step.make_train_step(CFG, OPT, STEP, mesh)
     state = train_step.init_state(params, CFG, OPT, mesh)
     before_params = jax.device_get(state.params)
@@ -212,7 +214,7 @@ def test_on_policy_loop_raises_reward():
     step_cfg = train_step.StepConfig(tau=0.1, group_size=8, micro_batches=1)
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
     step = train_step.make_train_step(cfg, opt, step_cfg, mesh)
-    state = train_step.init_state(model.init(cfg, jax.random.key(0)), cfg, opt, mesh)
+    state = train_step.init_state(decoder.init(cfg, jax.random.key(0)), cfg, opt, mesh)
     prompts = [[1, 5], [1, 6]]
     k, n_new = 8, 4
     good = set(range(8))  # reward 1 when the first generated token is < 8: about 1/4 at start
@@ -257,7 +259,7 @@ def test_sft_objective_lowers_masked_nll():
     opt = train_step.make_optimizer(1e-2)
     step_cfg = train_step.StepConfig(objective="sft", group_size=1)
     step = train_step.make_train_step(CFG, opt, step_cfg, mesh)
-    state = train_step.init_state(model.init(CFG, jax.random.key(0)), CFG, opt, mesh)
+    state = train_step.init_state(decoder.init(CFG, jax.random.key(0)), CFG, opt, mesh)
     b = _batch(0)
     batch = train_step.Batch.for_sft(b.tokens_bt, b.mask_bt, b.segment_ids_bt)
     logp = train_step.sequence_logprobs(CFG, state.params, b.tokens_bt, b.segment_ids_bt)
@@ -275,7 +277,7 @@ def test_micro_batches_with_unequal_padding_give_the_one_batch_update(objective)
     # first one's 8 (and fewer tokens). Averaging the two micro-batch means would weight each
     # real row of the second twice; the update must equal one batch over the 12 real rows.
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
-    params = model.init(CFG, jax.random.key(0))
+    params = decoder.init(CFG, jax.random.key(0))
     batch = _batch(3)
     batch = batch.replace(valid_b=(np.arange(16) < 12).astype(np.float32))
     if objective == "sft":
@@ -307,7 +309,7 @@ def test_micro_batches_with_unequal_padding_give_the_one_batch_update(objective)
 
 def test_state_is_built_on_the_mesh_with_the_step_shardings():
     mesh = sharding.make_mesh((2, 2, 2))
-    state = train_step.init_state(model.init(CFG, jax.random.key(0)), CFG, OPT, mesh)
+    state = train_step.init_state(decoder.init(CFG, jax.random.key(0)), CFG, OPT, mesh)
     want = train_step.state_shardings(CFG, OPT, mesh)
     got_leaves, want_leaves = jax.tree.leaves(state), jax.tree.leaves(want)
     assert len(got_leaves) == len(want_leaves)

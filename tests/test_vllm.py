@@ -6,7 +6,8 @@ import jax
 import numpy as np
 import pytest
 
-from k15jax import generation, model, rollout, tokenizer
+from k15jax.model import decoder, generation, tokenizer
+from k15jax.rollout import engines
 
 pytestmark = pytest.mark.vllm
 
@@ -16,7 +17,7 @@ PROMPTS = [TOK.encode("12+34="), TOK.encode("hello world"), TOK.encode("a"), TOK
 
 def test_vllm_greedy_equals_jax_greedy(vllm_engine, tiny_hf_dir):
     _, cfg, params = tiny_hf_dir
-    got = vllm_engine.generate(PROMPTS, rollout.SamplingSpec(temperature=0.0, max_tokens=16))
+    got = vllm_engine.generate(PROMPTS, engines.SamplingSpec(temperature=0.0, max_tokens=16))
     want = generation.generate(cfg, params, PROMPTS, max_new_tokens=16, eos_id=TOK.eos_id)
     assert [c.prompt_index for c in got] == [0, 1, 2, 3]
     for c, ids, lp in zip(got, want.sequences(), want.logprobs):
@@ -28,13 +29,13 @@ def test_vllm_greedy_equals_jax_greedy(vllm_engine, tiny_hf_dir):
 
 def test_sampled_logprobs_match_jax_recomputation(vllm_engine, tiny_hf_dir):
     _, cfg, params = tiny_hf_dir
-    spec = rollout.SamplingSpec(n=3, temperature=1.0, max_tokens=12, seed=7)
+    spec = engines.SamplingSpec(n=3, temperature=1.0, max_tokens=12, seed=7)
     out = vllm_engine.generate(PROMPTS[:2], spec)
     assert [c.prompt_index for c in out] == [0, 0, 0, 1, 1, 1]
     for c in out:
         prompt = PROMPTS[c.prompt_index]
         seq = np.array([prompt + c.token_ids])
-        logp = jax.nn.log_softmax(model.apply(cfg, params, seq)[0])
+        logp = jax.nn.log_softmax(decoder.apply(cfg, params, seq)[0])
         want = [float(logp[len(prompt) - 1 + i, t]) for i, t in enumerate(c.token_ids)]
         assert len(c.logprobs) == len(c.token_ids)
         np.testing.assert_allclose(c.logprobs, want, atol=1e-4)
@@ -42,9 +43,9 @@ def test_sampled_logprobs_match_jax_recomputation(vllm_engine, tiny_hf_dir):
 
 def test_inplace_reload_equals_restarted_engine(vllm_engine, tiny_hf_dir):
     _, cfg, params = tiny_hf_dir
-    spec = rollout.SamplingSpec(temperature=0.0, max_tokens=16)
+    spec = engines.SamplingSpec(temperature=0.0, max_tokens=16)
     before = [c.token_ids for c in vllm_engine.generate(PROMPTS, spec)]
-    new = jax.tree.map(lambda x: x * 10 if x.ndim == 2 else x, model.init(cfg, jax.random.key(5)))
+    new = jax.tree.map(lambda x: x * 10 if x.ndim == 2 else x, decoder.init(cfg, jax.random.key(5)))
     vllm_engine.load_weights(new)
     reloaded = [c.token_ids for c in vllm_engine.generate(PROMPTS, spec)]
     assert reloaded != before
@@ -58,10 +59,10 @@ def test_inplace_reload_equals_restarted_engine(vllm_engine, tiny_hf_dir):
 
 
 def test_budget_cut_resume_equals_uninterrupted_greedy(vllm_engine, tiny_hf_dir):
-    from k15jax import partial
+    from k15jax.rollout import partial
 
-    spec = rollout.SamplingSpec(n=1, temperature=0.0)
-    full = vllm_engine.generate(PROMPTS, rollout.SamplingSpec(temperature=0.0, max_tokens=20))
+    spec = engines.SamplingSpec(n=1, temperature=0.0)
+    full = vllm_engine.generate(PROMPTS, engines.SamplingSpec(temperature=0.0, max_tokens=20))
     cfg = partial.PartialConfig(budget=7, max_length=20)
     buf, done, it = partial.ReplayBuffer(), [], 0
     new = list(enumerate(PROMPTS))
@@ -86,13 +87,13 @@ def test_budget_cut_resume_equals_uninterrupted_greedy(vllm_engine, tiny_hf_dir)
 
 def test_repetition_stops_a_looping_sample_in_the_engine(vllm_engine):
     # The sharp random model loops under greedy decoding (e.g. one token over and over).
-    plain = vllm_engine.generate(PROMPTS, rollout.SamplingSpec(temperature=0.0, max_tokens=64))
-    repeat = rollout.RepeatSpec(min_pattern=1, max_pattern=8, min_count=4)
-    spec = rollout.SamplingSpec(temperature=0.0, max_tokens=64, repeat=repeat)
+    plain = vllm_engine.generate(PROMPTS, engines.SamplingSpec(temperature=0.0, max_tokens=64))
+    repeat = engines.RepeatSpec(min_pattern=1, max_pattern=8, min_count=4)
+    spec = engines.SamplingSpec(temperature=0.0, max_tokens=64, repeat=repeat)
     stopped = vllm_engine.generate(PROMPTS, spec)
     n_repeat = 0
     for a, b in zip(plain, stopped):
-        end = rollout.repeat_end(a.token_ids, repeat)
+        end = engines.repeat_end(a.token_ids, repeat)
         if end is None:
             assert b.token_ids == a.token_ids and b.finish_reason == a.finish_reason
         else:

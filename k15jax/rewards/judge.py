@@ -42,7 +42,8 @@ import os
 import re
 from collections.abc import Callable, Sequence
 
-from k15jax import atomic, rollout
+from k15jax.infra import atomic
+from k15jax.rollout import engines
 
 log = logging.getLogger(__name__)
 
@@ -265,10 +266,10 @@ class Judge:
         """Returns one result per item, in order; one `engine.generate` call for the batch."""
         prompts = [self.prompt_ids(item) for item in items]
         todo = [i for i, p in enumerate(prompts) if p is not None]
-        outputs: dict[int, rollout.Completion] = {}
+        outputs: dict[int, engines.Completion] = {}
         engine_error = None
         if todo:
-            spec = rollout.SamplingSpec(
+            spec = engines.SamplingSpec(
                 n=1,
                 temperature=0.0,
                 max_tokens=self.config.max_tokens,

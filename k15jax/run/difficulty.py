@@ -13,13 +13,14 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from k15jax import data, scoring
-from k15jax.rollout import RolloutEngine, SamplingSpec
+from k15jax.data import prompt_sets
+from k15jax.rewards import scoring
+from k15jax.rollout.engines import RolloutEngine, SamplingSpec
 
 
 def pass_rates(
     engine: RolloutEngine,
-    problems: Sequence[data.Problem],
+    problems: Sequence[prompt_sets.Problem],
     scorer: scoring.Scorer,
     encode: Callable[[str], list[int]],
     *,
@@ -55,7 +56,7 @@ def pass_rates(
 
 def easy_to_hack(
     engine: RolloutEngine,
-    problems: Sequence[data.Problem],
+    problems: Sequence[prompt_sets.Problem],
     scorer: scoring.Scorer,
     encode: Callable[[str], list[int]],
     *,
@@ -86,12 +87,12 @@ def easy_to_hack(
 
 
 def filter_problems(
-    problems: Sequence[data.Problem],
+    problems: Sequence[prompt_sets.Problem],
     rates: np.ndarray,
     *,
     hackable: np.ndarray | None = None,
     max_pass_rate: float = 1.0,
-) -> tuple[list[data.Problem], np.ndarray]:
+) -> tuple[list[prompt_sets.Problem], np.ndarray]:
     """Returns (kept problems, their pass rates): drops pass rate >= max_pass_rate (when 1.0:
     only the always-solved) and, if given, the easy-to-hack ones."""
     keep = rates < max_pass_rate if max_pass_rate < 1.0 else rates < 1.0

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 
-from k15jax import checkpoint, partial, sampler, train_step
+from k15jax.data import sampler
+from k15jax.infra import checkpoint
+from k15jax.rollout import partial
+from k15jax.train import train_step
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,9 +22,13 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from k15jax import data, rollout, scoring
+from k15jax.data import prompt_sets
+from k15jax.rewards import scoring
+from k15jax.rollout import engines
 
-AnswerFn = Callable[[data.Problem, str], str | None]  # (problem, response text) -> final answer
+AnswerFn = Callable[
+    [prompt_sets.Problem, str], str | None
+]  # (problem, response text) -> final answer
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -116,14 +120,14 @@ def mean_ci95(values: Sequence[float]) -> tuple[float, list[float]]:
 
 
 def evaluate(
-    engine: rollout.RolloutEngine,
-    problems: Sequence[data.Problem],
+    engine: engines.RolloutEngine,
+    problems: Sequence[prompt_sets.Problem],
     prompts: Sequence[Sequence[int]],
     scorer: scoring.Scorer,
     cfg: EvalConfig,
     *,
     max_tokens: int,
-    repeat: rollout.RepeatSpec | None,
+    repeat: engines.RepeatSpec | None,
     seed: int,
     answer_of: AnswerFn | None = None,
 ) -> dict:
@@ -138,7 +142,7 @@ def evaluate(
     `info["extracted"]` (the math and built-in task rewards report it). Without either (the
     code reward), maj@k is left out.
     """
-    spec = rollout.SamplingSpec(
+    spec = engines.SamplingSpec(
         n=cfg.samples, temperature=cfg.temperature, max_tokens=max_tokens, repeat=repeat
     )
     out = engine.generate(prompts, spec, seeds=[seed * 7919 + i for i in range(len(prompts))])

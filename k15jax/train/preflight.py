@@ -18,8 +18,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from k15jax import model, sharding, train_step
-from k15jax.config import ModelConfig
+from k15jax.model import decoder, sharding
+from k15jax.model.config import ModelConfig
+from k15jax.train import train_step
 
 GIB = 2**30
 
@@ -95,7 +96,7 @@ def abstract_step_inputs(cfg, optimizer, mesh, *, rows: int, seq_len: int):
         lambda p: train_step.TrainState(
             step=jnp.zeros((), jnp.int32), params=p, opt_state=optimizer.init(p)
         ),
-        model.abstract_params(cfg),
+        decoder.abstract_params(cfg),
     )
     state = jax.tree.map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings

@@ -4,7 +4,8 @@ The NNX modules hold the structure; other code uses the pure functions `init`, `
 `hidden_states` and `output_embedding`, which take `params` as a plain nested dict of arrays
 (`nnx.to_pure_dict` layout) so they jit, shard, checkpoint and convert like any PyTree.
 
-Every parameter names its logical axes (`sharding_names`); `k15jax.sharding` maps them to a mesh.
+Every parameter names its logical axes (`sharding_names`); `k15jax.model.sharding` maps them to a
+mesh.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
-from k15jax.config import ModelConfig
+from k15jax.model.config import ModelConfig
 from kernels import attention as attention_kernels
 
 Params = dict

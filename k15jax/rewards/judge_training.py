@@ -6,7 +6,7 @@ script's command-line flags.
 
 from __future__ import annotations
 
-from k15jax import answer_forms
+from k15jax.data import answer_forms
 from k15jax.rewards import judge as judge_lib
 
 # The trained judges' prompt: the built-in model is character-level, so it is short.

@@ -12,21 +12,14 @@ import dataclasses
 import json
 import os
 
-from k15jax import (
-    atomic,
-    checkpoint,
-    data,
-    evaluation,
-    partial,
-    preflight,
-    rollout,
-    sampler,
-    servers,
-    sft,
-)
-from k15jax.config import ModelConfig
+from k15jax.data import prompt_sets, sampler
+from k15jax.infra import atomic, checkpoint
+from k15jax.model.config import ModelConfig
 from k15jax.rewards import length as length_reward
 from k15jax.rewards import sandbox as sandbox_lib
+from k15jax.rollout import engines, partial, servers
+from k15jax.run import evaluation
+from k15jax.train import preflight, sft
 
 # Settings that may change when a run resumes: where it runs, not what it computes.
 RESUMABLE_CHANGES = ("out_dir", "vllm", "servers", "mesh", "sandbox", "preflight")
@@ -131,7 +124,7 @@ class RunConfig:
         max_position_embeddings=512,
     )
     mesh: tuple[int, int, int] = (-1, 1, 1)  # (data, fsdp, tensor); one -1 takes the rest
-    task: data.TaskConfig = data.TaskConfig()
+    task: prompt_sets.TaskConfig = prompt_sets.TaskConfig()
     sft: sft.SftConfig = sft.SftConfig()
     rl: RlConfig = RlConfig()
     eval: evaluation.EvalConfig = evaluation.EvalConfig(ks=(1, 4))  # pass@4 of the same samples
@@ -142,12 +135,12 @@ class RunConfig:
     length: length_reward.LengthPenaltyConfig = length_reward.LengthPenaltyConfig(
         weight=0.1, warmup_iterations=15
     )
-    repeat: rollout.RepeatSpec | None = rollout.RepeatSpec(
+    repeat: engines.RepeatSpec | None = engines.RepeatSpec(
         min_pattern=2, max_pattern=32, min_count=4
     )
     # No prefix caching: a resumed run must see the numerics of an uninterrupted one. The
     # context, max_model_len, is derived (`engine_config`) unless set.
-    vllm: rollout.VllmConfig = rollout.VllmConfig(max_model_len=None, enable_prefix_caching=False)
+    vllm: engines.VllmConfig = engines.VllmConfig(max_model_len=None, enable_prefix_caching=False)
     sandbox: sandbox_lib.SandboxConfig = sandbox_lib.SandboxConfig()  # used by reward="code"
     preflight: preflight.PreflightConfig = preflight.PreflightConfig()
     grader: GraderConfig = GraderConfig()
@@ -177,7 +170,7 @@ class RunConfig:
         return self.task.max_prompt_tokens + self.partial.max_length
 
 
-def engine_config(cfg: RunConfig) -> rollout.VllmConfig:
+def engine_config(cfg: RunConfig) -> engines.VllmConfig:
     """Returns the run's engine knobs with the context derived: `max_model_len` defaults to
     `seq_len` (the longest prompt plus the longest response); a larger explicit value stays."""
     return dataclasses.replace(cfg.vllm, max_model_len=cfg.vllm.max_model_len or cfg.seq_len)

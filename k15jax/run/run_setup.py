@@ -13,21 +13,16 @@ from collections.abc import Callable
 import jax
 from jax.sharding import Mesh
 
-from k15jax import (
-    convert,
-    data,
-    distributed,
-    evaluation,
-    model,
-    rollout,
-    scoring,
-    sharding,
-    tokenizer,
-)
-from k15jax.config import ModelConfig
+from k15jax.data import prompt_sets
+from k15jax.infra import distributed
+from k15jax.model import convert, decoder, sharding, tokenizer
+from k15jax.model.config import ModelConfig
 from k15jax.rewards import judge as judge_lib
 from k15jax.rewards import sandbox as sandbox_lib
-from k15jax.run_config import ConfigError, RunConfig, engine_config
+from k15jax.rewards import scoring
+from k15jax.rollout import engines
+from k15jax.run import evaluation
+from k15jax.run.run_config import ConfigError, RunConfig, engine_config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,25 +31,25 @@ class Setup:
 
     cfg: RunConfig
     model_cfg: ModelConfig  # the trainer's model: shape, dtype, kernels
-    params: model.Params  # the starting weights, placed on `mesh`
+    params: decoder.Params  # the starting weights, placed on `mesh`
     tok: tokenizer.Tokenizer
-    problems: data.ProblemSet
+    problems: prompt_sets.ProblemSet
     scorer: scoring.Scorer
     mesh: Mesh
-    removed: data.Removed  # problems left out before training (screen, over-long prompts)
+    removed: prompt_sets.Removed  # problems left out before training (screen, over-long prompts)
 
     def encode_prompt(self, text: str) -> list[int]:
         """Returns the token ids of a problem text in the run's prompt template."""
         return encode_prompt(self.tok, self.cfg.task, text)
 
-    def prompt_ids(self, problem: data.Problem) -> list[int]:
+    def prompt_ids(self, problem: prompt_sets.Problem) -> list[int]:
         """Returns `problem`'s prompt ids; refuses one over `task.max_prompt_tokens`."""
-        return data.prompt_ids(
+        return prompt_sets.prompt_ids(
             problem, encode=self.encode_prompt, max_tokens=self.cfg.task.max_prompt_tokens
         )
 
 
-def encode_prompt(tok: tokenizer.Tokenizer, task: data.TaskConfig, text: str) -> list[int]:
+def encode_prompt(tok: tokenizer.Tokenizer, task: prompt_sets.TaskConfig, text: str) -> list[int]:
     """Returns the token ids of a problem text in `task`'s prompt template (and, with
     `task.chat_template`, the model's chat template around it)."""
     text = task.prompt_template.format(prompt=text)
@@ -107,7 +102,7 @@ def prepare(cfg: RunConfig, *, sandbox: sandbox_lib.Sandbox | None = None) -> Se
             cfg.model, vocab_size=tok.vocab_size, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id
         )
         # Built where it lives: each device computes only its shards of the initial weights.
-        init = functools.partial(model.init, model_cfg)
+        init = functools.partial(decoder.init, model_cfg)
         shardings = sharding.param_shardings(model_cfg, mesh)
         params = jax.jit(init, out_shardings=shardings)(jax.random.key(cfg.seed))
     scorer = scoring.Scorer(
@@ -145,7 +140,7 @@ def load_problems(
     encode: Callable[[str], list[int]],
     *,
     response_tokens: Callable[[str], list[int]] | None = None,
-) -> tuple[data.ProblemSet, data.Removed]:
+) -> tuple[prompt_sets.ProblemSet, prompt_sets.Removed]:
     """Returns the run's problems without those it leaves out, and what it left out.
 
     A JSONL RL pool is screened (`data.screen`, unless `task.screen` is off); prompts over
@@ -156,17 +151,17 @@ def load_problems(
     fit a trainer row (dropped, or refused like an over-long prompt).
     """
     task = cfg.task
-    problems = data.load_problems(task, held_out_problems=cfg.eval.problems, seed=cfg.seed)
+    problems = prompt_sets.load_problems(task, held_out_problems=cfg.eval.problems, seed=cfg.seed)
     # Traces from files are checked against a row; the built-in task's are cut to one, as ever.
     builtin = () if task.data is not None else problems.sft_traces
     from_files = problems.sft_traces if task.data is not None else ()
     if task.sft_data is not None:
-        from_files = (*from_files, *data.load_traces(task.sft_data))
+        from_files = (*from_files, *prompt_sets.load_traces(task.sft_data))
     train, screened = problems.train, {}
     if task.data is not None and task.screen:
-        train, screened = data.screen(train)
+        train, screened = prompt_sets.screen(train)
     fit = functools.partial(
-        data.drop_overlong,
+        prompt_sets.drop_overlong,
         encode=encode,
         max_tokens=task.max_prompt_tokens,
         overlong=task.overlong_prompts,
@@ -185,13 +180,13 @@ def load_problems(
         if n <= cfg.seq_len:  # + 1: eos
             fits.append((prompt, response))
         elif task.overlong_prompts == "error":
-            raise data.DataError(
+            raise prompt_sets.DataError(
                 f"SFT trace {prompt[:40]!r}: {n} tokens exceed a trainer row of {cfg.seq_len} "
                 "(--max_prompt_tokens + --max_length; raise them, or --overlong_prompts=drop "
                 "to leave such traces out)"
             )
     sft_overlong, kept = len(kept_files) - len(fits), (*kept_builtin, *fits)
-    removed = data.Removed(
+    removed = prompt_sets.Removed(
         screened, overlong_train, overlong_held_out, sft_held_out=sft_held_out,
         sft_overlong=sft_overlong,
     )  # fmt: skip
@@ -211,7 +206,7 @@ def check_batches(cfg: RunConfig, shards: int) -> None:
             )
 
 
-def evaluate(setup: Setup, engine: rollout.RolloutEngine) -> dict:
+def evaluate(setup: Setup, engine: engines.RolloutEngine) -> dict:
     """Returns held-out pass@1, its 95% interval and mean length (`evaluation.evaluate`)."""
     held_out = setup.problems.held_out
     return evaluation.evaluate(

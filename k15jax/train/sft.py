@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import optax
 
-from k15jax import packing, train_step
+from k15jax.train import packing, train_step
 
 Example = tuple[list[int], list[int]]  # (prompt ids, response ids ending with eos)
 

@@ -20,8 +20,8 @@ from typing import Protocol
 import jax
 import numpy as np
 
-from k15jax import convert, generation, model
-from k15jax.config import ModelConfig
+from k15jax.model import convert, decoder, generation
+from k15jax.model.config import ModelConfig
 
 log = logging.getLogger(__name__)
 _FINISH = {"stop": "stop", "length": "length", "repetition": "repeat"}
@@ -150,7 +150,7 @@ class RolloutEngine(Protocol):
         `max_tokens` and `seeds`, when given, override the spec per prompt.
         """
 
-    def load_weights(self, params: model.Params) -> None:
+    def load_weights(self, params: decoder.Params) -> None:
         """Makes later `generate` calls sample from `params`."""
 
 
@@ -165,9 +165,9 @@ def finish_reason(reason: str) -> str:
     return _FINISH.get(reason, "length")
 
 
-def check_params(cfg: ModelConfig, params: model.Params, model_dir: str) -> None:
+def check_params(cfg: ModelConfig, params: decoder.Params, model_dir: str) -> None:
     """Raises ValueError unless `params` has the shapes of the model `cfg` (from `model_dir`)."""
-    want = jax.tree.map(lambda x: x.shape, model.abstract_params(cfg))
+    want = jax.tree.map(lambda x: x.shape, decoder.abstract_params(cfg))
     got = jax.tree.map(lambda x: x.shape, params)
     if want != got:
         raise ValueError(
@@ -286,14 +286,14 @@ class VllmEngine:
                 result.append(Completion(i, ids, logprobs, reason))
         return result
 
-    def publish(self, params: model.Params) -> str:
+    def publish(self, params: decoder.Params) -> str:
         """Writes params as a Hugging Face directory under `publish_dir`; returns its path."""
         self._publish_count += 1
         path = os.path.join(self.engine.publish_dir, f"weights-{os.getpid()}")
         convert.save_hf(self.model_cfg, params, path)
         return path
 
-    def load_weights(self, params: model.Params) -> None:
+    def load_weights(self, params: decoder.Params) -> None:
         """Publishes `params` and reloads vLLM in place; restarts the engine if that fails."""
         check_params(self.model_cfg, params, self.model_dir)
         path = self.publish(params)
@@ -307,7 +307,7 @@ class VllmEngine:
             log.warning("in-place weight reload failed (%s); restarting vLLM", e)
             self.restart(params)
 
-    def restart(self, params: model.Params) -> None:
+    def restart(self, params: decoder.Params) -> None:
         """Shuts the engine down and starts a new one on `params` (the slow path)."""
         staged = tempfile.mkdtemp(prefix="k15jax-restart-", dir=self.engine.publish_dir)
         try:
@@ -340,7 +340,7 @@ class FakeEngine:
     """Samples with the plain JAX sampler: same interface, no vLLM; for fast unit tests."""
 
     cfg: ModelConfig
-    params: model.Params
+    params: decoder.Params
     eos_id: int
     seed: int = 0
 
@@ -372,5 +372,5 @@ class FakeEngine:
                 )
         return out
 
-    def load_weights(self, params: model.Params) -> None:
+    def load_weights(self, params: decoder.Params) -> None:
         self.params = params

@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 
-from k15jax import atomic
+from k15jax.infra import atomic
 
 PLOTS = (
     ("heldout_pass_at_1", "held-out pass@1"),

@@ -26,11 +26,13 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from k15jax import answer_forms, atomic, data, partial, tasks
+from k15jax.data import answer_forms, prompt_sets, tasks
+from k15jax.infra import atomic
 from k15jax.rewards import code as code_reward
 from k15jax.rewards import judge as judge_lib
 from k15jax.rewards import length as length_reward
 from k15jax.rewards import math as math_reward
+from k15jax.rollout import partial
 
 RewardFn = Callable[[str, str, str], tuple[float, dict]]  # (prompt, response, answer)
 FINISH_REASONS = ("stop", "repeat", "truncated", "length")
@@ -48,7 +50,7 @@ def reward_fn(kind: str, *, sandbox=None) -> RewardFn:
         if sandbox is None:
             raise ValueError("the code reward needs a sandbox (rewards.sandbox.Sandbox)")
         return functools.partial(code_reward.reward, sandbox=sandbox)
-    raise ValueError(f"reward={kind!r} must be one of {data.REWARDS}")
+    raise ValueError(f"reward={kind!r} must be one of {prompt_sets.REWARDS}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -61,7 +63,12 @@ class Scorer:
     repeat_penalty: float = 0.5
 
     def __call__(
-        self, problem: data.Problem, response_ids: Sequence[int], finish_reason: str, *, prefix=""
+        self,
+        problem: prompt_sets.Problem,
+        response_ids: Sequence[int],
+        finish_reason: str,
+        *,
+        prefix="",
     ) -> tuple[float, bool, dict]:
         """Returns (reward, correct, info) of a response to `problem` (module docstring).
 
@@ -115,7 +122,7 @@ class Grader:
 
     def __call__(
         self,
-        items: Sequence[tuple[data.Problem, str, float]],
+        items: Sequence[tuple[prompt_sets.Problem, str, float]],
         *,
         iteration: int,
     ) -> tuple[list[tuple[float, dict] | None], dict[str, float]]:
@@ -169,7 +176,7 @@ def _log_iteration(line: str) -> float:
 
 def score_groups(
     groups: Sequence[partial.Group],
-    problems: Sequence[data.Problem],
+    problems: Sequence[prompt_sets.Problem],
     scorer: Scorer,
     *,
     iteration: int,

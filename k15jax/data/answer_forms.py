@@ -22,7 +22,7 @@ import random
 import re
 from fractions import Fraction
 
-from k15jax import tasks
+from k15jax.data import tasks
 
 # How an answer is written; each but "spaced" can write the reference's value or a near miss.
 SHAPES = ("digits", "decimal", "words", "product", "quotient", "sum", "difference", "spaced")

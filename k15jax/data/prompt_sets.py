@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from k15jax import answer_forms, tasks
+from k15jax.data import answer_forms, tasks
 
 # scoring.reward_fn builds each; "forms" is the built-in task's checker of `answer_forms`
 REWARDS = ("task", "forms", "math", "code")

@@ -21,7 +21,7 @@ import dataclasses
 
 import numpy as np
 
-from k15jax.rollout import RolloutEngine, SamplingSpec
+from k15jax.rollout.engines import RolloutEngine, SamplingSpec
 
 LOSS_SEGMENTS = ("all", "current", "drop_stale")
 

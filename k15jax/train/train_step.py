@@ -24,14 +24,16 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from k15jax import distributed, losses, model, sharding
-from k15jax.config import ModelConfig
+from k15jax.infra import distributed
+from k15jax.model import decoder, sharding
+from k15jax.model.config import ModelConfig
+from k15jax.train import losses
 
 
 @flax.struct.dataclass
 class TrainState:
     step: jax.Array
-    params: model.Params
+    params: decoder.Params
     opt_state: optax.OptState
 
 
@@ -121,10 +123,10 @@ def make_optimizer(
 
 def sequence_logprobs(cfg: ModelConfig, params, tokens_bt, segment_ids_bt):
     """Returns per-token log-probs [b, t] of `tokens_bt` (`cfg.kernels` choose the kernels)."""
-    hidden = model.hidden_states(cfg, params, tokens_bt, segment_ids=segment_ids_bt)
+    hidden = decoder.hidden_states(cfg, params, tokens_bt, segment_ids=segment_ids_bt)
     return losses.token_logprobs(
         hidden,
-        model.output_embedding(cfg, params),
+        decoder.output_embedding(cfg, params),
         tokens_bt,
         chunk_size=cfg.kernels.logprob_chunk,
         impl=cfg.kernels.logprob_impl,
@@ -134,7 +136,7 @@ def sequence_logprobs(cfg: ModelConfig, params, tokens_bt, segment_ids_bt):
 def state_shardings(cfg: ModelConfig, optimizer: optax.GradientTransformation, mesh: Mesh):
     """Returns the sharding tree of a TrainState: optimizer moments follow their params."""
     p_shard = sharding.param_shardings(cfg, mesh)
-    abstract = model.abstract_params(cfg)
+    abstract = decoder.abstract_params(cfg)
     opt_abstract = jax.eval_shape(optimizer.init, abstract)
     rep = sharding.replicated(mesh)
     opt_shard = optax.tree_map_params(
@@ -312,7 +314,7 @@ class Trainer:
 
     optimizer: optax.GradientTransformation
     step: Callable[[TrainState, Batch], tuple[TrainState, dict]]
-    logprobs: Callable[[model.Params, jax.Array, jax.Array], jax.Array]
+    logprobs: Callable[[decoder.Params, jax.Array, jax.Array], jax.Array]
     mesh: Mesh
 
     def put(self, batch: Batch) -> Batch:

@@ -18,8 +18,9 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from k15jax import distributed, model
-from k15jax.config import ModelConfig
+from k15jax.infra import distributed
+from k15jax.model import decoder
+from k15jax.model.config import ModelConfig
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH = ("data", "fsdp")  # the batch is split over both data-parallel axes
@@ -81,10 +82,10 @@ def logical_to_spec(names: tuple, shape: tuple[int, ...], mesh: Mesh) -> Partiti
 
 def param_specs(cfg: ModelConfig, mesh: Mesh):
     """Returns the PartitionSpec tree of the model parameters on `mesh`."""
-    shapes = model.abstract_params(cfg)
+    shapes = decoder.abstract_params(cfg)
     return jax.tree.map(
         lambda names, s: logical_to_spec(names, s.shape, mesh),
-        model.logical_axes(cfg),
+        decoder.logical_axes(cfg),
         shapes,
         is_leaf=lambda x: isinstance(x, tuple),
     )

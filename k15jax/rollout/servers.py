@@ -42,7 +42,8 @@ import urllib.error
 import urllib.request
 import uuid
 
-from k15jax import convert, model, rollout
+from k15jax.model import convert, decoder
+from k15jax.rollout import engines
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ class ServerPoolConfig:
             raise ValueError(f"max_concurrency={self.max_concurrency} must be >= 1")
 
 
-def server_command(model_dir: str, port: int, engine: rollout.VllmConfig) -> list[str]:
+def server_command(model_dir: str, port: int, engine: engines.VllmConfig) -> list[str]:
     """Returns the command line of one vLLM server on `model_dir` with the engine's knobs."""
     cmd = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
@@ -103,7 +104,7 @@ def server_command(model_dir: str, port: int, engine: rollout.VllmConfig) -> lis
     return cmd
 
 
-def server_environment(engine: rollout.VllmConfig) -> dict[str, str]:
+def server_environment(engine: engines.VllmConfig) -> dict[str, str]:
     """Returns the environment of a launched server: the dev endpoints (weight reload) on."""
     env = dict(os.environ, VLLM_SERVER_DEV_MODE="1")
     env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if engine.multiprocessing else "0"
@@ -149,7 +150,7 @@ class ServerPool:
       pool: the servers.
     """
 
-    def __init__(self, model_dir: str, engine: rollout.VllmConfig, pool: ServerPoolConfig):
+    def __init__(self, model_dir: str, engine: engines.VllmConfig, pool: ServerPoolConfig):
         if not os.path.isdir(model_dir):
             raise FileNotFoundError(f"model directory {model_dir} does not exist")
         self.model_dir = os.path.abspath(model_dir)
@@ -402,7 +403,7 @@ class ServerPool:
                 self._count_locked(f"requests/{server.address}")
             return answer
 
-    def generate(self, prompts, spec, *, max_tokens=None, seeds=None) -> list[rollout.Completion]:
+    def generate(self, prompts, spec, *, max_tokens=None, seeds=None) -> list[engines.Completion]:
         """Returns `spec.n` completions per prompt, grouped by prompt in prompt order."""
         self._refresh()
         for server in self.servers:
@@ -435,25 +436,25 @@ class ServerPool:
                 logprobs = [float(step["logprob"]) for step in c["logprobs"]["content"]]
                 if len(logprobs) != len(ids):
                     raise ServerError(f"{len(ids)} tokens but {len(logprobs)} log-probs")
-                reason = rollout.finish_reason(str(c["finish_reason"]))
-                result.append(rollout.Completion(i, ids, logprobs, reason))
+                reason = engines.finish_reason(str(c["finish_reason"]))
+                result.append(engines.Completion(i, ids, logprobs, reason))
         return result
 
     # -- weights -----------------------------------------------------------------------------
 
-    def publish(self, params: model.Params) -> str:
+    def publish(self, params: decoder.Params) -> str:
         """Writes params as the next version under `publish_root`; returns its path."""
         path = os.path.join(self.publish_root, f"v{self._version + 1}")
         convert.save_hf(self.model_cfg, params, path)
         return path
 
-    def load_weights(self, params: model.Params) -> None:
+    def load_weights(self, params: decoder.Params) -> None:
         """Publishes `params` once and reloads every server; stale servers get no requests.
 
         Raises:
           ServerError: when no server could load the new weights.
         """
-        rollout.check_params(self.model_cfg, params, self.model_dir)
+        engines.check_params(self.model_cfg, params, self.model_dir)
         path = self.publish(params)
         with self._lock:
             self._version += 1
@@ -536,7 +537,7 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst)
 
 
-def _sampling_params(spec: rollout.SamplingSpec, max_tokens: int, seed: int | None) -> dict:
+def _sampling_params(spec: engines.SamplingSpec, max_tokens: int, seed: int | None) -> dict:
     """Returns vLLM `SamplingParams` as JSON, field for field those of `VllmEngine.generate`."""
     params = {
         "n": spec.n,

@@ -27,10 +27,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from k15jax import atomic, convert, data, model, rollout, run_setup, train_step
-from k15jax.config import ModelConfig
+from k15jax.data import prompt_sets
+from k15jax.infra import atomic
+from k15jax.model import convert, decoder
+from k15jax.model.config import ModelConfig
 from k15jax.rewards import length as length_reward
-from k15jax.run_config import ConfigError, RunConfig
+from k15jax.rollout import engines
+from k15jax.run import run_setup
+from k15jax.run.run_config import ConfigError, RunConfig
+from k15jax.train import train_step
 
 
 class MergeError(ValueError):
@@ -138,7 +143,7 @@ def merge_checkpoints(dir_a: str, dir_b: str, out_dir: str, *, weight_a: float =
     Raises:
       MergeError: for checkpoints of different shapes or configs (`check_mergeable`).
     """
-    from k15jax import tokenizer
+    from k15jax.model import tokenizer
 
     cfg_a, params_a = convert.load_hf(dir_a)
     cfg_b, params_b = convert.load_hf(dir_b)
@@ -155,8 +160,8 @@ def merge_checkpoints(dir_a: str, dir_b: str, out_dir: str, *, weight_a: float =
 
 def sample(
     setup: run_setup.Setup,
-    engine: rollout.RolloutEngine,
-    problems: Sequence[data.Problem],
+    engine: engines.RolloutEngine,
+    problems: Sequence[prompt_sets.Problem],
     *,
     n: int,
     max_tokens: int,
@@ -164,7 +169,7 @@ def sample(
     seed: int,
 ) -> list[list[Scored]]:
     """Returns `n` scored samples of each problem (the engine's current weights), per problem."""
-    spec = rollout.SamplingSpec(
+    spec = engines.SamplingSpec(
         n=n, temperature=temperature, max_tokens=max_tokens, repeat=setup.cfg.repeat
     )
     prompts = [setup.prompt_ids(p) for p in problems]
@@ -219,7 +224,7 @@ def preference_pairs(groups: Sequence[Sequence[Scored]], rules: PairRules) -> li
 
 
 def sft_traces(
-    setup: run_setup.Setup, problems: Sequence[data.Problem], chosen: Sequence[Scored]
+    setup: run_setup.Setup, problems: Sequence[prompt_sets.Problem], chosen: Sequence[Scored]
 ) -> tuple[tuple[str, str], ...]:
     """Returns (prompt text in the run's template, response text) of each chosen sample.
 
@@ -236,7 +241,7 @@ def sft_traces(
 
 def write_sft_jsonl(
     path: str,
-    problems: Sequence[data.Problem],
+    problems: Sequence[prompt_sets.Problem],
     chosen: Sequence[Scored],
     traces: Sequence[tuple[str, str]],
 ) -> str:
@@ -289,12 +294,12 @@ def pair_rows(
 
 def train_dpo(
     setup: run_setup.Setup,
-    params: model.Params,
+    params: decoder.Params,
     pairs: Sequence[Pair],
     cfg: DpoConfig,
     *,
     seed: int,
-) -> tuple[model.Params, list[dict]]:
+) -> tuple[decoder.Params, list[dict]]:
     """Returns (params, per-step metrics) after DPO from `params` against `params` frozen.
 
     Each step draws `cfg.pairs_per_step` pairs with replacement (seeded by (seed, step)); the

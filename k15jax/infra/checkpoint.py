@@ -21,7 +21,7 @@ import shutil
 import jax
 import orbax.checkpoint as ocp
 
-from k15jax import atomic, distributed
+from k15jax.infra import atomic, distributed
 
 _STEP_RE = re.compile(r"^step_(\d+)$")
 

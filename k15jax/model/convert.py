@@ -18,9 +18,10 @@ import orbax.checkpoint as ocp
 import safetensors
 from safetensors.numpy import save_file
 
-from k15jax import atomic, model
-from k15jax import tokenizer as tokenizer_lib
-from k15jax.config import ARCHITECTURES, KernelConfig, ModelConfig
+from k15jax.infra import atomic
+from k15jax.model import decoder
+from k15jax.model import tokenizer as tokenizer_lib
+from k15jax.model.config import ARCHITECTURES, KernelConfig, ModelConfig
 
 MODEL_TYPES = {
     "Qwen2ForCausalLM": "qwen2",
@@ -220,7 +221,7 @@ def read_config(path: str, *, dtype: str | None = None) -> ModelConfig:
     return config_from_hf(hf, source=config_path, dtype=dtype)
 
 
-def load_hf(path: str, *, dtype: str | None = None) -> tuple[ModelConfig, model.Params]:
+def load_hf(path: str, *, dtype: str | None = None) -> tuple[ModelConfig, decoder.Params]:
     """Returns (config, params) read from a Hugging Face model directory.
 
     Args:
@@ -232,7 +233,7 @@ def load_hf(path: str, *, dtype: str | None = None) -> tuple[ModelConfig, model.
     """
     cfg = read_config(path, dtype=dtype)
     wanted = hf_names(cfg)
-    expected = jax.tree.map(lambda s: s.shape, model.abstract_params(cfg))
+    expected = jax.tree.map(lambda s: s.shape, decoder.abstract_params(cfg))
     tensors = {}
     for file in _safetensors_files(path):
         try:
@@ -267,7 +268,7 @@ def load_hf(path: str, *, dtype: str | None = None) -> tuple[ModelConfig, model.
     return cfg, jax.tree.map(jax.numpy.asarray, params)
 
 
-def to_hf_tensors(cfg: ModelConfig, params: model.Params) -> dict[str, np.ndarray]:
+def to_hf_tensors(cfg: ModelConfig, params: decoder.Params) -> dict[str, np.ndarray]:
     """Returns {HF tensor name: numpy array} for `params`, gathered to host memory."""
     out = {}
     for name, (ppath, transposed) in hf_names(cfg).items():
@@ -278,7 +279,7 @@ def to_hf_tensors(cfg: ModelConfig, params: model.Params) -> dict[str, np.ndarra
 
 def save_hf(
     cfg: ModelConfig,
-    params: model.Params,
+    params: decoder.Params,
     path: str,
     *,
     tokenizer=None,
@@ -346,7 +347,7 @@ def save_hf(
 # ---------------------------------------------------------------------------------- orbax
 
 
-def save_orbax(cfg: ModelConfig, params: model.Params, path: str) -> str:
+def save_orbax(cfg: ModelConfig, params: decoder.Params, path: str) -> str:
     """Writes params (orbax, under `params/`) and the config (`model_config.json`) at `path`."""
     path = os.path.abspath(path)
     with atomic.directory(path) as tmp:
@@ -357,7 +358,7 @@ def save_orbax(cfg: ModelConfig, params: model.Params, path: str) -> str:
     return path
 
 
-def load_orbax(path: str, *, shardings=None) -> tuple[ModelConfig, model.Params]:
+def load_orbax(path: str, *, shardings=None) -> tuple[ModelConfig, decoder.Params]:
     """Returns (config, params) written by `save_orbax`, placed with `shardings` if given."""
     config_path = os.path.join(path, "model_config.json")
     try:
@@ -368,7 +369,7 @@ def load_orbax(path: str, *, shardings=None) -> tuple[ModelConfig, model.Params]
         raise CheckpointError(f"{config_path}: cannot read ({e.strerror})") from None
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{config_path}: invalid model config ({e})") from None
-    target = model.abstract_params(cfg)
+    target = decoder.abstract_params(cfg)
     if shardings is not None:
         target = jax.tree.map(
             lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), target, shardings

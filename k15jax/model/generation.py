@@ -1,6 +1,6 @@
 """A plain JAX sampler over `model.apply` (greedy or temperature): for tests and as a baseline.
 
-Generation at scale is vLLM's job (`k15jax.rollout`). This sampler recomputes the whole
+Generation at scale is vLLM's job (`k15jax.rollout.engines`). This sampler recomputes the whole
 fixed-size window each step (no KV cache), so one compilation serves every step; it is
 O(new_tokens x window) and meant for short sequences.
 """
@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from k15jax import model
-from k15jax.config import ModelConfig
+from k15jax.model import decoder
+from k15jax.model.config import ModelConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +47,7 @@ def _sample(
 
     def body(i, carry):
         tokens, out_logp, done, lengths = carry
-        logits = model.apply(cfg, params, tokens, positions=pos, segment_ids=seg)
+        logits = decoder.apply(cfg, params, tokens, positions=pos, segment_ids=seg)
         logits_bv = jax.lax.dynamic_index_in_dim(logits, p + i - 1, axis=1, keepdims=False)
         logp_bv = jax.nn.log_softmax(logits_bv)
         if greedy:
@@ -70,7 +70,7 @@ def _sample(
 
 def generate(
     cfg: ModelConfig,
-    params: model.Params,
+    params: decoder.Params,
     prompts: list[list[int]],
     *,
     max_new_tokens: int,

@@ -23,32 +23,17 @@ import time
 import jax
 import numpy as np
 
-from k15jax import (
-    atomic,
-    convert,
-    data,
-    difficulty,
-    distributed,
-    model,
-    packing,
-    partial,
-    preflight,
-    report,
-    rollout,
-    run_config,
-    run_state,
-    sampler,
-    scoring,
-    servers,
-    sft,
-    sharding,
-    tokenizer,
-    train_step,
-)
+from k15jax.data import prompt_sets, sampler
+from k15jax.infra import atomic, distributed
+from k15jax.model import convert, decoder, sharding, tokenizer
 from k15jax.rewards import judge as judge_lib
 from k15jax.rewards import sandbox as sandbox_lib
-from k15jax.run_config import ConfigError, RunConfig, as_json, check_out_dir
-from k15jax.run_setup import Setup, evaluate, prepare
+from k15jax.rewards import scoring
+from k15jax.rollout import engines, partial, servers
+from k15jax.run import difficulty, report, run_config, run_state
+from k15jax.run.run_config import ConfigError, RunConfig, as_json, check_out_dir
+from k15jax.run.run_setup import Setup, evaluate, prepare
+from k15jax.train import packing, preflight, sft, train_step
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +41,7 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------------- SFT
 
 
-def run_sft(setup: Setup, progress) -> tuple[model.Params, list[dict]]:
+def run_sft(setup: Setup, progress) -> tuple[decoder.Params, list[dict]]:
     """Long-CoT warm-up: masked cross-entropy on solver traces; returns (params, history)."""
     cfg = setup.cfg
     examples = sft.tokenize(
@@ -111,7 +96,7 @@ def start_rl(setup: Setup, engine, train: train_step.TrainState, console) -> run
         return {"rates": np.asarray(chosen["rates"])}, {"train_ids": chosen["train_ids"]}
 
     arrays, meta = distributed.from_main(decide)
-    labels = [p.difficulty for p in data.select(setup.problems.train, meta["train_ids"])]
+    labels = [p.difficulty for p in prompt_sets.select(setup.problems.train, meta["train_ids"])]
     return run_state.RlState(
         train=train,
         sampler=sampler.init_state(arrays["rates"], seed=cfg.seed, labels=labels),
@@ -181,7 +166,7 @@ def rl_iteration(
     engine,
     trainer: train_step.Trainer,
     state: run_state.RlState,
-    pool: tuple[data.Problem, ...],
+    pool: tuple[prompt_sets.Problem, ...],
     iteration: int,
     grader: scoring.Grader | None = None,
 ) -> tuple[run_state.RlState, dict]:
@@ -257,7 +242,7 @@ def _rollout(setup: Setup, engine, state: run_state.RlState, pool, iteration: in
         state.sampler, cfg.sampler, iteration, rl.prompts_per_iteration
     )
     new = [(int(i), setup.prompt_ids(pool[i])) for i in drawn]
-    spec = rollout.SamplingSpec(
+    spec = engines.SamplingSpec(
         n=rl.samples_per_prompt, temperature=rl.temperature, repeat=cfg.repeat
     )
     groups, buffer, rstats = partial.rollout(
@@ -387,7 +372,7 @@ def _packed_step(packed, ref, rewards, idx, per_step: int, micro: int, *, shards
 
 def run_rl(
     setup: Setup, engine, params, progress, console, grader: scoring.Grader | None = None
-) -> tuple[model.Params, list[dict]]:
+) -> tuple[decoder.Params, list[dict]]:
     """Mirror-descent RL from `params`; returns (final params, per-iteration metrics)."""
     cfg, rl = setup.cfg, setup.cfg.rl
     ckpt_dir = os.path.join(cfg.out_dir, "ckpt", "rl")
@@ -406,7 +391,7 @@ def run_rl(
     else:
         state, start = start_rl(setup, engine, fresh, console), 0
         run_state.save(ckpt_dir, 0, state)
-    pool = data.select(setup.problems.train, state.train_ids)
+    pool = prompt_sets.select(setup.problems.train, state.train_ids)
     if grader is not None:
         grader.start(start)
     bar = progress(total=rl.iterations, initial=start, desc="RL")
@@ -453,10 +438,10 @@ def check_memory(setup: Setup, console) -> None:
     console(preflight.check(cfg.preflight, plans, setup.model_cfg, setup.mesh, rl.micro_batches))
 
 
-def make_engine(model_dir: str, vcfg: rollout.VllmConfig, pool: servers.ServerPoolConfig | None):
+def make_engine(model_dir: str, vcfg: engines.VllmConfig, pool: servers.ServerPoolConfig | None):
     """Returns the run's rollout engine: vLLM in this process, or a pool of vLLM servers."""
     if pool is None:
-        return rollout.VllmEngine(model_dir, vcfg)
+        return engines.VllmEngine(model_dir, vcfg)
     return servers.ServerPool(model_dir, vcfg, pool)
 
 
@@ -473,7 +458,7 @@ def make_grader(setup: Setup, stack: contextlib.ExitStack) -> scoring.Grader | N
         kv_cache_memory_bytes=g.kv_cache_memory_bytes,
         sleep_level=0,
     )
-    engine = rollout.VllmEngine(g.judge_model, vcfg)
+    engine = engines.VllmEngine(g.judge_model, vcfg)
     # Closed at the end of the run. Closing an in-process vLLM engine tears down vLLM's
     # process-wide parallel groups: an engine passed to `run` is unusable afterwards.
     stack.callback(engine.close)
@@ -483,7 +468,7 @@ def make_grader(setup: Setup, stack: contextlib.ExitStack) -> scoring.Grader | N
     return scoring.Grader(judge=judge, mode=g.mode, log_path=log_path)
 
 
-def _sft_and_rl(setup: Setup, engine, progress, console) -> tuple[model.Params, list, list, dict]:
+def _sft_and_rl(setup: Setup, engine, progress, console) -> tuple[decoder.Params, list, list, dict]:
     """Runs SFT, its evaluation, RL and its evaluation; returns (params, histories, results).
 
     Process 0 starts (or reuses) the engine and evaluates; the other processes train only and
@@ -531,7 +516,7 @@ def check_problems(setup: Setup) -> None:
         ("held-out set", setup.problems.held_out),
     ):
         if not problems:
-            raise data.DataError(
+            raise prompt_sets.DataError(
                 f"{what} of {task.data or 'the built-in task'}: no problem left after the screen "
                 f"and --max_prompt_tokens={task.max_prompt_tokens}"
             )
@@ -544,7 +529,7 @@ def removed_lines(setup: Setup) -> list[str]:
     if removed.screened:
         total = len(setup.problems.train) + sum(len(i) for i in removed.screened.values())
         total += len(removed.overlong_train)
-        lines.append(data.screen_line(removed.screened, total))
+        lines.append(prompt_sets.screen_line(removed.screened, total))
     if removed.sft_held_out or removed.sft_overlong:
         lines.append(
             f"SFT traces left out: {removed.sft_held_out} whose prompt is held out, "
