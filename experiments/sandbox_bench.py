@@ -24,14 +24,14 @@ _OUT = flags.DEFINE_string("out", "runs/sandbox_bench.json", "Where to write the
 
 
 def _rate(box, kind: str, n: int) -> float:
-    from k15jax.rewards import sandbox
+    from k15jax.rewards import code
 
     def one(i):
         if kind == "stdio":
             program = "print(sum(map(int, input().split())))\n"
-            j = sandbox.judge_stdio(box, program, [{"input": f"{i} 1", "output": f"{i + 1}"}])
+            j = code.judge_stdio(box, program, [{"input": f"{i} 1", "output": f"{i + 1}"}])
         else:
-            j = sandbox.judge_function(
+            j = code.judge_function(
                 box, "def f(x):\n    return x + 1\n", [f"assert f({i}) == {i + 1}"]
             )
         assert j.reward == 1.0, j

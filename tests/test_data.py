@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from k15jax.data import prompt_sets, sampler
+from k15jax.data import prompt_sets, sampler, screen
 
 
 def _write(tmp_path, lines):
@@ -212,14 +212,14 @@ def _p(prompt, answer, pid="x"):
     ],
 )
 def test_screen_removes_multiple_choice(prompt, answer):
-    assert prompt_sets.screen_reason(_p(prompt, answer)) == "multiple_choice"
+    assert screen.screen_reason(_p(prompt, answer)) == "multiple_choice"
 
 
 @pytest.mark.parametrize(
     "answer", ["True", "false", "YES", "no", r"\text{Yes}", r"\boxed{\text{No}}", "$True$", "No."]
 )
 def test_screen_removes_true_false(answer):
-    assert prompt_sets.screen_reason(_p("Is 91 a prime number?", answer)) == "true_false"
+    assert screen.screen_reason(_p("Is 91 a prime number?", answer)) == "true_false"
 
 
 @pytest.mark.parametrize(
@@ -236,7 +236,7 @@ def test_screen_removes_true_false(answer):
     ],
 )
 def test_screen_removes_proofs(prompt, answer):
-    assert prompt_sets.screen_reason(_p(prompt, answer)) == "proof"
+    assert screen.screen_reason(_p(prompt, answer)) == "proof"
 
 
 @pytest.mark.parametrize(
@@ -266,7 +266,7 @@ def test_screen_removes_proofs(prompt, answer):
     ],
 )
 def test_screen_keeps_near_misses(prompt, answer):
-    assert prompt_sets.screen_reason(_p(prompt, answer)) is None
+    assert screen.screen_reason(_p(prompt, answer)) is None
 
 
 def test_screen_splits_ids_by_reason_and_keeps_order():
@@ -279,13 +279,13 @@ def test_screen_splits_ids_by_reason_and_keeps_order():
         # Both a lettered list and a True answer: the first rule (multiple_choice) names it.
         _p("Pick one: (A) True (B) False (C) Unknown (D) Both", "True", "both"),
     ]
-    kept, dropped = prompt_sets.screen(problems)
+    kept, dropped = screen.screen(problems)
     assert [p.id for p in kept] == ["keep1", "keep2"]
     assert dropped == {"multiple_choice": ("mc", "both"), "true_false": ("tf",), "proof": ("pr",)}
-    assert prompt_sets.screen_line(dropped, len(problems)) == (
+    assert screen.screen_line(dropped, len(problems)) == (
         "screen removed 4 of 6 problems (multiple_choice 2, true_false 1, proof 1)"
     )
-    kept, dropped = prompt_sets.screen(problems[:1])
+    kept, dropped = screen.screen(problems[:1])
     assert len(kept) == 1 and dropped == {"multiple_choice": (), "true_false": (), "proof": ()}
 
 

@@ -140,8 +140,8 @@ def test_no_code_block_scores_zero(box):
 # ------------------------------------------------------------------ hostile programs
 
 
-def _judge(box, program: str, expected: str, stdin: str = "") -> sandbox.Judgement:
-    return sandbox.judge_stdio(box, program, [{"input": stdin, "output": expected}])
+def _judge(box, program: str, expected: str, stdin: str = "") -> code.Judgement:
+    return code.judge_stdio(box, program, [{"input": stdin, "output": expected}])
 
 
 @needs_isolation
@@ -308,9 +308,9 @@ def test_refuses_without_isolation_unless_opted_in(monkeypatch):
         sandbox.SandboxConfig(isolation="none")
     with sandbox.Sandbox(sandbox.SandboxConfig(isolation="auto", cpu_s=1, wall_s=3)) as weak:
         assert not weak.isolated
-        j = sandbox.judge_stdio(weak, "print(int(input()) * 2)\n", [{"input": "4", "output": "8"}])
+        j = code.judge_stdio(weak, "print(int(input()) * 2)\n", [{"input": "4", "output": "8"}])
         assert j.reward == 1.0
-        loop = sandbox.judge_stdio(weak, "while True:\n    pass\n", [{"input": "", "output": ""}])
+        loop = code.judge_stdio(weak, "while True:\n    pass\n", [{"input": "", "output": ""}])
         assert loop.verdicts == (sandbox.TIMEOUT,)
 
 
@@ -336,11 +336,11 @@ def test_libraries_under_tmp_are_readable_not_writable(box, tmp_path):
 
 
 def test_outputs_match_on_ascii_whitespace_only():
-    assert sandbox.outputs_match("1\t2\r\n\n3 \x0b\x0c", "1 2 3")
-    assert not sandbox.outputs_match("1\u00a02", "1 2")  # no-break space is part of a token
-    assert not sandbox.outputs_match("1\u20282", "1\n2")  # so is the line separator
-    assert not sandbox.outputs_match("1\u30002", "1 2")
-    assert sandbox.output_tokens(" a  b\n") == ["a", "b"]
+    assert code.outputs_match("1\t2\r\n\n3 \x0b\x0c", "1 2 3")
+    assert not code.outputs_match("1\u00a02", "1 2")  # no-break space is part of a token
+    assert not code.outputs_match("1\u20282", "1\n2")  # so is the line separator
+    assert not code.outputs_match("1\u30002", "1 2")
+    assert code.output_tokens(" a  b\n") == ["a", "b"]
 
 
 def test_wire_round_trips_plain_data_and_refuses_the_rest():
@@ -375,10 +375,10 @@ def test_function_tests_see_exceptions_and_plain_results(box):
         "f(-1)",
         "assert g(1) == 1",
     ]
-    j = sandbox.judge_function(box, program, tests, partial_credit=True)
+    j = code.judge_function(box, program, tests, partial_credit=True)
     assert j.verdicts == (sandbox.PASSED, sandbox.PASSED, sandbox.WRONG, sandbox.RUNTIME,
                           sandbox.RUNTIME)  # fmt: skip
-    load_error = sandbox.judge_function(box, "raise KeyError\n", ["assert f(1) == 1"])
+    load_error = code.judge_function(box, "raise KeyError\n", ["assert f(1) == 1"])
     assert load_error.verdicts == (sandbox.RUNTIME,)
 
 
@@ -395,7 +395,7 @@ def test_a_problem_has_a_wall_budget():
     tests = [{"input": str(i), "output": str(i)} for i in range(12)]
     with sandbox.Sandbox(cfg) as b:
         start = time.perf_counter()
-        j = sandbox.judge_stdio(b, "import time\ntime.sleep(0.5)\nprint(input())\n", tests)
+        j = code.judge_stdio(b, "import time\ntime.sleep(0.5)\nprint(input())\n", tests)
     assert j.verdicts[0] == sandbox.PASSED and j.verdicts[-1] == sandbox.TIMEOUT, j
     assert time.perf_counter() - start < 2.0 + CFG.wall_s + 1  # one run past the budget at most
 
@@ -410,6 +410,6 @@ def test_without_cgroups_the_rlimits_still_judge():
         assert _judge(b, "print(int(input()) + 1)\n", "3", "2").reward == 1.0
         assert _judge(b, "while True:\n    pass\n", "1").verdicts == (sandbox.TIMEOUT,)
         tests = ["assert f(2) == 4", "assert f(3) == 10"]
-        j = sandbox.judge_function(b, "def f(x):\n    return x * x\n", tests)
+        j = code.judge_function(b, "def f(x):\n    return x * x\n", tests)
         assert j.verdicts == (sandbox.PASSED, sandbox.WRONG)
     assert _sandbox_pids() == []

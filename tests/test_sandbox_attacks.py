@@ -177,7 +177,7 @@ def _secret_asserts(n: int = 3) -> tuple[list[str], dict[int, int]]:
     return [f"assert f({x}) == {y}" for x, y in table.items()], table
 
 
-def _fn(box, program: str, asserts: list[str], **kw) -> sandbox.Judgement:
+def _fn(box, program: str, asserts: list[str], **kw) -> code.Judgement:
     return code.judge(program, {"asserts": asserts}, sandbox=box, **kw)
 
 
@@ -384,7 +384,7 @@ def test_5_host_datasets_are_not_readable(box, clean_host):
             "                    sys.exit(0)\n"
             "print('not found')\n"
         )
-        j = sandbox.judge_stdio(box, program, [{"input": secret_in, "output": secret_out}])
+        j = code.judge_stdio(box, program, [{"input": secret_in, "output": secret_out}])
         assert j.reward == 0.0 and j.verdicts == (sandbox.WRONG,), j
         # The checkout's own problems are not readable either.
         a_plus_b = code.parse_tests(
@@ -430,7 +430,7 @@ def test_6_host_root_is_neither_writable_nor_readable(box, clean_host):
         "print(seen)\n"
     )
     try:
-        j = sandbox.judge_stdio(box, program, [{"input": "", "output": host_secret.read_text()}])
+        j = code.judge_stdio(box, program, [{"input": "", "output": host_secret.read_text()}])
         assert j.reward == 0.0, j
         leaked = [p for d in HOST_DIRS + ("/",) for p in glob.glob(os.path.join(d, marker + "-*"))]
         assert leaked == [str(host_secret)]
@@ -491,7 +491,7 @@ def test_7_ipc_and_keys_do_not_survive_a_run(box1, clean_host):
     write = f"SECRET = {secret.encode()!r}\n" + IPC_WRITE
     assert box1.run({"main.py": write}, ["python", "main.py"]).stdout.strip() == "written"
     assert _sysv_objects() == []  # nothing stays resident after the writing run
-    j = sandbox.judge_stdio(box1, IPC_READ, [{"input": "", "output": secret}])
+    j = code.judge_stdio(box1, IPC_READ, [{"input": "", "output": secret}])
     assert j.reward == 0.0 and j.verdicts == (sandbox.WRONG,), j
 
 
@@ -535,7 +535,7 @@ print(done)
 
 def test_8_memory_is_limited_per_run(box, clean_host):
     # Six processes of 100 MB at once is 600 MB under memory_mb=256.
-    j = sandbox.judge_stdio(box, MEMORY_SPLIT, [{"input": "", "output": "6"}])
+    j = code.judge_stdio(box, MEMORY_SPLIT, [{"input": "", "output": "6"}])
     assert j.reward == 0.0, j
 
 
@@ -543,7 +543,7 @@ def test_8_cpu_time_is_limited_per_run(clean_host):
     # Four processes of 0.9 CPU-s each is 3.6 CPU-s under cpu_s=1 (wall time to spare).
     with sandbox.Sandbox(dataclasses.replace(CFG, wall_s=15)) as box:
         start = time.perf_counter()
-        j = sandbox.judge_stdio(box, CPU_SPLIT, [{"input": "", "output": "4"}])
+        j = code.judge_stdio(box, CPU_SPLIT, [{"input": "", "output": "4"}])
     assert j.reward == 0.0 and j.verdicts == (sandbox.TIMEOUT,), j
     assert time.perf_counter() - start < 10  # stopped by the CPU limit, not the wall
 
@@ -554,7 +554,7 @@ def test_8_cpu_time_is_limited_per_run(clean_host):
 def test_9_a_timeout_stops_the_remaining_tests(box, clean_host):
     tests = [{"input": str(i), "output": str(i)} for i in range(5)]
     start = time.perf_counter()
-    j = sandbox.judge_stdio(box, "import time\ntime.sleep(60)\n", tests, partial_credit=True)
+    j = code.judge_stdio(box, "import time\ntime.sleep(60)\n", tests, partial_credit=True)
     elapsed = time.perf_counter() - start
     assert j.reward == 0.0 and j.verdicts == (sandbox.TIMEOUT,) * 5, j
     assert elapsed < 2 * CFG.wall_s + 2, elapsed
@@ -575,7 +575,7 @@ def test_10_bad_tests_give_a_clear_error_not_a_crash(box):
 
 def test_10_lone_surrogates_give_a_verdict(box, clean_host):
     tests = [{"input": "a\ud800b", "output": "x"}, {"input": "1", "output": "\udc80"}]
-    j = sandbox.judge_stdio(box, "print(input())\n", tests, partial_credit=True)
+    j = code.judge_stdio(box, "print(input())\n", tests, partial_credit=True)
     assert j.verdicts == (sandbox.WRONG, sandbox.WRONG), j
 
 
@@ -592,7 +592,7 @@ def test_10_lone_surrogates_give_a_verdict(box, clean_host):
     ],
 )  # fmt: skip
 def test_10_verdict_labels_are_exact(box, clean_host, program, verdict):
-    j = sandbox.judge_stdio(box, program, [{"input": "", "output": "1"}])
+    j = code.judge_stdio(box, program, [{"input": "", "output": "1"}])
     assert j.verdicts == (verdict,), (j, program)
 
 
@@ -623,7 +623,7 @@ def test_wrapped_correct_earns_what_correct_earns_and_wrapped_wrong_nothing(box,
     stdio = [{"input": "2 3", "output": "5"}, {"input": "-1 1", "output": "0"}]
     for program, want in (("a, b = map(int, input().split())\nprint(a + b)\n", 1.0),
                           ("a, b = map(int, input().split())\nprint(a * b)\n", 0.0)):  # fmt: skip
-        j = sandbox.judge_stdio(box, LOOKUP.replace("def f(x)", "def _g(x)") + program + TRICKS,
+        j = code.judge_stdio(box, LOOKUP.replace("def f(x)", "def _g(x)") + program + TRICKS,
                                 stdio)  # fmt: skip
         assert j.reward == want, (program, j)
 
@@ -799,6 +799,6 @@ def test_a_run_in_another_sandbox_does_not_use_up_this_ones_processes(box1, clea
         hogging = threading.Thread(target=lambda: other.run({"h.py": hog}, ["python", "h.py"]))
         hogging.start()
         time.sleep(0.8)
-        j = sandbox.judge_stdio(box1, threaded, [{"input": "21", "output": "42"}])
+        j = code.judge_stdio(box1, threaded, [{"input": "21", "output": "42"}])
         hogging.join()
     assert j.reward == 1.0, j

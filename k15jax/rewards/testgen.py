@@ -11,7 +11,7 @@ Choices the paper leaves open (GAP), made here:
   and the same 10 decide both rules, so every run is used twice;
 - a problem also needs `min_valid_cases` valid cases (default 40, the threshold the paper
   reports its statistics with: 463 of 614 generators gave >= 40 valid cases, 323 kept);
-- outputs agree when their tokens (split on ASCII whitespace) agree (`sandbox.outputs_match`);
+- outputs agree when their tokens (split on ASCII whitespace) agree (`code.outputs_match`);
 - generator contract: `generator.py` prints one test input to stdout; it runs with
   `random` seeded by the case index (CYaRon draws from `random`) and CYaRon importable.
 
@@ -26,6 +26,7 @@ import importlib.util
 import os
 import random
 
+from k15jax.rewards import code as code_reward
 from k15jax.rewards import sandbox as sandbox_lib
 
 
@@ -108,7 +109,7 @@ def build_tests(
     out, raw = {}, {}  # (solution, case) -> output tokens (None: the run failed) / text
     for (s, c), r in zip(jobs, runs, strict=True):
         out[(s, c)] = (
-            tuple(sandbox_lib.output_tokens(r.stdout)) if r.verdict == sandbox_lib.PASSED else None
+            tuple(code_reward.output_tokens(r.stdout)) if r.verdict == sandbox_lib.PASSED else None
         )
         raw[(s, c)] = r.stdout
     tests, expected, agreement = [], {}, []

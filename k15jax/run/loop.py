@@ -23,7 +23,7 @@ import time
 import jax
 import numpy as np
 
-from k15jax.data import prompt_sets, sampler
+from k15jax.data import prompt_sets, sampler, screen
 from k15jax.infra import atomic, distributed
 from k15jax.model import convert, decoder, sharding, tokenizer
 from k15jax.rewards import judge as judge_lib
@@ -529,7 +529,7 @@ def removed_lines(setup: Setup) -> list[str]:
     if removed.screened:
         total = len(setup.problems.train) + sum(len(i) for i in removed.screened.values())
         total += len(removed.overlong_train)
-        lines.append(prompt_sets.screen_line(removed.screened, total))
+        lines.append(screen.screen_line(removed.screened, total))
     if removed.sft_held_out or removed.sft_overlong:
         lines.append(
             f"SFT traces left out: {removed.sft_held_out} whose prompt is held out, "

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import jax
 from jax.sharding import Mesh
 
-from k15jax.data import prompt_sets
+from k15jax.data import prompt_sets, screen
 from k15jax.infra import distributed
 from k15jax.model import convert, decoder, sharding, tokenizer
 from k15jax.model.config import ModelConfig
@@ -143,7 +143,7 @@ def load_problems(
 ) -> tuple[prompt_sets.ProblemSet, prompt_sets.Removed]:
     """Returns the run's problems without those it leaves out, and what it left out.
 
-    A JSONL RL pool is screened (`data.screen`, unless `task.screen` is off); prompts over
+    A JSONL RL pool is screened (`screen.screen`, unless `task.screen` is off); prompts over
     `task.max_prompt_tokens` in the RL pool and the held-out set are dropped or refused
     (`task.overlong_prompts`). `encode` applies the prompt template. SFT traces (the pool's
     `response` rows and `task.sft_data`) are left out when their prompt is a held-out problem's,
@@ -159,7 +159,7 @@ def load_problems(
         from_files = (*from_files, *prompt_sets.load_traces(task.sft_data))
     train, screened = problems.train, {}
     if task.data is not None and task.screen:
-        train, screened = prompt_sets.screen(train)
+        train, screened = screen.screen(train)
     fit = functools.partial(
         prompt_sets.drop_overlong,
         encode=encode,
