@@ -4,8 +4,9 @@
 
 Starts, on this machine, (1) one process with 8 CPU devices and (2) two processes with 4 CPU
 devices each, joined by `jax.distributed` on a loopback coordinator with gloo collectives. Each
-runs the same mirror-descent train steps (reference log-probs from the trainer, AdamW, two
-micro-batches, optimizer reset) from the same weights on the same batches, on meshes with data,
+runs the run's RL update (`update.rl_update`: optimizer reset, samples packed by length, two
+micro-batches, reference log-probs from the trainer) from the same weights on the same samples,
+on meshes with data,
 fsdp and tensor axes, and writes its final params; the 2-process run also writes a checkpoint
 (orbax, every process its own shards), which (3) a 1-process run restores onto another mesh.
 Prints, per mesh, the largest parameter difference between (1) and (2), whether (3) restored
@@ -109,7 +110,7 @@ def train(out: str) -> None:
 
     from k15jax.infra import checkpoint, distributed
     from k15jax.model import decoder, sharding
-    from k15jax.train import train_step
+    from k15jax.train import train_step, update
 
     cfg = _model_cfg()
     optimizer = _optimizer()
@@ -123,12 +124,16 @@ def train(out: str) -> None:
         losses = []
         for i in range(_STEPS.value):
             tokens, seg, mask, reward = _batch(i)
-            ref = train_step.reference_logprobs(trainer, state.params, tokens, seg, rows=ROWS)
-            batch = train_step.Batch.for_rl(tokens, mask, ref, reward, seg)
-            state, metrics = train_step.iteration_update(
-                trainer, state, batch, rows=ROWS // 2, where=f"{name} step {i}"
-            )
-            losses.append(metrics[-1]["loss"])
+            samples = update.Samples(  # no engine log-probs: the trainer computes every π_θi
+                tokens_bt=tokens, mask_bt=mask, segment_ids_bt=seg, reward_b=reward,
+                engine_logp_bt=np.zeros(mask.shape, np.float32), current_mask_bt=mask,
+            )  # fmt: skip
+            state, metrics = update.rl_update(
+                trainer, state, samples, rows_per_step=ROWS // 2, micro_batches=2,
+                shards=sharding.batch_shards(mesh), gap=None, max_gap=0.0,
+                where=f"{name} iteration {i}",
+            )  # fmt: skip
+            losses.append(metrics["loss"])
         per_device = sharding.per_device_bytes(state.params)
         params = distributed.host_value(state.params)
         if distributed.is_main():

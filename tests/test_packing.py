@@ -9,9 +9,7 @@ import pytest
 
 from k15jax.model import decoder, sharding
 from k15jax.model.config import ModelConfig
-from k15jax.rollout import partial
-from k15jax.run import loop
-from k15jax.train import losses, packing, sft, train_step
+from k15jax.train import losses, packing, sft, train_step, update
 
 CFG = ModelConfig(  # two layers: the second sees what the first let through the segment mask
     vocab_size=32,
@@ -166,7 +164,7 @@ def test_own_reference_equals_a_separate_pass():
 
 
 def _groups_packed(seed=5):
-    """Returns PackedGroups of 8 samples: rows 5 and 6 hold a segment of an older iteration."""
+    """Returns the update's Samples of 8: rows 5 and 6 hold a segment of an older iteration."""
     batch = _samples(seed=seed)
     rng = np.random.default_rng(seed)
     response = batch.mask_bt
@@ -174,14 +172,13 @@ def _groups_packed(seed=5):
     current[5, 2:4] = 0  # resumed samples: their first tokens come from iteration - 1
     current[6, 2:3] = 0
     engine = np.where(response > 0, -7.0 - rng.random(response.shape), 0).astype(np.float32)
-    return partial.PackedGroups(
+    return update.Samples(
         tokens_bt=batch.tokens_bt,
         mask_bt=response,
-        rollout_logp_bt=engine,
         segment_ids_bt=batch.segment_ids_bt,
-        response_mask_bt=response,
+        engine_logp_bt=engine,
         current_mask_bt=current,
-        lengths_b=response.sum(axis=1).astype(int),
+        reward_b=batch.reward_b,
     )
 
 
@@ -189,7 +186,7 @@ def _groups_packed(seed=5):
 def test_engine_reference_only_for_current_segments(trainer, gap, engine_rows):
     params = decoder.init(CFG, jax.random.key(6))
     packed = _groups_packed()
-    ref, recompute = loop.iteration_reference(
+    ref, recompute = update.reference(
         trainer, params, packed, first=2, gap=gap, max_gap=1e-3, block=2
     )
     trainer_logp = np.asarray(trainer.logprobs(params, packed.tokens_bt, packed.segment_ids_bt)) * (
@@ -199,14 +196,52 @@ def test_engine_reference_only_for_current_segments(trainer, gap, engine_rows):
     for j in range(8):
         if j < 2:  # the first step: its own pass; the engine's values only where current
             assert not recompute[j]
-            np.testing.assert_array_equal(ref[j][loss[j]], packed.rollout_logp_bt[j][loss[j]])
+            np.testing.assert_array_equal(ref[j][loss[j]], packed.engine_logp_bt[j][loss[j]])
         elif j in engine_rows:
             assert not recompute[j]
-            np.testing.assert_array_equal(ref[j][loss[j]], packed.rollout_logp_bt[j][loss[j]])
+            np.testing.assert_array_equal(ref[j][loss[j]], packed.engine_logp_bt[j][loss[j]])
         else:  # older segments (rows 5, 6) always, the rest when the engine is not trusted
             assert recompute[j]
             np.testing.assert_allclose(ref[j][loss[j]], trainer_logp[j][loss[j]], atol=1e-5)
     assert recompute[5] and recompute[6]
+
+
+def test_packed_rl_update_equals_unpacked_steps():
+    """`update.rl_update` (optimizer reset, samples packed by length, the first step its own
+    reference, later steps θ_i's log-probs) ends where plain one-sample-per-row steps from a fresh
+    optimizer, with θ_i's log-probs as every reference, end."""
+    mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+    # momentum SGD: its trace makes the reset matter and, linear in the gradient, it keeps
+    # packing's summation-order noise at rounding size (Adam's 1/sqrt(v) enlarges it)
+    opt = optax.sgd(0.1, momentum=0.9)
+    trainer = train_step.make_trainer(CFG, opt, train_step.StepConfig(tau=TAU, group_size=K), mesh)
+    params = decoder.init(CFG, jax.random.key(7))
+    samples = _groups_packed(seed=8)
+    # a state whose optimizer has moved: the update must start from a fresh optimizer
+    batch0 = _samples(seed=9)
+    moved, _ = train_step.checked_step(
+        trainer, train_step.init_state(params, CFG, opt, mesh), batch0, where="warm"
+    )
+    theta_i = jax.device_get(moved.params)
+    got, m = update.rl_update(
+        trainer, moved, samples, rows_per_step=K, micro_batches=1, shards=1,
+        gap=None, max_gap=1e-3, where="test",
+    )  # fmt: skip
+    assert m["optimizer_steps"] == 2 and m["reference_recomputed"] == 0.5  # rows 4-7
+    ref = np.asarray(trainer.logprobs(theta_i, samples.tokens_bt, samples.segment_ids_bt))
+    want = train_step.init_state(theta_i, CFG, opt, mesh)
+    for rows in (slice(0, K), slice(K, 2 * K)):
+        plain = train_step.Batch(
+            tokens_bt=samples.tokens_bt[rows],
+            mask_bt=samples.mask_bt[rows],
+            ref_logp_bt=ref[rows],
+            reward_b=samples.reward_b[rows],
+            segment_ids_bt=samples.segment_ids_bt[rows],
+            valid_b=np.ones(K, np.float32),
+        )
+        want, _ = train_step.checked_step(trainer, want, plain, where="reference")
+    _close(jax.device_get(got.params), jax.device_get(want.params))
+    _close(jax.device_get(got.opt_state), jax.device_get(want.opt_state))
 
 
 def test_packed_sft_batch_equals_unpacked():

@@ -219,15 +219,3 @@ def pack(groups: list[Group], *, iteration: int, loss_segments: str, pad_to: int
         rlogp[i, p : p + n] = [lp for sg in s.segments for lp in sg.logprobs]
     lengths = np.array([s.length for s in samples])
     return PackedGroups(tokens, mask, rlogp, seg, resp, current, lengths)
-
-
-def logprob_mismatch(rollout_logp_bt, trainer_logp_bt, response_mask_bt) -> dict[str, float]:
-    """Returns mean and max |engine log-prob - trainer log-prob| over response tokens."""
-    diff = np.abs(np.asarray(rollout_logp_bt) - np.asarray(trainer_logp_bt))
-    m = np.asarray(response_mask_bt) > 0
-    if not m.any():
-        return {"logprob_mismatch_mean": 0.0, "logprob_mismatch_max": 0.0}
-    return {
-        "logprob_mismatch_mean": float(diff[m].mean()),
-        "logprob_mismatch_max": float(diff[m].max()),
-    }

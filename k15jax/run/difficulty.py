@@ -94,8 +94,8 @@ def filter_problems(
     max_pass_rate: float = 1.0,
 ) -> tuple[list[prompt_sets.Problem], np.ndarray]:
     """Returns (kept problems, their pass rates): drops pass rate >= max_pass_rate (when 1.0:
-    only the always-solved) and, if given, the easy-to-hack ones."""
-    keep = rates < max_pass_rate if max_pass_rate < 1.0 else rates < 1.0
+    only the always-solved; inf: none) and, if given, the easy-to-hack ones."""
+    keep = rates < max_pass_rate
     if hackable is not None:
         keep &= ~hackable
     idx = np.flatnonzero(keep)

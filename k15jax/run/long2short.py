@@ -35,7 +35,7 @@ from k15jax.rewards import length as length_reward
 from k15jax.rollout import engines
 from k15jax.run import run_setup
 from k15jax.run.run_config import ConfigError, RunConfig
-from k15jax.train import train_step
+from k15jax.train import train_step, update
 
 
 class MergeError(ValueError):
@@ -321,19 +321,22 @@ def train_dpo(
     prompts = [setup.prompt_ids(p) for p in setup.problems.train]
     tokens, mask, seg = pair_rows(pairs, prompts, seq_len=setup.cfg.seq_len)
     ref = train_step.reference_logprobs(trainer, state.params, tokens, seg, rows=rows)
+
+    def batches():
+        for i in range(cfg.steps):
+            pick = np.random.default_rng([seed, 3, i]).integers(0, len(pairs), cfg.pairs_per_step)
+            idx = np.stack([2 * pick, 2 * pick + 1], axis=1).reshape(-1)  # keep pairs adjacent
+            yield train_step.Batch(
+                tokens_bt=tokens[idx],
+                mask_bt=mask[idx],
+                ref_logp_bt=ref[idx],
+                reward_b=np.zeros(rows, np.float32),
+                segment_ids_bt=seg[idx],
+                valid_b=np.ones(rows, np.float32),
+            )
+
     history = []
-    for i in range(cfg.steps):
-        pick = np.random.default_rng([seed, 3, i]).integers(0, len(pairs), cfg.pairs_per_step)
-        idx = np.stack([2 * pick, 2 * pick + 1], axis=1).reshape(-1)  # keep pairs adjacent
-        batch = train_step.Batch(
-            tokens_bt=tokens[idx],
-            mask_bt=mask[idx],
-            ref_logp_bt=ref[idx],
-            reward_b=np.zeros(rows, np.float32),
-            segment_ids_bt=seg[idx],
-            valid_b=np.ones(rows, np.float32),
-        )
-        state, m = train_step.checked_step(trainer, state, batch, where=f"DPO step {i}")
+    for i, (state, m) in enumerate(update.run_steps(trainer, state, batches(), where="DPO")):
         history.append({"step": i, **m})
     return jax.device_get(state.params), history
 

@@ -33,7 +33,7 @@ from k15jax.rollout import engines, partial, servers
 from k15jax.run import difficulty, report, run_config, run_state
 from k15jax.run.run_config import ConfigError, RunConfig, as_json, check_out_dir
 from k15jax.run.run_setup import Setup, evaluate, prepare
-from k15jax.train import packing, preflight, sft, train_step
+from k15jax.train import preflight, sft, train_step, update
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +60,8 @@ def run_sft(setup: Setup, progress) -> tuple[decoder.Params, list[dict]]:
     state, start = restored or (run_state.SftState(fresh), 0)
     bar = progress(total=cfg.sft.steps, initial=start, desc="SFT")
     shards = sharding.batch_shards(trainer.mesh)
-    for i in range(start, cfg.sft.steps):
-        batch = sft.batch(
+    batches = (
+        sft.batch(
             examples,
             step=i,
             seed=cfg.seed,
@@ -69,10 +69,11 @@ def run_sft(setup: Setup, progress) -> tuple[decoder.Params, list[dict]]:
             seq_len=cfg.seq_len,
             multiple=shards,
         )
-        t0 = time.perf_counter()
-        train, m = train_step.checked_step(trainer, state.train, batch, where=f"SFT step {i}")
-        tokens_per_s = float((batch.segment_ids_bt > 0).sum()) / (time.perf_counter() - t0)
-        entry = {"step": i, "loss": m["loss"], "train_tokens_per_s": tokens_per_s}
+        for i in range(start, cfg.sft.steps)
+    )
+    steps = update.run_steps(trainer, state.train, batches, where="SFT", start=start)
+    for i, (train, m) in enumerate(steps, start):
+        entry = {"step": i, "loss": m["loss"], "train_tokens_per_s": m["tokens"] / m["seconds"]}
         state = run_state.SftState(train, (*state.history, entry))
         bar.update(1)
         bar.set_postfix(loss=f"{m['loss']:.3f}")
@@ -137,15 +138,17 @@ def select_problems(setup: Setup, engine) -> dict:
             seed=cfg.seed + 2,
             encode_raw=setup.tok.encode,
         )
-    solved = (rates >= 1.0) & ~hackable if cfg.rl.drop_solved else np.zeros(len(pool), bool)
-    keep = np.flatnonzero(~hackable & ~solved)
+    max_rate = 1.0 if cfg.rl.drop_solved else np.inf
+    kept, kept_rates = difficulty.filter_problems(
+        pool, rates, hackable=hackable, max_pass_rate=max_rate
+    )
     return {
-        "train_ids": [pool[i].id for i in keep],
-        "rates": rates[keep].tolist(),
+        "train_ids": [p.id for p in kept],
+        "rates": kept_rates.tolist(),
         "pool": len(pool),
         "easy_to_hack": int(hackable.sum()),
         "easy_to_hack_tries": cfg.rl.easy_to_hack_tries,
-        "solved": int(solved.sum()),
+        "solved": int(((rates >= max_rate) & ~hackable).sum()),
         "mean_pass_rate": float(rates.mean()),
     }
 
@@ -198,7 +201,7 @@ def rl_iteration(
                 loss_segments=setup.cfg.partial.loss_segments,
                 pad_to=setup.cfg.seq_len,
             )
-            arrays = {**dataclasses.asdict(packed), "reward_b": rewards}
+            arrays = dataclasses.asdict(_samples(packed, rewards))
         metrics["seconds_rollout"] = t_score - t0
         metrics["seconds_score"] = time.perf_counter() - t_score
         meta = {"sampler": drawn.sampler.to_json(), "buffer": drawn.buffer.to_json()}
@@ -213,17 +216,33 @@ def rl_iteration(
     metrics = meta["metrics"]
     if not arrays:
         return state, metrics
-    reward_b = arrays.pop("reward_b")
-    packed = partial.PackedGroups(**arrays)
-    gap = next((m["logprob_mismatch_mean"] for m in state.history[::-1] if "loss" in m), None)
-    train, train_metrics = _train(setup, trainer, state.train, packed, reward_b, iteration, gap)
+    rl = setup.cfg.rl
+    train, train_metrics = update.rl_update(
+        trainer, state.train, update.Samples(**arrays),
+        rows_per_step=rl.rows_per_step, micro_batches=rl.micro_batches,
+        shards=sharding.batch_shards(trainer.mesh), gap=state.engine_gap,
+        max_gap=rl.engine_reference_max_gap, where=f"RL iteration {iteration}",
+    )  # fmt: skip
     t_publish = time.perf_counter()
     params = distributed.host_value(train.params)  # every process: a collective
     if engine is not None:
         engine.load_weights(params)
     now = time.perf_counter()
     metrics = {**metrics, **train_metrics, "seconds_publish": now - t_publish, "seconds": now - t0}
-    return dataclasses.replace(state, train=train), metrics
+    gap = train_metrics["logprob_mismatch_mean"]
+    return dataclasses.replace(state, train=train, engine_gap=gap), metrics
+
+
+def _samples(packed: partial.PackedGroups, rewards) -> update.Samples:
+    """Returns the update's view of the packed groups and their rewards."""
+    return update.Samples(
+        tokens_bt=packed.tokens_bt,
+        mask_bt=packed.mask_bt,
+        segment_ids_bt=packed.segment_ids_bt,
+        engine_logp_bt=packed.rollout_logp_bt,
+        current_mask_bt=packed.current_mask_bt,
+        reward_b=np.asarray(rewards, np.float32),
+    )
 
 
 def _sleep(engine) -> None:
@@ -259,115 +278,6 @@ def _rollout(setup: Setup, engine, state: run_state.RlState, pool, iteration: in
     if isinstance(engine, servers.ServerPool):  # what happened on the servers: failures, retries
         metrics.update({f"servers/{k}": v for k, v in engine.take_metrics().items()})
     return dataclasses.replace(state, sampler=drawn_state, buffer=buffer), groups, metrics
-
-
-def _train(
-    setup: Setup, trainer, train, packed: partial.PackedGroups, rewards, iteration: int, gap
-):
-    """The mirror-descent update on the finished groups `packed`; returns (state, metrics).
-
-    Each optimizer step takes `rl.groups_per_step` groups, packed into rows by length
-    (`packing`). π_{θ_i} comes from three places, none computed twice: the first step's own
-    forward pass for its samples; the engine's sampling log-probs for later steps' samples
-    whose loss tokens were all generated this iteration, when the engine's last measured gap
-    `gap` (mean |log-prob difference|, from the previous iteration's first step) is at most
-    `rl.engine_reference_max_gap`; a trainer pass for the rest.
-    """
-    rl = setup.cfg.rl
-    per_step = rl.rows_per_step
-    n, seq_len = packed.tokens_bt.shape
-    lengths = packed.segment_ids_bt.sum(axis=1)
-    steps = [np.arange(a, min(a + per_step, n)) for a in range(0, n, per_step)]
-    t_ref = time.perf_counter()
-    ref, recompute = iteration_reference(
-        trainer, train.params, packed, first=len(steps[0]), gap=gap,
-        max_gap=rl.engine_reference_max_gap, block=_reference_block(setup, trainer),
-    )  # fmt: skip
-    t0 = time.perf_counter()
-    train = train_step.reset_optimizer(train, trainer.optimizer)
-    metrics, real_rows = [], 0
-    for k, idx in enumerate(steps):
-        batch, rows = _packed_step(
-            packed, ref, rewards, idx, per_step, rl.micro_batches,
-            shards=sharding.batch_shards(trainer.mesh), self_ref=k == 0,
-        )  # fmt: skip
-        real_rows += rows
-        train, m = train_step.checked_step(trainer, train, batch, where=f"RL iteration {iteration}")
-        metrics.append(m)
-    tokens_per_s = float(lengths.sum()) / (time.perf_counter() - t0)
-    first_m = metrics[0]
-    out = {
-        "seconds_reference": t0 - t_ref,
-        "seconds_update": time.perf_counter() - t0,
-        **report.mean_step_metrics(metrics),
-        "logprob_mismatch_mean": first_m["engine_gap_mean"],
-        "logprob_mismatch_max": first_m["engine_gap_max"],
-        "train_tokens_per_s": tokens_per_s,
-        "reference_recomputed": float(recompute.mean()),
-        "packed_rows": real_rows,
-    }
-    return train, out
-
-
-def iteration_reference(
-    trainer, params, packed: partial.PackedGroups, *, first, gap, max_gap, block
-):
-    """Returns (π_{θ_i} log-probs [b, t] for the update, 1/0 recomputed by the trainer [b]).
-
-    Rows `:first` (the first step's samples) get the engine's log-probs where generated this
-    iteration and NaN elsewhere: their reference is the step's own pass, the engine's values are
-    only compared with it. Later samples whose loss tokens all come from this iteration get the
-    engine's log-probs when `gap` (None: not measured yet) is at most `max_gap`; every other
-    sample (older segments, or the engine not trusted) is recomputed by the trainer with
-    `params` (θ_i), on packed rows, `block` rows at a time (one compiled shape).
-    """
-    n, seq_len = packed.tokens_bt.shape
-    current = packed.current_mask_bt > 0
-    current_only = ((packed.mask_bt > 0) <= current).all(axis=1)
-    engine_ok = gap is not None and gap <= max_gap
-    recompute = (np.arange(n) >= first) & ~(current_only & engine_ok)
-    ref = np.where(current, packed.rollout_logp_bt, 0.0).astype(np.float32)
-    if recompute.any():
-        idx = np.flatnonzero(recompute)
-        lay = packing.layout(packed.segment_ids_bt[idx].sum(axis=1), cols=seq_len, block=block)
-        logp = train_step.reference_logprobs(
-            trainer,
-            params,
-            packing.pack(packed.tokens_bt[idx], lay),
-            packing.segment_ids(lay),
-            rows=block,
-        )
-        ref[idx] = packing.unpack(logp, lay, seq_len)
-    ref[:first] = np.where(current[:first], packed.rollout_logp_bt[:first], np.nan)
-    return ref, recompute.astype(np.float32)
-
-
-def _reference_block(setup: Setup, trainer) -> int:
-    """Returns the rows per call of the reference pass: a bucket of the step, whole shards."""
-    shards = sharding.batch_shards(trainer.mesh)
-    size = packing.bucket(1, setup.cfg.rl.rows_per_step)
-    return -(-size // shards) * shards
-
-
-def _packed_step(packed, ref, rewards, idx, per_step: int, micro: int, *, shards, self_ref):
-    """Returns (the Batch of samples `idx` packed by length, its row count); the samples are
-    padded to `per_step` (valid 0, no tokens) so that only the row count changes shape."""
-    pad = per_step - len(idx)
-    take = lambda x: np.concatenate([x[idx], np.zeros((pad, *x.shape[1:]), x.dtype)])
-    lengths = take(packed.segment_ids_bt.sum(axis=1))
-    lay = packing.layout(lengths, cols=packed.tokens_bt.shape[1], parts=micro, multiple=shards)
-    valid = take(np.ones(len(packed.tokens_bt), np.float32))
-    batch = train_step.Batch(
-        tokens_bt=packing.pack(take(packed.tokens_bt), lay),
-        mask_bt=packing.pack(take(packed.mask_bt), lay),
-        ref_logp_bt=packing.pack(take(ref), lay),
-        reward_b=take(np.asarray(rewards, np.float32)),
-        segment_ids_bt=packing.segment_ids(lay),
-        valid_b=valid,
-        sample_bt=packing.sample_ids(lay),
-        self_ref_b=valid * float(self_ref),
-    )
-    return batch, lay.rows
 
 
 def run_rl(

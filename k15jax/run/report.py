@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 
-import numpy as np
-
 from k15jax.infra import atomic
 
 PLOTS = (
@@ -21,15 +19,6 @@ PLOTS = (
     ("train_tokens_per_s", "training tokens/s"),
     ("judge_agreement", "judge agreement with the rules"),
 )
-
-
-STEP_METRICS = ("loss", "delta_mean", "delta_abs_mean", "zero_variance_groups", "grad_norm")
-
-
-def mean_step_metrics(steps: list[dict]) -> dict:
-    """Returns the iteration's mean of each optimizer step's `STEP_METRICS`, and the step count."""
-    out = {key: float(np.mean([m[key] for m in steps])) for key in STEP_METRICS}
-    return dict(out, optimizer_steps=len(steps))
 
 
 def eval_line(name: str, result: dict) -> str:

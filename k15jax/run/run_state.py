@@ -35,6 +35,9 @@ class RlState:
     buffer: partial.ReplayBuffer  # groups left unfinished by earlier iterations
     history: tuple[dict, ...]  # one entry per RL iteration
     train_ids: tuple[str, ...]  # the RL pool after the difficulty filter; sampler index order
+    # mean |engine - trainer| log-prob of the last update's first step (None: not measured yet);
+    # decides whether the next update may use the engine's log-probs as π_θi
+    engine_gap: float | None = None
 
     def to_json(self) -> dict:
         return {
@@ -42,16 +45,23 @@ class RlState:
             "buffer": self.buffer.to_json(),
             "history": list(self.history),
             "train_ids": list(self.train_ids),
+            "engine_gap": self.engine_gap,
         }
 
     @classmethod
     def from_json(cls, train: train_step.TrainState, obj: dict) -> RlState:
+        history = tuple(obj["history"])
+        if "engine_gap" in obj:
+            gap = obj["engine_gap"]
+        else:  # a checkpoint from before the field: the last update's measurement
+            gap = next((m["logprob_mismatch_mean"] for m in history[::-1] if "loss" in m), None)
         return cls(
             train=train,
             sampler=sampler.SamplerState.from_json(obj["sampler"]),
             buffer=partial.ReplayBuffer.from_json(obj["buffer"]),
-            history=tuple(obj["history"]),
+            history=history,
             train_ids=tuple(obj["train_ids"]),
+            engine_gap=gap,
         )
 
 

@@ -8,7 +8,8 @@ step; a step whose loss or gradients are not finite is refused: params and optim
 as they were and `metrics["skipped"] = 1`.
 
 `make_trainer` bundles the jitted step and log-prob functions of one run; `reference_logprobs`
-and `train_epoch` run them over a whole iteration's rows in fixed-size blocks.
+runs the log-probs over many rows in fixed-size blocks. The RL update built on them is
+`train.update`.
 """
 
 from __future__ import annotations
@@ -65,18 +66,6 @@ class Batch:
             reward_b=np.zeros((b,), np.float32),
             segment_ids_bt=segment_ids_bt,
             valid_b=np.ones((b,), np.float32) if valid_b is None else valid_b,
-        )
-
-    @classmethod
-    def for_rl(cls, tokens_bt, mask_bt, ref_logp_bt, reward_b, segment_ids_bt) -> Batch:
-        """Returns a mirror-descent batch in which every row is real."""
-        return cls(
-            tokens_bt=tokens_bt,
-            mask_bt=mask_bt,
-            ref_logp_bt=ref_logp_bt,
-            reward_b=reward_b,
-            segment_ids_bt=segment_ids_bt,
-            valid_b=np.ones(np.shape(reward_b), np.float32),
         )
 
 
@@ -362,33 +351,6 @@ def reference_logprobs(
         logp = distributed.host_value(logp)
         out[idx[valid > 0]] = logp[valid > 0]
     return out
-
-
-def iteration_update(
-    trainer: Trainer, state: TrainState, batch: Batch, *, rows: int, where: str
-) -> tuple[TrainState, list[dict[str, float]]]:
-    """Returns (state, per-step metrics) of one k1.5 iteration's update: the optimizer state
-    is reset (the paper resets it every iteration), then `train_epoch` over `batch`."""
-    return train_epoch(
-        trainer, reset_optimizer(state, trainer.optimizer), batch, rows=rows, where=where
-    )
-
-
-def train_epoch(
-    trainer: Trainer, state: TrainState, batch: Batch, *, rows: int, where: str
-) -> tuple[TrainState, list[dict[str, float]]]:
-    """Returns (state, per-step metrics) after one optimizer step per block of `rows` rows.
-
-    `batch` holds every row of the phase as host arrays. A refused (non-finite) step raises
-    `FloatingPointError` naming `where`; the state passed in was donated to that step.
-    """
-    metrics = []
-    for idx, valid in row_blocks(batch.reward_b.shape[0], rows):
-        block = jax.tree.map(lambda x: x[idx], batch)
-        block = block.replace(mask_bt=block.mask_bt * valid[:, None], valid_b=valid)
-        state, m = checked_step(trainer, state, block, where=where)
-        metrics.append(m)
-    return state, metrics
 
 
 def checked_step(
