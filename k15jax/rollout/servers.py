@@ -557,3 +557,10 @@ def _sampling_params(spec: engines.SamplingSpec, max_tokens: int, seed: int | No
             "min_count": spec.repeat.min_count,
         }
     return params
+
+
+def make_engine(model_dir: str, vcfg: engines.VllmConfig, pool: ServerPoolConfig | None):
+    """Returns the run's rollout engine: vLLM in this process, or a pool of vLLM servers."""
+    if pool is None:
+        return engines.VllmEngine(model_dir, vcfg)
+    return ServerPool(model_dir, vcfg, pool)

@@ -31,7 +31,7 @@ from k15jax.rewards import sandbox as sandbox_lib
 from k15jax.rewards import scoring
 from k15jax.rollout import engines, partial, servers
 from k15jax.run import difficulty, report, run_config, run_state
-from k15jax.run.run_config import ConfigError, RunConfig, as_json, check_out_dir
+from k15jax.run.run_config import RunConfig, as_json
 from k15jax.run.run_setup import Setup, evaluate, prepare
 from k15jax.train import preflight, sft, train_step, update
 
@@ -348,13 +348,6 @@ def check_memory(setup: Setup, console) -> None:
     console(preflight.check(cfg.preflight, plans, setup.model_cfg, setup.mesh, rl.micro_batches))
 
 
-def make_engine(model_dir: str, vcfg: engines.VllmConfig, pool: servers.ServerPoolConfig | None):
-    """Returns the run's rollout engine: vLLM in this process, or a pool of vLLM servers."""
-    if pool is None:
-        return engines.VllmEngine(model_dir, vcfg)
-    return servers.ServerPool(model_dir, vcfg, pool)
-
-
 def make_grader(setup: Setup, stack: contextlib.ExitStack) -> scoring.Grader | None:
     """Returns the run's judge grader on its own vLLM engine (closed by `stack`), or None when
     the rules grade alone."""
@@ -397,7 +390,7 @@ def _sft_and_rl(setup: Setup, engine, progress, console) -> tuple[decoder.Params
                 vcfg = run_config.engine_config(cfg)
                 publish = os.path.join(vcfg.publish_dir, f"run-{os.getpid()}")
                 vcfg = dataclasses.replace(vcfg, publish_dir=publish)
-                engine = make_engine(hf_dir, vcfg, cfg.servers)
+                engine = servers.make_engine(hf_dir, vcfg, cfg.servers)
                 stack.callback(engine.close)
             else:
                 engine.load_weights(params)
@@ -467,40 +460,6 @@ def removed_counts(setup: Setup) -> dict:
     return counts
 
 
-def _check_out_dir_everywhere(cfg: RunConfig) -> None:
-    """`check_out_dir` on process 0; its refusal is raised on every process (the others would
-    otherwise wait for process 0 at the next collective)."""
-
-    def decide():
-        try:
-            check_out_dir(cfg)
-        except ConfigError as err:
-            return {}, {"refused": str(err)}
-        return {}, {"refused": None}
-
-    _, meta = distributed.from_main(decide)
-    if meta["refused"] is not None:
-        if distributed.is_main():
-            raise ConfigError(meta["refused"])
-        raise ConfigError(f"process 0 refused the run: {meta['refused']}")
-
-
-class _Quiet:
-    """The progress bar of a process other than 0: prints nothing."""
-
-    def __init__(self, **kw):
-        pass
-
-    def update(self, n=1):
-        pass
-
-    def set_postfix(self, **kw):
-        pass
-
-    def close(self):
-        pass
-
-
 def run(cfg: RunConfig, *, engine=None, progress=None, console=print) -> dict:
     """Runs SFT warm-up, evaluation, RL and evaluation; writes the report; returns results.
 
@@ -517,9 +476,9 @@ def run(cfg: RunConfig, *, engine=None, progress=None, console=print) -> dict:
     main = distributed.is_main()
     progress = progress or (lambda **kw: tqdm(**kw, leave=False))
     if not main:
-        progress, console = _Quiet, lambda *a, **k: None
+        progress, console = report.Quiet, lambda *a, **k: None
     t_start = time.perf_counter()
-    _check_out_dir_everywhere(cfg)
+    run_config.check_out_dir_everywhere(cfg)
     with contextlib.ExitStack() as stack:
         box = None
         if cfg.task.reward == "code" and main:

@@ -231,3 +231,19 @@ def write(out_dir: str, config: dict, sft_history, rl_history, results: dict) ->
     lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     lines += ["", "## Configuration", "", "```json", json.dumps(config, indent=2), "```", ""]
     atomic.write_text(os.path.join(out_dir, "report.md"), "\n".join(lines))
+
+
+class Quiet:
+    """The progress bar of a process other than 0: prints nothing."""
+
+    def __init__(self, **kw):
+        pass
+
+    def update(self, n=1):
+        pass
+
+    def set_postfix(self, **kw):
+        pass
+
+    def close(self):
+        pass

@@ -13,7 +13,7 @@ import json
 import os
 
 from k15jax.data import prompt_sets, sampler
-from k15jax.infra import atomic, checkpoint
+from k15jax.infra import atomic, checkpoint, distributed
 from k15jax.model.config import ModelConfig
 from k15jax.rewards import length as length_reward
 from k15jax.rewards import sandbox as sandbox_lib
@@ -242,3 +242,21 @@ def _first_difference(path: str, mine, theirs) -> str:
             if mine.get(key) != theirs.get(key):
                 return _first_difference(f"{path}.{key}", mine.get(key), theirs.get(key))
     return f"{path}: saved {theirs!r}, now {mine!r}"
+
+
+def check_out_dir_everywhere(cfg: RunConfig) -> None:
+    """`check_out_dir` on process 0; its refusal is raised on every process (the others would
+    otherwise wait for process 0 at the next collective)."""
+
+    def decide():
+        try:
+            check_out_dir(cfg)
+        except ConfigError as err:
+            return {}, {"refused": str(err)}
+        return {}, {"refused": None}
+
+    _, meta = distributed.from_main(decide)
+    if meta["refused"] is not None:
+        if distributed.is_main():
+            raise ConfigError(meta["refused"])
+        raise ConfigError(f"process 0 refused the run: {meta['refused']}")
