@@ -6,7 +6,7 @@ launcher (a shell loop, SLURM, Kubernetes): every process runs the same command,
 itself (`JAX_COORDINATOR_ADDRESS`, a SLURM or Open MPI launch of several tasks, or with `auto`
 any cluster JAX detects, such as Kubernetes with the `kubernetes` package).
 
-Division of work (`loop.py`): every process holds the full host copy of each batch and feeds the
+Division of work (`run/loop.py`): every process holds the full host copy of each batch and feeds the
 shards its own devices hold (`put`), runs every jitted step, and writes its shards of each
 checkpoint (orbax). **Process 0 alone owns rollouts, scoring, the sampler and the logs**: the
 prompt sampler, the replay buffer of partial rollouts and the metric history are one
