@@ -61,8 +61,11 @@ _DPO_PAIRS = flags.DEFINE_integer("dpo_pairs_per_step", _DPO.pairs_per_step, "DP
 _DPO_LR = flags.DEFINE_float("dpo_learning_rate", _DPO.learning_rate, "DPO learning rate.")
 _DPO_BETA = flags.DEFINE_float("dpo_beta", _DPO.beta, "DPO β.")
 _RULES = long2short.PairRules()
-_DPO_WRONG = flags.DEFINE_bool(
-    "dpo_reject_wrong", _RULES.reject_wrong, "DPO: wrong responses are rejected."
+_DPO_WRONG = flags.DEFINE_enum(
+    "dpo_wrong",
+    _RULES.wrong,
+    list(long2short.WRONG_RULES),
+    "DPO: the wrong responses rejected: longer (than the chosen; the paper), all, or none.",
 )
 _DPO_RATIO = flags.DEFINE_float(
     "dpo_length_ratio",
@@ -96,7 +99,7 @@ def dpo_config() -> long2short.DpoConfig:
 
 
 def pair_rules() -> long2short.PairRules:
-    return long2short.PairRules(reject_wrong=_DPO_WRONG.value, length_ratio=_DPO_RATIO.value)
+    return long2short.PairRules(wrong=_DPO_WRONG.value, length_ratio=_DPO_RATIO.value)
 
 
 def rl_config(cfg: RunConfig) -> RunConfig:

@@ -105,11 +105,26 @@ def test_pairs_are_exactly_the_wrong_and_the_long_correct():
     only_wrong = long2short.preference_pairs(GROUPS, long2short.PairRules(length_ratio=0))
     assert only_wrong == [long2short.Pair(0, chosen, (9, 9, 9))]
     only_long = long2short.preference_pairs(
-        GROUPS, long2short.PairRules(reject_wrong=False, length_ratio=3.5)
+        GROUPS, long2short.PairRules(wrong="none", length_ratio=3.5)
     )
     assert only_long == [long2short.Pair(0, chosen, (1,) * 7)]
     with pytest.raises(ValueError, match="length_ratio=0.5"):
         long2short.PairRules(length_ratio=0.5)
+
+
+def test_a_wrong_response_not_longer_than_the_chosen_is_no_negative_by_default():
+    # k1.5 §2.4: negatives are the *longer* wrong responses. Chosen: the 3-token correct one;
+    # the wrong ones have 1 (shorter), 3 (as long) and 4 tokens (longer).
+    group = [S(0, (1, 2, 3), True), S(0, (4,), False), S(0, (5, 6, 7), False),
+             S(0, (8,) * 4, False)]  # fmt: skip
+    chosen = (1, 2, 3)
+    paper = long2short.preference_pairs([group], long2short.PairRules())
+    assert paper == [long2short.Pair(0, chosen, (8, 8, 8, 8))]
+    every = long2short.preference_pairs([group], long2short.PairRules(wrong="all"))
+    assert every == [long2short.Pair(0, chosen, s.token_ids) for s in group[1:]]
+    assert long2short.preference_pairs([group], long2short.PairRules(wrong="none")) == []
+    with pytest.raises(ValueError, match="wrong='shorter'"):
+        long2short.PairRules(wrong="shorter")
 
 
 def test_pair_rows_put_chosen_then_rejected_with_response_masks():
@@ -351,7 +366,7 @@ def test_long2short_flags_reach_the_configs():
     f.unparse_flags()
     f(["prog", "--out_dir=/x", "--l2s_max_length=48", "--l2s_length_weight=0.7",
        "--l2s_iterations=3", "--short_max_length=24", "--short_sft_steps=7",
-       "--dpo_length_ratio=2", "--nodpo_reject_wrong", "--dpo_beta=0.2"])  # fmt: skip
+       "--dpo_length_ratio=2", "--dpo_wrong=none", "--dpo_beta=0.2"])  # fmt: skip
     try:
         cfg = rl.make_config()
         rl_cfg = script.rl_config(cfg)
@@ -360,7 +375,7 @@ def test_long2short_flags_reach_the_configs():
         short = script.short_config(cfg)
         assert short.task.short_fraction == 1.0 and short.sft.steps == 7
         assert short.partial.max_length == 24 and short.out_dir == "/x/short"
-        assert script.pair_rules() == long2short.PairRules(reject_wrong=False, length_ratio=2)
+        assert script.pair_rules() == long2short.PairRules(wrong="none", length_ratio=2)
         assert script.dpo_config().beta == 0.2
     finally:
         f.unparse_flags()

@@ -5,9 +5,9 @@ Each method turns a long-CoT model into one that answers in fewer tokens:
 - merge: the weighted mean of two checkpoints of one architecture (`merge_params`);
 - shortest rejection sampling: n samples per prompt, the shortest correct one becomes an SFT
   example (`shortest_correct`, `sft_traces`), trained by the run's own SFT phase;
-- DPO: the shortest correct response is chosen, the wrong ones and the correct ones at least
-  `length_ratio` times longer are rejected (`preference_pairs`); `train_dpo` runs the "dpo"
-  objective of `train_step` against the frozen starting model;
+- DPO: the shortest correct response is chosen, the wrong ones longer than it and the correct
+  ones at least `length_ratio` times longer are rejected (`preference_pairs`); `train_dpo` runs
+  the "dpo" objective of `train_step` against the frozen starting model;
 - long2short RL: the RL loop with a stronger length reward and a much smaller maximum rollout
   length (`rl_preset`).
 
@@ -60,14 +60,24 @@ class Pair:
     rejected: tuple[int, ...]
 
 
+WRONG_RULES = ("longer", "all", "none")  # `PairRules.wrong`
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PairRules:
-    """Which responses of a prompt are rejected against its shortest correct one (chosen)."""
+    """Which responses of a prompt are rejected against its shortest correct one (chosen).
 
-    reject_wrong: bool = True  # every wrong response
+    `wrong`: which wrong responses are rejected. "longer" (the paper's "longer wrong
+    responses", k1.5 §2.4): those with more tokens than the chosen; "all": every wrong one,
+    a shorter one too (a pair that also teaches "longer is better"); "none": no wrong one.
+    """
+
+    wrong: str = "longer"
     length_ratio: float = 1.5  # correct responses at least this many times longer; 0: none
 
     def __post_init__(self):
+        if self.wrong not in WRONG_RULES:
+            raise ValueError(f"wrong={self.wrong!r} must be one of {WRONG_RULES}")
         if self.length_ratio != 0 and self.length_ratio < 1:
             raise ValueError(f"length_ratio={self.length_ratio} must be 0 (off) or >= 1")
 
@@ -199,9 +209,9 @@ def shortest_correct(groups: Sequence[Sequence[Scored]]) -> tuple[list[Scored], 
 def preference_pairs(groups: Sequence[Sequence[Scored]], rules: PairRules) -> list[Pair]:
     """Returns the DPO pairs of every prompt: (shortest correct, each rejected response).
 
-    Rejected (k1.5 §2.4): with `rules.reject_wrong`, every wrong response; with
-    `rules.length_ratio` r > 0, every correct response of at least r times the chosen's tokens.
-    A prompt without a correct response gives no pair.
+    Rejected (k1.5 §2.4): the wrong responses `rules.wrong` names (default: those longer than
+    the chosen); with `rules.length_ratio` r > 0, every correct response of at least r times
+    the chosen's tokens. A prompt without a correct response gives no pair.
     """
     pairs = []
     for group in groups:
@@ -212,7 +222,10 @@ def preference_pairs(groups: Sequence[Sequence[Scored]], rules: PairRules) -> li
         for s in group:
             if s is chosen:
                 continue
-            wrong = rules.reject_wrong and not s.correct
+            wrong = not s.correct and (
+                rules.wrong == "all"
+                or (rules.wrong == "longer" and len(s.token_ids) > len(chosen.token_ids))
+            )
             longer = (
                 rules.length_ratio > 0
                 and s.correct
