@@ -194,6 +194,12 @@ _HARD = flags.DEFINE_float(
     D.sampler.hard_threshold,
     "After the curriculum switch: prompts with pass rate <= this.",
 )
+_FLOOR = flags.DEFINE_float(
+    "priority_floor",
+    D.sampler.epsilon,
+    "Prioritized sampling draws ∝ max(1 - s_i, this); 0 (the paper): a problem always solved "
+    "is not drawn. Runs saved before this flag used 0.05.",
+)
 _EVAL_N = flags.DEFINE_integer("eval_problems", D.eval.problems, "Held-out problems.")
 _EVAL_K = flags.DEFINE_integer("eval_samples", D.eval.samples, "Samples per held-out problem.")
 _EVAL_KS = flags.DEFINE_list(
@@ -381,6 +387,7 @@ def make_config() -> run_config.RunConfig:
             curriculum_iterations=_CURRICULUM.value,
             order=_ORDER.value,
             hard_threshold=_HARD.value,
+            epsilon=_FLOOR.value,
         ),
         preflight=preflight.PreflightConfig(
             enabled=_PREFLIGHT.value,

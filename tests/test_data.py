@@ -1,5 +1,6 @@
 """JSONL prompt sets (errors name file and line) and the curriculum + prioritized sampler."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -82,6 +83,27 @@ def test_draw_frequencies_follow_one_minus_success():
     # 5 standard errors of a binomial proportion: fails only on a real mismatch.
     np.testing.assert_array_less(np.abs(freq - p), 5 * np.sqrt(p * (1 - p) / idx.size) + 1e-9)
     assert freq[4] > 0  # the floor keeps solved problems drawable
+
+
+def test_prioritized_weights_are_one_minus_success_without_a_floor_by_default():
+    # k1.5 §2.3.4: P(i) ∝ 1 - s_i. By hand for s = 0, 0.25, 0.5, 1: weights 1, 0.75, 0.5, 0,
+    # sum 2.25, so P = 4/9, 3/9, 2/9, 0: the always-solved problem is not drawn.
+    state = sampler.init_state([0.0, 0.25, 0.5, 1.0], seed=0)
+    cfg = sampler.SamplerConfig()
+    np.testing.assert_allclose(sampler.probabilities(state, cfg, 0), [4 / 9, 3 / 9, 2 / 9, 0])
+    drawn, _ = sampler.draw(state, cfg, iteration=0, n=500)
+    assert 3 not in drawn.tolist() and set(drawn.tolist()) == {0, 1, 2}
+    # The floor is a setting: ε = 0.1 gives weights 1, 0.75, 0.5, 0.1, sum 2.35.
+    floored = sampler.probabilities(state, sampler.SamplerConfig(epsilon=0.1), 0)
+    np.testing.assert_allclose(floored, [1 / 2.35, 0.75 / 2.35, 0.5 / 2.35, 0.1 / 2.35])
+    # Every problem of the pool solved, no floor: the pool is drawn uniformly. The pool after a
+    # 1-iteration warm-up at threshold 0.5: problems 0, 1, 2 (pass rates 0, 0.25, 0.5); with
+    # all of them now solved (s = 1), P = 1/3, 1/3, 1/3 and 0 for problem 3 (outside).
+    solved = dataclasses.replace(state, success=[1.0, 1.0, 1.0, 1.0])
+    hard = sampler.SamplerConfig(curriculum_iterations=1, hard_threshold=0.5)
+    np.testing.assert_allclose(sampler.probabilities(solved, hard, 1), [1 / 3, 1 / 3, 1 / 3, 0])
+    with pytest.raises(ValueError, match="epsilon=-0.1"):
+        sampler.SamplerConfig(epsilon=-0.1)
 
 
 def test_curriculum_switches_to_hard_pool():

@@ -46,12 +46,14 @@ def test_flags_reach_the_config():
         "--sft_data=traces.jsonl",
         "--chat_template",
         "--curriculum_order=uniform",
+        "--priority_floor=0.05",
         "--eval_samples=8",
         "--eval_ks=8,1,2",
     )
     cfg = rl.make_config()
     assert cfg.task.sft_data == "traces.jsonl" and cfg.task.chat_template
     assert cfg.sampler.order == "uniform" and cfg.eval.ks == (1, 2, 8)
+    assert cfg.sampler.epsilon == 0.05
     _parse("--eval_samples=2")  # the default k=4 is left out rather than refused
     assert rl.make_config().eval.ks == (1,)
     assert cfg.rl.engine_reference_max_gap == -1

@@ -12,9 +12,11 @@ switches to hard problems only. Two warm-up orders, `SamplerConfig.order`:
 After the warm-up the pool is the hard problems (estimated pass rate <= `hard_threshold`; 1.0:
 all of them).
 GAP choices made here: s_i starts at the estimated pass rate and is a running mean of the
-observed rewards; a floor ε keeps solved problems drawable; priority weighting applies inside the
-current pool, warm-up included; draws are independent (with replacement) so frequencies follow
-the weights exactly.
+observed rewards; priority weighting applies inside the current pool, warm-up included; draws
+are independent (with replacement) so frequencies follow the weights exactly. A problem the model
+always solved (s_i = 1) is not drawn, as the paper writes; `SamplerConfig.epsilon` > 0 floors
+the weight at max(1 - s_i, ε) to keep it drawable (no measurement says this helps). When every
+problem of the pool has weight 0 (all solved, no floor), the pool is drawn uniformly.
 
 The state is plain data (`to_json`/`from_json`) that a checkpoint stores; the same state gives
 the same draws.
@@ -34,12 +36,12 @@ class SamplerConfig:
     curriculum_iterations: int = 0  # the warm-up phase's length in iterations
     order: str = "easy_first"  # the warm-up's pool (`ORDERS`, module docstring)
     hard_threshold: float = 1.0  # the pool after it: pass rate <= this (1.0: everything)
-    epsilon: float = 0.05  # floor of the priority 1 - s_i
+    epsilon: float = 0.0  # floor of the priority 1 - s_i (0: none, the paper)
     prioritized: bool = True
 
     def __post_init__(self):
-        if not 0 < self.epsilon <= 1:
-            raise ValueError(f"epsilon={self.epsilon} must be in (0, 1]")
+        if not 0 <= self.epsilon <= 1:
+            raise ValueError(f"epsilon={self.epsilon} must be in [0, 1]")
         if self.curriculum_iterations < 0:
             raise ValueError(f"curriculum_iterations={self.curriculum_iterations} must be >= 0")
         if self.order not in ORDERS:
@@ -121,13 +123,15 @@ def pool(state: SamplerState, cfg: SamplerConfig, iteration: int) -> np.ndarray:
 
 
 def probabilities(state: SamplerState, cfg: SamplerConfig, iteration: int) -> np.ndarray:
-    """Returns P(i) over all problems at `iteration` (0 outside the pool)."""
+    """Returns P(i) over all problems at `iteration` (0 outside the pool): ∝ max(1 - s_i, ε)
+    inside it, uniform over it when every such weight is 0."""
     idx = pool(state, cfg, iteration)
     weights = np.zeros(len(state.pass_rate))
+    weights[idx] = 1.0
     if cfg.prioritized:
-        weights[idx] = np.maximum(1.0 - np.asarray(state.success)[idx], cfg.epsilon)
-    else:
-        weights[idx] = 1.0
+        priority = np.maximum(1.0 - np.asarray(state.success)[idx], cfg.epsilon)
+        if priority.sum() > 0:
+            weights[idx] = priority
     return weights / weights.sum()
 
 
