@@ -58,7 +58,7 @@ TABLE = {
     "13": ('{"correct": false}', "stop"),
     "4": ('{"correct": false}', "stop"),  # wrong: the rules say 4 is right
     "four": ("no verdict at all", "stop"),
-    "3": ('{"correct": true}', "stop"),  # wrong, and on a repeating sample
+    "3": ('{"correct": true}', "stop"),  # wrong, on a repeating sample: never asked
 }
 
 
@@ -96,18 +96,18 @@ def _score(mode, fallback=judge_lib.zero, groups=GROUPS, log_path=None):
 def test_judge_mode_grades_every_sample_that_ended(tmp_path):
     log = tmp_path / "judge_log.jsonl"
     engine, rewards, correct, stats = _score("judge", log_path=str(log))
-    assert len(engine.asked) == 6  # one batch, every sample
+    assert len(engine.asked) == 5  # one batch, every sample that stopped by itself
     # 12 yes, twelve yes (rules: no), 13 no, 4 no (rules: yes), four: unusable -> 0 (fallback
-    # zero), 3 yes on a repeating sample: 1 - 0.5 repeat penalty, never correct.
-    np.testing.assert_allclose(rewards, [1, 1, 0, 0, 0, 0.5])
+    # zero); 3 stopped for repetition: not judged, -0.5 repeat penalty, never correct.
+    np.testing.assert_allclose(rewards, [1, 1, 0, 0, 0, -0.5])
     assert correct.tolist() == [True, True, False, False, False, False]
-    # Usable verdicts: 5; they differ from the rules on twelve, 4 and 3.
-    assert stats["judge_calls"] == 6 and stats["judge_malformed"] == 1
-    assert stats["judge_disagreements"] == 3
-    assert math.isclose(stats["judge_agreement"], 1 - 3 / 5)
+    # Usable verdicts: 4; they differ from the rules on twelve and 4.
+    assert stats["judge_calls"] == 5 and stats["judge_malformed"] == 1
+    assert stats["judge_disagreements"] == 2
+    assert math.isclose(stats["judge_agreement"], 1 - 2 / 4)
     assert stats["accuracy"] == pytest.approx(2 / 6)
     rows = [json.loads(line) for line in log.read_text().splitlines()]
-    assert len(rows) == 6 and {r["iteration"] for r in rows} == {3}
+    assert len(rows) == 5 and {r["iteration"] for r in rows} == {3}
     four = next(r for r in rows if r["response_end"].endswith("four"))
     assert four["judge_status"] == "missing" and four["judge_text"] == "no verdict at all"
     assert four["rules"] == 0.0 and four["score"] == 0.0
@@ -115,26 +115,27 @@ def test_judge_mode_grades_every_sample_that_ended(tmp_path):
 
 def test_rules_then_judge_asks_only_about_the_rules_misses():
     engine, rewards, correct, stats = _score("rules_then_judge", fallback=scoring.reward_fn("task"))
-    # The rules give 12 and 4 their 1 and are not asked about them.
-    assert sorted(engine.asked) == ["answer: 13", "answer: 3", "answer: four", "answer: twelve"]
-    np.testing.assert_allclose(rewards, [1, 1, 0, 1, 0, 0.5])
+    # The rules give 12 and 4 their 1 and are not asked about them; 3 repeated: not asked.
+    assert sorted(engine.asked) == ["answer: 13", "answer: four", "answer: twelve"]
+    np.testing.assert_allclose(rewards, [1, 1, 0, 1, 0, -0.5])
     assert correct.tolist() == [True, True, False, True, False, False]
-    # four: unusable -> the rules' 0; disagreements: twelve and 3.
-    assert stats["judge_calls"] == 4 and stats["judge_malformed"] == 1
-    assert stats["judge_disagreements"] == 2
+    # four: unusable -> the rules' 0; disagreements: twelve.
+    assert stats["judge_calls"] == 3 and stats["judge_malformed"] == 1
+    assert stats["judge_disagreements"] == 1
 
 
-def test_a_repeating_sample_keeps_its_rules_score_and_its_penalty():
-    # "answer: 4" is right by the rules but the sample stopped for repetition: its rule score
-    # (1, before the 0.5 penalty) decides whether the judge is asked and what it is compared to.
+def test_a_repeating_sample_gets_its_penalty_and_is_not_judged():
+    # "answer: 4" is right by the rules but the first sample stopped for repetition: it earns
+    # -0.5 (the repeat penalty) whatever the rules or the judge say, and the judge is not asked.
     rep = [_group(1, [("answer: 4", "repeat"), ("answer: 4", "stop")])]
     engine, rewards, correct, stats = _score("rules_then_judge", groups=rep)
-    assert engine.asked == []  # the rules gave both 1
-    np.testing.assert_allclose(rewards, [0.5, 1.0])
+    assert engine.asked == []  # the rules gave the stopped one 1
+    np.testing.assert_allclose(rewards, [-0.5, 1.0])
     assert correct.tolist() == [False, True]
     engine, rewards, correct, stats = _score("judge", groups=rep)
+    assert engine.asked == ["answer: 4"]  # the stopped one only
     np.testing.assert_allclose(rewards, [-0.5, 0.0])  # the judge says no (TABLE)
-    assert stats["judge_disagreements"] == 2  # against the rules' 1, repeat or not
+    assert stats["judge_disagreements"] == 1  # against the rules' 1
 
 
 def test_the_log_keeps_only_the_iterations_before_a_resume(tmp_path):

@@ -10,6 +10,7 @@ from k15jax.rewards import scoring
 from k15jax.rollout import partial
 from k15jax.rollout.engines import Completion
 from k15jax.run import difficulty, evaluation
+from k15jax.train import losses
 
 ENC = lambda s: [ord(c) for c in s]  # noqa: E731
 DEC = lambda ids: "".join(chr(c) for c in ids)  # noqa: E731
@@ -23,9 +24,9 @@ def test_one_definition_of_correct_for_every_finish_reason():
     right, wrong = ENC("answer: 3"), ENC("answer: 4")
     assert SCORER(P, right, "stop") == (1.0, True, {"extracted": "3", "reason": "correct"})
     assert SCORER(P, wrong, "stop")[:2] == (0.0, False)
-    # A right answer that then loops is not correct; it keeps part of its task reward.
+    # A right answer that then loops is not correct, and earns only the repeat penalty.
     r, ok, info = SCORER(P, right, "repeat")
-    assert (r, ok, info["reason"]) == (0.75, False, "stopped for repetition")
+    assert (r, ok, info["reason"]) == (-0.25, False, "stopped for repetition")
     assert SCORER(P, wrong, "repeat")[:2] == (-0.25, False)
     # Cut at the length limit (by the budget or by an engine's max_tokens): never correct, and
     # the answer-like text it holds is not looked at.
@@ -57,7 +58,7 @@ def test_score_groups_adds_the_group_length_reward():
         groups, problems, SCORER, iteration=1, length=length
     )
     np.testing.assert_array_equal(correct, [True, True, False, True, False, False])
-    task = np.array([1.0, 1.0, 0.75, 1.0, 0.0, -0.5])
+    task = np.array([1.0, 1.0, -0.25, 1.0, 0.0, -0.5])
     np.testing.assert_allclose(before, task)  # iteration 1: still in the warm-up
     after, _, stats = scoring.score_groups(groups, problems, SCORER, iteration=2, length=length)
     # By hand, k1.5 §2.3.3: λ = 0.5 - (len - min)/(max - min) per group; correct get λ,
@@ -67,6 +68,28 @@ def test_score_groups_adds_the_group_length_reward():
     np.testing.assert_allclose(after, task + 0.5 * lam, rtol=1e-6)
     assert stats["accuracy"] == pytest.approx(0.5)
     assert stats["repeats"] == pytest.approx(1 / 6) and stats["truncated"] == pytest.approx(1 / 6)
+
+
+def test_a_right_answer_that_then_repeats_gets_a_negative_advantage():
+    # One group of k = 4 at the default weights: repeat penalty 0.5, length weight 0.1 (after
+    # the warm-up). Lengths 9, 18, 9, 13: min 9, max 18, so λ = 0.5 - (len - 9) / 9 =
+    # 0.5, -0.5, 0.5, 1/18. Length reward: the correct one λ = 0.5; the others min(0, λ) =
+    # -0.5, 0, 0.
+    # Totals: 1 + 0.1 * 0.5 = 1.05; the repeat -0.5 + 0.1 * -0.5 = -0.55; 0; 0.
+    # Mean 0.5 / 4 = 0.125; advantages 0.925, -0.675, -0.125, -0.125.
+    # (When the repeat kept its task reward minus the penalty, 1 - 0.5 = 0.5, its total was
+    # 0.45, the mean 0.375 and its advantage +0.075: looping after the answer beat both
+    # finished wrong answers.)
+    group = _group(0, [("answer: 3", "stop"), ("answer: 3 ok ok ok", "repeat"),
+                       ("answer: 4", "stop"), ("answer: 7 hmm", "stop")])  # fmt: skip
+    assert [s.length for s in group.samples] == [9, 18, 9, 13]
+    scorer = scoring.Scorer(reward_fn=tasks.reward, decode=DEC)  # the default penalties
+    length = length_reward.LengthPenaltyConfig(weight=0.1, warmup_iterations=0)
+    total, correct, _ = scoring.score_groups([group], [P], scorer, iteration=0, length=length)
+    assert correct.tolist() == [True, False, False, False]
+    np.testing.assert_allclose(total, [1.05, -0.55, 0.0, 0.0], rtol=1e-6, atol=1e-7)
+    advantage = total - losses.group_baseline(total, group_size=4)
+    np.testing.assert_allclose(advantage, [0.925, -0.675, -0.125, -0.125], rtol=1e-6)
 
 
 class _Scripted:

@@ -7,8 +7,12 @@ the same thing everywhere:
   its end-of-sequence token) and the task's reward function gives it 1.
 
 - stopped ("stop"): reward = the task reward r (1 or 0; partial credit if the task gives it);
-- stopped for repetition ("repeat", the engine's repeat detector): reward = r - repeat_penalty,
-  never correct (a model that answers and then loops has not finished its answer);
+- stopped for repetition ("repeat", the engine's repeat detector): reward = -repeat_penalty,
+  never correct, and the task reward is not asked: the engine ended a degenerate response that
+  did not end itself (k1.5 §2.6: repetitions are terminated early and "can be assigned
+  additional penalties"), so it earns the 0 of an unfinished answer minus the penalty. Keeping
+  r would pay a right answer that then loops 1 - repeat_penalty, above every finished wrong
+  answer of its group (a positive advantage for looping);
 - cut at the length limit ("truncated" by the partial-rollout budget, "length" by an engine's
   max_tokens): reward = -truncation_penalty, never correct, and the task reward is not asked
   (text cut mid-way may hold an answer-like string it did not commit to).
@@ -78,14 +82,14 @@ class Scorer:
             raise ValueError(f"finish_reason={finish_reason!r} must be one of {FINISH_REASONS}")
         if finish_reason in ("truncated", "length"):
             return -self.truncation_penalty, False, {"reason": "cut at the length limit"}
-        r, info = self.reward_fn(problem.prompt, prefix + self.decode(response_ids), problem.answer)
-        return self.finish(r, info, finish_reason)
-
-    def finish(self, r: float, info: dict, finish_reason: str) -> tuple[float, bool, dict]:
-        """Returns (reward, correct, info) of a task reward `r` of a response that ended by
-        itself ("stop") or for repetition ("repeat", penalised, never correct)."""
         if finish_reason == "repeat":
-            return r - self.repeat_penalty, False, dict(info, reason="stopped for repetition")
+            return -self.repeat_penalty, False, {"reason": "stopped for repetition"}
+        r, info = self.reward_fn(problem.prompt, prefix + self.decode(response_ids), problem.answer)
+        return self.finish(r, info)
+
+    def finish(self, r: float, info: dict) -> tuple[float, bool, dict]:
+        """Returns (reward, correct, info) of a task reward `r` of a response that ended by
+        itself ("stop"): correct iff r >= 1."""
         return r, r >= 1.0, info
 
 
@@ -96,8 +100,9 @@ GRADERS = ("rules", "judge", "rules_then_judge")
 class Grader:
     """Training rewards from a judge model (`rewards.judge`, k1.5 §2.3.3) beside the rules.
 
-    `mode` "judge": the judge grades every response that ended by itself (or for repetition);
-    "rules_then_judge": only those the task's rules score below 1. The rules are computed for
+    `mode` "judge": the judge grades every response that ended by itself ("stop"; a repeating
+    or cut one has its penalty, whatever its text); "rules_then_judge": only those the task's
+    rules score below 1. The rules are computed for
     every response anyway, so each iteration counts the judge's disagreements with them. An
     unusable verdict falls back to `judge.fallback`. With `log_path`, every judged response is
     appended there as a JSON line with the judge's text.
@@ -194,16 +199,15 @@ def score_groups(
     scored = [scorer(problems[s.problem], s.response_ids, s.finish_reason) for s in samples]
     grader_stats = {}
     if grader is not None:
-        ended = [i for i, s in enumerate(samples) if s.finish_reason in ("stop", "repeat")]
-        items = []
-        for i in ended:
-            problem, s = problems[samples[i].problem], samples[i]
-            rule = scored[i][0] + (scorer.repeat_penalty if s.finish_reason == "repeat" else 0)
-            items.append((problem, scorer.decode(s.response_ids), rule))
+        ended = [i for i, s in enumerate(samples) if s.finish_reason == "stop"]
+        items = [
+            (problems[samples[i].problem], scorer.decode(samples[i].response_ids), scored[i][0])
+            for i in ended
+        ]
         graded, grader_stats = grader(items, iteration=iteration)
         for i, g in zip(ended, graded, strict=True):
             if g is not None:
-                scored[i] = scorer.finish(*g, samples[i].finish_reason)
+                scored[i] = scorer.finish(*g)
     task_r = np.array([r for r, _, _ in scored])
     correct = np.array([ok for _, ok, _ in scored])
     lengths = np.array([s.length for s in samples])

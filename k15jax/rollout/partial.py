@@ -34,7 +34,7 @@ class PartialConfig:
     # pass@1 0.426 [0.384, 0.468] for "all", 0.263 [0.227, 0.298] for "current".
     loss_segments: str = "all"
     truncation_penalty: float = 0.5  # reward of a truncated sample: -penalty
-    repeat_penalty: float = 0.5  # subtracted from the task reward of a repeating sample
+    repeat_penalty: float = 0.5  # reward of a sample stopped for repetition: -penalty
 
     def __post_init__(self):
         if self.loss_segments not in LOSS_SEGMENTS:
