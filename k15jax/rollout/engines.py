@@ -25,6 +25,7 @@ from k15jax.model.config import ModelConfig
 
 log = logging.getLogger(__name__)
 _FINISH = {"stop": "stop", "length": "length", "repetition": "repeat"}
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")  # vLLM's `log_level` names
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -56,8 +57,14 @@ class VllmConfig:
     # directory anyway); 0: never sleep. vLLM has sleep mode on GPUs only: on CPU a sleep
     # pauses and resumes the scheduler and frees nothing.
     sleep_level: int = 0
+    # vLLM's own log lines (engine start, weight loading, prefix-cache resets) below this level
+    # are dropped, in this process and in launched servers; at INFO and below the weight-loading
+    # progress bar shows too.
+    log_level: str = "WARNING"
 
     def __post_init__(self):
+        if self.log_level not in LOG_LEVELS:
+            raise ValueError(f"log_level={self.log_level!r} must be one of {LOG_LEVELS}")
         if self.sleep_level not in (0, 1, 2):
             raise ValueError(f"sleep_level={self.sleep_level} must be 0, 1 or 2")
         if not 0 < self.gpu_memory_utilization <= 1:
@@ -190,6 +197,20 @@ def _environment(**values: str):
                 os.environ[name] = value
 
 
+def set_log_level(level: str) -> None:
+    """Sets vLLM's loggers in this process to `level` (one of `LOG_LEVELS`).
+
+    The level holds for lines logged before vLLM configures its loggers; `vllm.LLM` then sets
+    them again from its own `log_level` argument.
+    """
+    logging.getLogger("vllm").setLevel(level)
+
+
+def shows_progress(engine: VllmConfig) -> bool:
+    """Returns whether vLLM shows its weight-loading progress bar: at log level INFO and below."""
+    return logging.getLevelName(engine.log_level) <= logging.INFO
+
+
 class VllmEngine:
     """A real vLLM engine started on a Hugging Face directory.
 
@@ -210,6 +231,7 @@ class VllmEngine:
         self.llm = self._start(model_dir)
 
     def _start(self, model_dir: str):
+        set_log_level(self.engine.log_level)
         import vllm
 
         t0 = time.perf_counter()
@@ -235,6 +257,8 @@ class VllmEngine:
             kv_cache_memory_bytes=self.engine.kv_cache_memory_bytes,
             enable_chunked_prefill=self.engine.enable_chunked_prefill,
             enable_sleep_mode=self.engine.sleep_level > 0 and _has_sleep_mode(),
+            log_level=self.engine.log_level,
+            use_tqdm_on_load=shows_progress(self.engine),
         )
 
     def sleep(self) -> None:

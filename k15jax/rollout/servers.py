@@ -101,6 +101,9 @@ def server_command(model_dir: str, port: int, engine: engines.VllmConfig) -> lis
                "--no-enable-prefix-caching")  # fmt: skip
     cmd.append("--enable-chunked-prefill" if engine.enable_chunked_prefill else
                "--no-enable-chunked-prefill")  # fmt: skip
+    cmd += ["--log-level", engine.log_level]
+    cmd.append("--use-tqdm-on-load" if engines.shows_progress(engine) else
+               "--no-use-tqdm-on-load")  # fmt: skip
     return cmd
 
 
