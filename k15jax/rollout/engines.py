@@ -197,13 +197,37 @@ def _environment(**values: str):
                 os.environ[name] = value
 
 
+# vLLM's in-place reload (`reload/layerwise.py`) counts every tensor of a module as loadable,
+# buffers included, and warns "<module>: Failed to load weights" on each reload for a module of
+# which the checkpoint held nothing. The rotary embedding is such a module: its one tensor,
+# `cos_sin_cache`, is a non-persistent buffer computed from the config (head size, rotary dim,
+# max positions, rope theta), in no checkpoint and unchanged by training. vLLM then puts the
+# engine's own cache back, which is right: the warning is noise. The reload walks every module
+# and has no way to leave one out, and loading tensors without a checkpoint does not work on
+# CPU (ENVIRONMENT.md), so the warning is dropped instead, in this process only (a spawned
+# engine core and launched servers still log it, the servers to their log files).
+_RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
+
+
+class _RotaryReloadWarning(logging.Filter):
+    """Drops the reload's "Failed to load weights" warning for the rotary embedding (see above)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        failed = record.msg == "%s: Failed to load weights"
+        return not (failed and record.args == ("RotaryEmbedding",))
+
+
 def set_log_level(level: str) -> None:
-    """Sets vLLM's loggers in this process to `level` (one of `LOG_LEVELS`).
+    """Sets vLLM's loggers in this process to `level` (one of `LOG_LEVELS`) and drops the in-place
+    reload's rotary-embedding warning.
 
     The level holds for lines logged before vLLM configures its loggers; `vllm.LLM` then sets
     them again from its own `log_level` argument.
     """
     logging.getLogger("vllm").setLevel(level)
+    reload_log = logging.getLogger(_RELOAD_LOGGER)
+    if not any(isinstance(f, _RotaryReloadWarning) for f in reload_log.filters):
+        reload_log.addFilter(_RotaryReloadWarning())
 
 
 def shows_progress(engine: VllmConfig) -> bool:
