@@ -179,3 +179,13 @@ def test_broken_prompt_file_is_one_line_before_any_model_is_built(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert lines == [f"error: {bad}:2: invalid JSON (Expecting value at column 33)"], lines
     assert time.perf_counter() - t0 < 60  # imports only: no model, no engine
+
+
+def test_verbosity_sets_the_engine_log_level():
+    _parse()
+    assert rl.make_config().vllm.log_level == "WARNING"
+    _parse("-v", "1")
+    assert rl.make_config().vllm.log_level == "INFO"
+    _parse("--verbosity=0")  # the run's own INFO lines; the libraries stay at warnings
+    assert rl.make_config().vllm.log_level == "WARNING"
+    _parse()

@@ -1,2 +1,2 @@
 """What every layer leans on: crash-safe file writes, multi-process JAX helpers, orbax
-checkpoints."""
+checkpoints, the log levels of a run's process."""
