@@ -28,7 +28,7 @@ from typing import NoReturn
 
 from absl import app, flags, logging
 
-from k15jax.data import prompt_sets, sampler
+from k15jax.data import prompt_sets, sampler, tasks
 from k15jax.infra import distributed, logs
 from k15jax.model import convert
 from k15jax.model.config import DTYPES, KernelConfig
@@ -44,6 +44,12 @@ D = run_config.RunConfig()
 _OUT = flags.DEFINE_string("out_dir", D.out_dir, "Run directory (checkpoints, report).")
 _SEED = flags.DEFINE_integer("seed", D.seed, "Seed of everything random in the run.")
 _MODEL = flags.DEFINE_string("model", None, "Hugging Face model directory (default: built-in).")
+_LAYERS = flags.DEFINE_integer(
+    "model_layers", D.model.num_hidden_layers, "Built-in model: decoder layers (no --model)."
+)
+_HIDDEN = flags.DEFINE_integer(
+    "model_width", D.model.hidden_size, "Built-in model: width (no --model); MLP 3x, heads of 32."
+)
 _DATA = flags.DEFINE_string("data", None, "JSONL prompt set (default: built-in task).")
 _EVAL_DATA = flags.DEFINE_string("eval_data", None, "JSONL held-out set.")
 _REWARD = flags.DEFINE_enum("reward", D.task.reward, prompt_sets.REWARDS, "Reward function.")
@@ -94,6 +100,16 @@ _SHORT = flags.DEFINE_float(
 )
 _MAX_TERM = flags.DEFINE_integer(
     "max_term", D.task.max_term, "Built-in task: terms are 1..max_term."
+)
+_FAMILY = flags.DEFINE_enum("task_family", D.task.family, tasks.FAMILIES, "Built-in task family.")
+_MIN_DIGITS = flags.DEFINE_integer(
+    "min_digits", D.task.min_digits, "Built-in task 'columns': fewest digits (difficulty)."
+)
+_MAX_DIGITS = flags.DEFINE_integer(
+    "max_digits", D.task.max_digits, "Built-in task 'columns': most digits (difficulty)."
+)
+_MIN_TERMS = flags.DEFINE_integer(
+    "min_terms", D.task.min_terms, "Built-in task: fewest terms per problem (difficulty)."
 )
 _MAX_TERMS = flags.DEFINE_integer(
     "max_terms", D.task.max_terms, "Built-in task: most terms per problem (difficulty)."
@@ -329,6 +345,11 @@ def make_config() -> run_config.RunConfig:
         model_dir=_MODEL.value,
         model=r(
             D.model,
+            num_hidden_layers=_LAYERS.value,
+            hidden_size=_HIDDEN.value,
+            intermediate_size=D.model.intermediate_size * _HIDDEN.value // D.model.hidden_size,
+            num_attention_heads=_HIDDEN.value // D.model.head_dim,
+            num_key_value_heads=max(1, _HIDDEN.value // D.model.head_dim // 2),
             dtype=_DTYPE.value,
             kernels=KernelConfig(
                 attention_impl=_ATTN.value,
@@ -354,6 +375,10 @@ def make_config() -> run_config.RunConfig:
             train_problems=_TRAIN_N.value,
             sft_examples=_SFT_N.value,
             short_fraction=_SHORT.value,
+            family=_FAMILY.value,
+            min_terms=_MIN_TERMS.value,
+            min_digits=_MIN_DIGITS.value,
+            max_digits=_MAX_DIGITS.value,
             max_terms=_MAX_TERMS.value,
             max_term=_MAX_TERM.value,
             answer_forms=_ANSWER_FORMS.value,

@@ -49,8 +49,18 @@ def test_flags_reach_the_config():
         "--priority_floor=0.05",
         "--eval_samples=8",
         "--eval_ks=8,1,2",
+        "--task_family=columns",
+        "--min_digits=3",
+        "--max_digits=5",
+        "--min_terms=3",
+        "--model_layers=3",
+        "--model_width=64",
     )
     cfg = rl.make_config()
+    assert (cfg.task.family, cfg.task.min_digits, cfg.task.max_digits) == ("columns", 3, 5)
+    assert cfg.task.min_terms == 3 and cfg.model.num_hidden_layers == 3
+    m = cfg.model
+    assert (m.hidden_size, m.intermediate_size, m.num_attention_heads) == (64, 192, 2)
     assert cfg.task.sft_data == "traces.jsonl" and cfg.task.chat_template
     assert cfg.sampler.order == "uniform" and cfg.eval.ks == (1, 2, 8)
     assert cfg.sampler.epsilon == 0.05
@@ -78,6 +88,10 @@ def test_flags_reach_the_config():
         overlong_prompts="drop",
         screen=True,
         answer_prefix="answer: ",
+        family="sums",
+        min_terms=2,
+        min_digits=2,
+        max_digits=4,
     )
     assert task == run_config.RunConfig().task
     _parse()

@@ -2,6 +2,7 @@
 difficulty estimation and filters through the engine interface."""
 
 import numpy as np
+import pytest
 
 from k15jax.data import prompt_sets, tasks
 from k15jax.rewards import scoring
@@ -87,3 +88,60 @@ def test_pass_rates_and_filters():
     np.testing.assert_array_equal(hack, [False, True, True, True])
     kept, _ = difficulty.filter_problems(probs, rates, hackable=hack)
     assert [p.id for p in kept] == ["0"]
+
+
+def test_column_traces_add_right_and_catch_every_slip():
+    """Family "columns": each line restates what is left, the carry and the digits so far; its
+    column sum is right (or a slip whose check fails, redone another way); the answer is a+b."""
+    examples = tasks.generate(400, seed=2, family="columns", min_digits=1, max_digits=5,
+                              slip_prob=0.3)  # fmt: skip
+    assert {e.difficulty for e in examples} == set(range(1, 6))
+    slips = 0
+    for e in examples:
+        a, b = e.prompt[len(tasks.PROMPT_PREFIX) :].strip().split("+")
+        d = len(a)
+        assert len(b) == d == e.difficulty and a[0] != "0" != b[0]
+        assert e.answer == str(int(a) + int(b)) and e.short_trace == f"answer: {e.answer}"
+        lines = e.long_trace.split("\n")
+        assert lines[0] == f"plan: {d} columns, carry, check"
+        carry, written = 0, ""
+        for j, line in enumerate(lines[1 : d + 1]):
+            head, step = line.split(": ", 1)
+            x, y = int(a[d - 1 - j]), int(b[d - 1 - j])
+            assert head == f"{a[: d - j]}+{b[: d - j]} c{carry}" + (
+                f" | {written}" if written else ""
+            )
+            s = x + y + carry
+            if " no, another way " in step:
+                slips += 1
+                first, redo = step.split(" no, another way ")
+                got = int(first.split("=")[1].split()[0])
+                assert first == f"{x}+{y}+{carry}={got} back {got - y - carry}" and got != s
+                assert redo == f"{y}+{x}+{carry}={s} back {x} ok"
+            else:
+                assert step == f"{x}+{y}+{carry}={s} back {x} ok"
+            carry, written = s // 10, f"{s % 10}{written}"
+        assert lines[d + 1] == f"c{carry} | {e.answer}" and lines[d + 2] == f"answer: {e.answer}"
+        assert len(lines) == d + 3 and tasks.reward(e.prompt, e.long_trace, e.answer)[0] == 1.0
+    assert slips > 100  # noticing a mistake and trying another way appear in the warm-up data
+    by_level = {}
+    for e in examples:
+        by_level.setdefault(e.difficulty, []).append(len(e.long_trace))
+    means = [np.mean(by_level[d]) for d in sorted(by_level)]
+    assert all(x < y for x, y in zip(means, means[1:]))  # harder problems, longer traces
+
+
+def test_column_problems_are_deterministic_split_and_checked():
+    a = tasks.generate(200, seed=3, family="columns")
+    assert a == tasks.generate(200, seed=3, family="columns")
+    assert a != tasks.generate(200, seed=4, family="columns")
+    held = tasks.generate(100, seed=3, split="held_out", family="columns")
+    assert not {e.prompt for e in a} & {e.prompt for e in held}
+    assert all(tasks.is_held_out(e.prompt) for e in held)
+    for bad in (dict(min_digits=0), dict(min_digits=3, max_digits=2), dict(max_digits=10)):
+        with pytest.raises(ValueError, match="digits"):
+            tasks.generate(5, seed=0, family="columns", **bad)
+    with pytest.raises(ValueError, match="family"):
+        tasks.generate(5, seed=0, family="products")
+    with pytest.raises(ValueError, match="cannot find"):  # 1-digit sums: 81 problems in all
+        tasks.generate(500, seed=0, family="columns", min_digits=1, max_digits=1)

@@ -161,14 +161,19 @@ class TaskConfig:
     # Fraction of warm-up traces that answer directly (the solver's short trace) instead of
     # reasoning step by step; RL then learns from reward when long reasoning pays off.
     short_fraction: float = 0.0
-    min_terms: int = 2
+    family: str = "sums"  # built-in task: `tasks.FAMILIES`
+    min_terms: int = 2  # family "sums": terms per problem (its difficulty levels)
     max_terms: int = 4
-    max_term: int = 9  # built-in task: terms are 1..max_term
+    max_term: int = 9  # family "sums": terms are 1..max_term
+    min_digits: int = 2  # family "columns": digits of both numbers (its difficulty levels)
+    max_digits: int = 4
     # Built-in task: each warm-up trace writes its final answer in a form drawn from
     # `answer_forms.FINAL_SHAPES` ("12", "12.0", "twelve"); needs reward "forms" (their checker).
     answer_forms: bool = False
 
     def __post_init__(self):
+        if self.family not in tasks.FAMILIES:
+            raise ValueError(f"family={self.family!r} must be one of {tasks.FAMILIES}")
         if self.reward not in REWARDS:
             raise ValueError(f"reward={self.reward!r} must be one of {REWARDS}")
         if not 0 <= self.short_fraction <= 1:
@@ -205,7 +210,14 @@ class ProblemSet:
 def load_problems(task: TaskConfig, *, held_out_problems: int, seed: int) -> ProblemSet:
     """Returns the run's problems: generated (built-in task) or read from `task.data`."""
     if task.data is None:
-        gen = dict(min_terms=task.min_terms, max_terms=task.max_terms, max_term=task.max_term)
+        gen = dict(
+            family=task.family,
+            min_terms=task.min_terms,
+            max_terms=task.max_terms,
+            max_term=task.max_term,
+            min_digits=task.min_digits,
+            max_digits=task.max_digits,
+        )
         try:
             sft_set = tasks.generate(task.sft_examples, seed=seed, unique=False, **gen)
             pool = tasks.generate(task.train_problems, seed=seed + 1, **gen)

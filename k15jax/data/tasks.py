@@ -8,6 +8,13 @@ slips drawn from the seed, never written by hand.
 
 The held-out split is fixed: a problem belongs to it iff a hash of its text says so, so train and
 held-out generators (different seeds) can never produce the same problem.
+
+`columns`: add two numbers of the same number of digits ("Q:4753+3689\\n"); difficulty = digits.
+A guess of the whole sum fails (a carry can change every digit above it; measured in BUILD.md),
+while the long trace (`column_trace`) takes one column at a time from the right: it restates the
+digits still to add, the carry and the digits written so far, adds the column's two digits and
+the carry, and checks the sum by subtracting back. A slip fails its check; the solver notices it
+and redoes the column another way (the addends swapped). More digits, longer trace.
 """
 
 from __future__ import annotations
@@ -59,6 +66,37 @@ def long_trace(terms: list[int], rng: random.Random, slip_prob: float) -> str:
     return "\n".join(lines)
 
 
+def column_trace(a: int, b: int, rng: random.Random, slip_prob: float) -> str:
+    """Returns the solver's column-by-column addition of `a` and `b` (equal digit counts).
+
+    Each line restates what is left of both numbers, the carry and the digits written so far,
+    so every digit a step needs is on its own line or the one above.
+    """
+    da, db = str(a), str(b)
+    d = len(da)
+    if len(db) != d:
+        raise ValueError(f"{a} and {b} must have the same number of digits")
+    lines = [f"plan: {d} columns, carry, check"]
+    carry, written = 0, ""
+    for j in range(d):
+        x, y = int(da[d - 1 - j]), int(db[d - 1 - j])
+        s = x + y + carry
+        head = f"{da[: d - j]}+{db[: d - j]} c{carry}" + (f" | {written}" if written else "")
+        step = f"{x}+{y}+{carry}={s}"
+        if rng.random() < slip_prob:
+            wrong = s + rng.choice([w for w in (-2, -1, 1, 2) if s + w - y - carry >= 0])
+            step = (
+                f"{x}+{y}+{carry}={wrong} back {wrong - y - carry} no, "
+                f"another way {y}+{x}+{carry}={s}"
+            )
+        lines.append(f"{head}: {step} back {x} ok")
+        carry, written = s // 10, f"{s % 10}{written}"
+    total = f"{carry}{written}" if carry else written
+    lines.append(f"c{carry} | {total}")
+    lines.append(f"answer: {total}")
+    return "\n".join(lines)
+
+
 def make_example(terms: list[int], rng: random.Random, slip_prob: float = 0.15) -> Example:
     prompt = f"{PROMPT_PREFIX}{'+'.join(map(str, terms))}\n"
     answer = str(sum(terms))
@@ -71,6 +109,21 @@ def make_example(terms: list[int], rng: random.Random, slip_prob: float = 0.15) 
     )
 
 
+def make_column_example(a: int, b: int, rng: random.Random, slip_prob: float) -> Example:
+    prompt = f"{PROMPT_PREFIX}{a}+{b}\n"
+    answer = str(a + b)
+    return Example(
+        prompt=prompt,
+        answer=answer,
+        difficulty=len(str(a)),
+        long_trace=column_trace(a, b, rng, slip_prob),
+        short_trace=f"answer: {answer}",
+    )
+
+
+FAMILIES = ("sums", "columns")  # `generate(family=...)`: the docstring above says what each is
+
+
 def generate(
     n: int,
     *,
@@ -81,14 +134,22 @@ def generate(
     slip_prob: float = 0.15,
     unique: bool = True,
     max_term: int = 9,
+    family: str = "sums",
+    min_digits: int = 2,
+    max_digits: int = 4,
 ) -> list[Example]:
     """Returns `n` problems of `split` ("train" or "held_out"), deterministic per seed.
 
-    Difficulty (number of terms) is uniform in [min_terms, max_terms]. With `unique=False`
+    Difficulty is uniform in [min_terms, max_terms] (number of terms, family "sums") or in
+    [min_digits, max_digits] (digits of both numbers, family "columns"). With `unique=False`
     a problem may repeat (with its own trace and slips), as warm-up data may.
     """
     if split not in ("train", "held_out"):
         raise ValueError(f"split={split!r} must be 'train' or 'held_out'")
+    if family not in FAMILIES:
+        raise ValueError(f"family={family!r} must be one of {FAMILIES}")
+    if family == "columns":
+        return _generate_columns(n, seed, split, min_digits, max_digits, slip_prob, unique)
     if not 1 <= max_term <= 9:
         raise ValueError(f"max_term={max_term} must be a digit 1..9")
     if not 2 <= min_terms <= max_terms:
@@ -107,6 +168,29 @@ def generate(
             continue
         seen.add(prompt)
         out.append(make_example(terms, rng, slip_prob))
+    return out
+
+
+def _generate_columns(
+    n: int, seed: int, split: str, min_digits: int, max_digits: int, slip_prob: float, unique: bool
+) -> list[Example]:
+    if not 1 <= min_digits <= max_digits <= 9:
+        raise ValueError(f"need 1 <= min_digits={min_digits} <= max_digits={max_digits} <= 9")
+    rng = random.Random(f"columns:{split}:{seed}")
+    want_held_out = split == "held_out"
+    seen, out = set(), []
+    attempts = 0
+    while len(out) < n:
+        attempts += 1
+        if attempts > 200 * n + 10_000:
+            raise ValueError(f"cannot find {n} distinct {split} problems with {max_digits=}")
+        d = rng.randint(min_digits, max_digits)
+        a, b = rng.randint(10 ** (d - 1), 10**d - 1), rng.randint(10 ** (d - 1), 10**d - 1)
+        prompt = f"{PROMPT_PREFIX}{a}+{b}\n"
+        if (unique and prompt in seen) or is_held_out(prompt) != want_held_out:
+            continue
+        seen.add(prompt)
+        out.append(make_column_example(a, b, rng, slip_prob))
     return out
 
 
