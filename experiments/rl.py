@@ -2,19 +2,16 @@
 
   python -m experiments.rl                       # built-in task and tiny model (`make run`)
   python -m experiments.rl --out_dir=runs/x --iterations=60 --tau=0.05
+  python -m experiments.rl --task_family=columns --out_dir=runs/columns   # reasoning pays here
   python -m experiments.rl --model=/models/Qwen2.5-0.5B-Instruct \\
       --data=../shared/data/gsm8k_train.jsonl --reward=math --sft_steps=0 \\
       --samples_per_prompt=16 --budget=2048 --max_length=8192 --tau=0.01 --learning_rate=1e-6 \\
       --attention_impl=xla_chunked --logprob_impl=xla_chunked --remat   # O(t) trainer memory
   python -m experiments.rl -v 1                  # vLLM and JAX INFO lines too (default: warnings)
 
-On 2 CPU cores the default takes 10 to 20 minutes (the same code measured both, in different
-sessions; 15.7 min on 2026-12-03 with packed steps, 17 min on 2026-11-30 without) and writes
-runs/default/report.md with held-out pass@1 of the SFT and RL models (one seed each: 2026-12-03
-0.335 [0.300, 0.370] -> 0.447 [0.404, 0.490]; 2026-11-30 0.364 [0.330, 0.399] -> 0.507
-[0.465, 0.549]; with packed SFT batches and the easy-first curriculum, 2026-12-03 afternoon,
-0.357 [0.322, 0.393] -> 0.539 [0.496, 0.582]; on a quiet machine from a fresh clone, 2026-12-03
-evening, the same result in 994 s, `make run` 1145 s with the install from pip's cache).
+On 2 CPU cores the default takes about 16 minutes and writes runs/default/report.md with
+held-out pass@1 of the SFT and RL models (intervals over problems; one seed: BUILD.md gives the
+measured figures and the command that reproduces them). `--seed` changes every random choice.
 Re-running the same command after an interruption resumes from the last checkpoint. A mistake in
 flags, prompt files or the run directory ends it with one line on stderr and exit status 2.
 """

@@ -13,7 +13,7 @@ from k15jax.data import prompt_sets, tasks
 from k15jax.model import tokenizer
 from k15jax.rewards import scoring
 from k15jax.rollout.engines import Completion
-from k15jax.run import loop, run_config, run_setup
+from k15jax.run import difficulty, run_config, run_setup
 from k15jax.train import sft
 
 
@@ -148,7 +148,7 @@ def test_chat_template_wraps_every_prompt_of_the_run(tmp_path):
     run_setup.evaluate(dataclasses.replace(setup, cfg=cfg), engine)
     assert engine.prompts == [wrapped(p) for p in setup.problems.held_out]
     engine.prompts.clear()
-    loop.select_problems(setup, engine)
+    difficulty.select_problems(setup, engine)
     seen = set(engine.prompts)
     assert {wrapped(p) for p in setup.problems.train} <= seen  # the difficulty pass
     assert {wrapped(p) + "answer: " for p in setup.problems.train} <= seen  # easy-to-hack
@@ -206,22 +206,22 @@ def test_select_problems_drops_easy_to_hack_and_always_solved():
     setup = _setup(dataclasses.replace(base, task=task, rl=rl), problems)
     # p0 always solved, p1 guessed without reasoning, p2 half solved, p3 never.
     engine = ScriptedEngine(setup.tok, plain=[1.0, 1.0, 0.5, 0.0], direct=[0.0, 0.5, 0.0, 0.0])
-    chosen = loop.select_problems(setup, engine)
+    chosen = difficulty.select_problems(setup, engine)
     assert chosen["train_ids"] == ["p2", "p3"] and chosen["rates"] == [0.5, 0.0]
     assert (chosen["pool"], chosen["easy_to_hack"], chosen["solved"]) == (4, 1, 1)
     # The no-reasoning prompt is the templated prompt followed by the forced answer start.
     assert "<Q:1+0\n>answer: " in engine.prompts
-    assert loop.difficulty_line(chosen) == (
+    assert difficulty.pool_line(chosen) == (
         "difficulty: 2 of 4 problems kept (removed: easy-to-hack (2 tries) 1, always solved 1), "
         "mean SFT pass rate 0.625"
     )
     # 0 tries: no forced prompt is sent, and the guessable problem stays.
     off = dataclasses.replace(setup.cfg, rl=dataclasses.replace(rl, easy_to_hack_tries=0))
     engine = ScriptedEngine(setup.tok, plain=[1.0, 0.5, 0.5, 0.0], direct=[1.0] * 4)
-    chosen = loop.select_problems(dataclasses.replace(setup, cfg=off), engine)
+    chosen = difficulty.select_problems(dataclasses.replace(setup, cfg=off), engine)
     assert chosen["train_ids"] == ["p1", "p2", "p3"] and chosen["easy_to_hack"] == 0
     assert not any(p.endswith("answer: ") for p in engine.prompts)
-    assert "easy-to-hack off" in loop.difficulty_line(chosen)
+    assert "easy-to-hack off" in difficulty.pool_line(chosen)
 
 
 def test_engine_context_is_derived_and_checked():

@@ -4,7 +4,8 @@
   correct;
 - drop prompts that are always solved (the paper's trivial-case prefilter);
 - the easy-to-hack filter: a prompt is removed when the model, forced to answer without reasoning
-  (the response starts with `answer_prefix`), is right within `tries` attempts (the paper: 8).
+  (the response starts with `answer_prefix`), is right within `tries` attempts (the paper: 8);
+- `select_problems`: the run's RL pool after both, with its pass rates and what was removed.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 from k15jax.data import prompt_sets
 from k15jax.rewards import scoring
 from k15jax.rollout.engines import RolloutEngine, SamplingSpec
+from k15jax.run import run_setup
 
 
 def pass_rates(
@@ -100,3 +102,58 @@ def filter_problems(
         keep &= ~hackable
     idx = np.flatnonzero(keep)
     return [problems[i] for i in idx], rates[idx]
+
+
+def select_problems(setup: run_setup.Setup, engine: RolloutEngine) -> dict:
+    """Returns the RL pool the SFT model leaves (k1.5 §2.1): ids, pass rates and counts.
+
+    Pass rates from `rl.difficulty_samples` samples at temperature 1; the easy-to-hack filter
+    (`rl.easy_to_hack_tries` answers forced to start with `task.answer_prefix`, no reasoning;
+    not for the code reward, whose answers are programs) and, with `rl.drop_solved`, the
+    problems solved every time are removed. Runs on process 0.
+    """
+    cfg, pool = setup.cfg, setup.problems.train
+    rates = pass_rates(
+        engine,
+        pool,
+        setup.scorer,
+        setup.encode_prompt,
+        n=cfg.rl.difficulty_samples,
+        temperature=1.0,
+        max_tokens=cfg.partial.max_length,
+        seed=cfg.seed,
+    )
+    hackable = np.zeros(len(pool), bool)
+    if cfg.rl.easy_to_hack_tries and cfg.task.reward != "code":
+        hackable = easy_to_hack(
+            engine,
+            pool,
+            setup.scorer,
+            setup.encode_prompt,
+            answer_prefix=cfg.task.answer_prefix,
+            tries=cfg.rl.easy_to_hack_tries,
+            seed=cfg.seed + 2,
+            encode_raw=setup.tok.encode,
+        )
+    max_rate = 1.0 if cfg.rl.drop_solved else np.inf
+    kept, kept_rates = filter_problems(pool, rates, hackable=hackable, max_pass_rate=max_rate)
+    return {
+        "train_ids": [p.id for p in kept],
+        "rates": kept_rates.tolist(),
+        "pool": len(pool),
+        "easy_to_hack": int(hackable.sum()),
+        "easy_to_hack_tries": cfg.rl.easy_to_hack_tries,
+        "solved": int(((rates >= max_rate) & ~hackable).sum()),
+        "mean_pass_rate": float(rates.mean()),
+    }
+
+
+def pool_line(chosen: dict) -> str:
+    """Returns the one-line log of `select_problems`' result."""
+    tries = chosen["easy_to_hack_tries"]
+    hack = f"easy-to-hack ({tries} tries) {chosen['easy_to_hack']}" if tries else "easy-to-hack off"
+    return (
+        f"difficulty: {len(chosen['train_ids'])} of {chosen['pool']} problems kept (removed: "
+        f"{hack}, always solved {chosen['solved']}), mean SFT pass rate "
+        f"{chosen['mean_pass_rate']:.3f}"
+    )

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import os
 import time
@@ -23,17 +22,16 @@ import time
 import jax
 import numpy as np
 
-from k15jax.data import prompt_sets, sampler, screen
+from k15jax.data import prompt_sets, sampler
 from k15jax.infra import atomic, distributed
-from k15jax.model import convert, decoder, sharding, tokenizer
-from k15jax.rewards import judge as judge_lib
+from k15jax.model import convert, decoder, sharding
 from k15jax.rewards import sandbox as sandbox_lib
 from k15jax.rewards import scoring
 from k15jax.rollout import engines, partial, servers
-from k15jax.run import difficulty, report, run_config, run_state
+from k15jax.run import difficulty, report, run_config, run_setup, run_state
 from k15jax.run.run_config import RunConfig, as_json
 from k15jax.run.run_setup import Setup, evaluate, prepare
-from k15jax.train import preflight, sft, train_step, update
+from k15jax.train import sft, train_step, update
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +90,8 @@ def start_rl(setup: Setup, engine, train: train_step.TrainState, console) -> run
 
     def decide():  # process 0; a run restarted before its first RL checkpoint reads the file
         path = os.path.join(cfg.out_dir, "difficulty.json")
-        chosen = atomic.json_once(path, lambda: select_problems(setup, engine))
-        console(difficulty_line(chosen))
+        chosen = atomic.json_once(path, lambda: difficulty.select_problems(setup, engine))
+        console(difficulty.pool_line(chosen))
         return {"rates": np.asarray(chosen["rates"])}, {"train_ids": chosen["train_ids"]}
 
     arrays, meta = distributed.from_main(decide)
@@ -104,63 +102,6 @@ def start_rl(setup: Setup, engine, train: train_step.TrainState, console) -> run
         buffer=partial.ReplayBuffer(),
         history=(),
         train_ids=tuple(meta["train_ids"]),
-    )
-
-
-def select_problems(setup: Setup, engine) -> dict:
-    """Returns the RL pool the SFT model leaves (k1.5 §2.1): ids, pass rates and counts.
-
-    Pass rates from `rl.difficulty_samples` samples at temperature 1; the easy-to-hack filter
-    (`rl.easy_to_hack_tries` answers forced to start with `task.answer_prefix`, no reasoning;
-    not for the code reward, whose answers are programs) and, with `rl.drop_solved`, the
-    problems solved every time are removed. Runs on process 0.
-    """
-    cfg, pool = setup.cfg, setup.problems.train
-    rates = difficulty.pass_rates(
-        engine,
-        pool,
-        setup.scorer,
-        setup.encode_prompt,
-        n=cfg.rl.difficulty_samples,
-        temperature=1.0,
-        max_tokens=cfg.partial.max_length,
-        seed=cfg.seed,
-    )
-    hackable = np.zeros(len(pool), bool)
-    if cfg.rl.easy_to_hack_tries and cfg.task.reward != "code":
-        hackable = difficulty.easy_to_hack(
-            engine,
-            pool,
-            setup.scorer,
-            setup.encode_prompt,
-            answer_prefix=cfg.task.answer_prefix,
-            tries=cfg.rl.easy_to_hack_tries,
-            seed=cfg.seed + 2,
-            encode_raw=setup.tok.encode,
-        )
-    max_rate = 1.0 if cfg.rl.drop_solved else np.inf
-    kept, kept_rates = difficulty.filter_problems(
-        pool, rates, hackable=hackable, max_pass_rate=max_rate
-    )
-    return {
-        "train_ids": [p.id for p in kept],
-        "rates": kept_rates.tolist(),
-        "pool": len(pool),
-        "easy_to_hack": int(hackable.sum()),
-        "easy_to_hack_tries": cfg.rl.easy_to_hack_tries,
-        "solved": int(((rates >= max_rate) & ~hackable).sum()),
-        "mean_pass_rate": float(rates.mean()),
-    }
-
-
-def difficulty_line(chosen: dict) -> str:
-    """Returns the one-line log of `select_problems`' result."""
-    tries = chosen["easy_to_hack_tries"]
-    hack = f"easy-to-hack ({tries} tries) {chosen['easy_to_hack']}" if tries else "easy-to-hack off"
-    return (
-        f"difficulty: {len(chosen['train_ids'])} of {chosen['pool']} problems kept (removed: "
-        f"{hack}, always solved {chosen['solved']}), mean SFT pass rate "
-        f"{chosen['mean_pass_rate']:.3f}"
     )
 
 
@@ -322,55 +263,6 @@ def run_rl(
 # ----------------------------------------------------------------------------------- run
 
 
-def check_memory(setup: Setup, console) -> None:
-    """The memory pre-flight (`preflight`): compiles the SFT and RL steps for the run's shapes
-    and refuses the run before any rollout if one will not fit; skipped where no limit is known."""
-    cfg, rl = setup.cfg, setup.cfg.rl
-    if not cfg.preflight.enabled:
-        return
-    limit, how = preflight.available_bytes(cfg.preflight)
-    if limit is None:
-        log.info("memory pre-flight skipped: %s", how)
-        return
-    plan = lambda opt, step_cfg, rows, what: preflight.plan_step(
-        setup.model_cfg, opt, step_cfg, setup.mesh, rows=rows, seq_len=cfg.seq_len, what=what
-    )
-    rl_step = train_step.StepConfig(
-        tau=rl.tau, group_size=rl.samples_per_prompt, micro_batches=rl.micro_batches
-    )
-    optimizer = train_step.make_optimizer(rl.learning_rate, max_grad_norm=rl.max_grad_norm)
-    rows = rl.rows_per_step
-    plans = [plan(optimizer, rl_step, rows, f"RL step ({rows} x {cfg.seq_len} tokens)")]
-    if cfg.sft.steps and setup.problems.sft_traces:
-        sft_step = train_step.StepConfig(objective="sft", group_size=1)
-        n = cfg.sft.batch_size
-        plans.append(plan(sft.optimizer(cfg.sft), sft_step, n, f"SFT step ({n} x {cfg.seq_len})"))
-    console(preflight.check(cfg.preflight, plans, setup.model_cfg, setup.mesh, rl.micro_batches))
-
-
-def make_grader(setup: Setup, stack: contextlib.ExitStack) -> scoring.Grader | None:
-    """Returns the run's judge grader on its own vLLM engine (closed by `stack`), or None when
-    the rules grade alone."""
-    g = setup.cfg.grader
-    if g.mode == "rules":
-        return None
-    jcfg = judge_lib.load_config(g.judge_model)
-    vcfg = dataclasses.replace(
-        setup.cfg.vllm,
-        max_model_len=jcfg.max_prompt_tokens + jcfg.max_tokens,
-        kv_cache_memory_bytes=g.kv_cache_memory_bytes,
-        sleep_level=0,
-    )
-    engine = engines.VllmEngine(g.judge_model, vcfg)
-    # Closed at the end of the run. Closing an in-process vLLM engine tears down vLLM's
-    # process-wide parallel groups: an engine passed to `run` is unusable afterwards.
-    stack.callback(engine.close)
-    fallback = setup.scorer.reward_fn if g.fallback == "rules" else judge_lib.zero
-    judge = judge_lib.Judge(engine, tokenizer.load(g.judge_model), fallback=fallback, config=jcfg)
-    log_path = os.path.join(setup.cfg.out_dir, "judge_log.jsonl")
-    return scoring.Grader(judge=judge, mode=g.mode, log_path=log_path)
-
-
 def _sft_and_rl(setup: Setup, engine, progress, console) -> tuple[decoder.Params, list, list, dict]:
     """Runs SFT, its evaluation, RL and its evaluation; returns (params, histories, results).
 
@@ -398,7 +290,7 @@ def _sft_and_rl(setup: Setup, engine, progress, console) -> tuple[decoder.Params
                 os.path.join(cfg.out_dir, "eval_sft.json"), lambda: evaluate(setup, engine)
             )
             console(report.eval_line("SFT", results["sft"]))
-            grader = make_grader(setup, stack)
+            grader = run_setup.make_grader(setup, stack)
         else:
             engine = grader = None
         params, rl_history = run_rl(setup, engine, params, progress, console, grader)
@@ -409,55 +301,6 @@ def _sft_and_rl(setup: Setup, engine, progress, console) -> tuple[decoder.Params
             )
             console(report.eval_line("RL ", results["rl"]))
     return params, sft_history, rl_history, results
-
-
-def check_problems(setup: Setup) -> None:
-    """Refuses a run whose RL pool or held-out set is empty after the prompt filters."""
-    task = setup.cfg.task
-    for what, problems in (
-        ("RL pool", setup.problems.train),
-        ("held-out set", setup.problems.held_out),
-    ):
-        if not problems:
-            raise prompt_sets.DataError(
-                f"{what} of {task.data or 'the built-in task'}: no problem left after the screen "
-                f"and --max_prompt_tokens={task.max_prompt_tokens}"
-            )
-
-
-def removed_lines(setup: Setup) -> list[str]:
-    """Returns the console lines of the problems left out before training."""
-    removed, task = setup.removed, setup.cfg.task
-    lines = []
-    if removed.screened:
-        total = len(setup.problems.train) + sum(len(i) for i in removed.screened.values())
-        total += len(removed.overlong_train)
-        lines.append(screen.screen_line(removed.screened, total))
-    if removed.sft_held_out or removed.sft_overlong:
-        lines.append(
-            f"SFT traces left out: {removed.sft_held_out} whose prompt is held out, "
-            f"{removed.sft_overlong} longer than a trainer row of {setup.cfg.seq_len} tokens"
-        )
-    if removed.overlong_train or removed.overlong_held_out:
-        lines.append(
-            f"prompts over --max_prompt_tokens={task.max_prompt_tokens} dropped: "
-            f"{len(removed.overlong_train)} of the RL pool, {len(removed.overlong_held_out)} "
-            f"held-out (first: {(removed.overlong_train or removed.overlong_held_out)[0]})"
-        )
-    return lines
-
-
-def removed_counts(setup: Setup) -> dict:
-    """Returns the numbers of problems left out, for the report (process 0, after RL)."""
-    counts = setup.removed.counts()
-    path = os.path.join(setup.cfg.out_dir, "difficulty.json")
-    if os.path.exists(path):  # absent when RL was resumed from an older run's checkpoint
-        with open(path) as f:
-            chosen = json.load(f)
-        counts.update(
-            {key: chosen[key] for key in ("pool", "easy_to_hack", "easy_to_hack_tries", "solved")}
-        )
-    return counts
 
 
 def run(cfg: RunConfig, *, engine=None, progress=None, console=print) -> dict:
@@ -485,15 +328,15 @@ def run(cfg: RunConfig, *, engine=None, progress=None, console=print) -> dict:
             box = stack.enter_context(sandbox_lib.Sandbox(cfg.sandbox))
         setup = prepare(cfg, sandbox=box)
         n_params = sum(x.size for x in jax.tree.leaves(setup.params))
-        for line in removed_lines(setup):
+        for line in run_setup.removed_lines(setup):
             console(line)
-        check_problems(setup)
+        run_setup.check_problems(setup)
         console(
             f"model {setup.model_cfg.architecture} with {n_params:,} parameters; "
             f"{len(setup.problems.train)} RL problems, {len(setup.problems.held_out)} held-out"
             + (f"; {jax.process_count()} processes" if distributed.multi() else "")
         )
-        check_memory(setup, console)
+        run_setup.check_memory(setup, console)
         params, sft_history, rl_history, results = _sft_and_rl(setup, engine, progress, console)
     if not main:
         return {"params": params}
@@ -503,7 +346,7 @@ def run(cfg: RunConfig, *, engine=None, progress=None, console=print) -> dict:
     results.update(
         wall_seconds=time.perf_counter() - t_start,
         parameters=n_params,
-        removed=removed_counts(setup),
+        removed=run_setup.removed_counts(setup),
     )
     report.write(cfg.out_dir, as_json(cfg), sft_history, rl_history, results)
     console(f"report: {os.path.join(cfg.out_dir, 'report.md')}")

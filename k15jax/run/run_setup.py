@@ -1,12 +1,18 @@
 """Everything a run reads, built once from its `RunConfig`: model, tokenizer, problems, scorer.
 
 `prepare(cfg)` returns the frozen `Setup` every phase of `loop` takes; nothing changes it.
+Beside it, what is decided from the setup alone before training: the checks that refuse a run
+(`check_problems`, `check_memory`), the lines and counts of the problems left out
+(`removed_lines`, `removed_counts`), and the judge grader's engine (`make_grader`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import json
+import logging
 import os
 from collections.abc import Callable
 
@@ -23,6 +29,9 @@ from k15jax.rewards import scoring
 from k15jax.rollout import engines
 from k15jax.run import evaluation
 from k15jax.run.run_config import ConfigError, RunConfig, engine_config
+from k15jax.train import preflight, sft, train_step
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,3 +228,101 @@ def evaluate(setup: Setup, engine: engines.RolloutEngine) -> dict:
         repeat=setup.cfg.repeat,
         seed=setup.cfg.seed + 1,
     )
+
+
+def check_problems(setup: Setup) -> None:
+    """Refuses a run whose RL pool or held-out set is empty after the prompt filters."""
+    task = setup.cfg.task
+    for what, problems in (
+        ("RL pool", setup.problems.train),
+        ("held-out set", setup.problems.held_out),
+    ):
+        if not problems:
+            raise prompt_sets.DataError(
+                f"{what} of {task.data or 'the built-in task'}: no problem left after the screen "
+                f"and --max_prompt_tokens={task.max_prompt_tokens}"
+            )
+
+
+def removed_lines(setup: Setup) -> list[str]:
+    """Returns the console lines of the problems left out before training."""
+    removed, task = setup.removed, setup.cfg.task
+    lines = []
+    if removed.screened:
+        total = len(setup.problems.train) + sum(len(i) for i in removed.screened.values())
+        total += len(removed.overlong_train)
+        lines.append(screen.screen_line(removed.screened, total))
+    if removed.sft_held_out or removed.sft_overlong:
+        lines.append(
+            f"SFT traces left out: {removed.sft_held_out} whose prompt is held out, "
+            f"{removed.sft_overlong} longer than a trainer row of {setup.cfg.seq_len} tokens"
+        )
+    if removed.overlong_train or removed.overlong_held_out:
+        lines.append(
+            f"prompts over --max_prompt_tokens={task.max_prompt_tokens} dropped: "
+            f"{len(removed.overlong_train)} of the RL pool, {len(removed.overlong_held_out)} "
+            f"held-out (first: {(removed.overlong_train or removed.overlong_held_out)[0]})"
+        )
+    return lines
+
+
+def removed_counts(setup: Setup) -> dict:
+    """Returns the numbers of problems left out, for the report (process 0, after RL)."""
+    counts = setup.removed.counts()
+    path = os.path.join(setup.cfg.out_dir, "difficulty.json")
+    if os.path.exists(path):  # absent when RL was resumed from an older run's checkpoint
+        with open(path) as f:
+            chosen = json.load(f)
+        counts.update(
+            {key: chosen[key] for key in ("pool", "easy_to_hack", "easy_to_hack_tries", "solved")}
+        )
+    return counts
+
+
+def check_memory(setup: Setup, console) -> None:
+    """The memory pre-flight (`preflight`): compiles the SFT and RL steps for the run's shapes
+    and refuses the run before any rollout if one will not fit; skipped where no limit is known."""
+    cfg, rl = setup.cfg, setup.cfg.rl
+    if not cfg.preflight.enabled:
+        return
+    limit, how = preflight.available_bytes(cfg.preflight)
+    if limit is None:
+        log.info("memory pre-flight skipped: %s", how)
+        return
+    plan = lambda opt, step_cfg, rows, what: preflight.plan_step(
+        setup.model_cfg, opt, step_cfg, setup.mesh, rows=rows, seq_len=cfg.seq_len, what=what
+    )
+    rl_step = train_step.StepConfig(
+        tau=rl.tau, group_size=rl.samples_per_prompt, micro_batches=rl.micro_batches
+    )
+    optimizer = train_step.make_optimizer(rl.learning_rate, max_grad_norm=rl.max_grad_norm)
+    rows = rl.rows_per_step
+    plans = [plan(optimizer, rl_step, rows, f"RL step ({rows} x {cfg.seq_len} tokens)")]
+    if cfg.sft.steps and setup.problems.sft_traces:
+        sft_step = train_step.StepConfig(objective="sft", group_size=1)
+        n = cfg.sft.batch_size
+        plans.append(plan(sft.optimizer(cfg.sft), sft_step, n, f"SFT step ({n} x {cfg.seq_len})"))
+    console(preflight.check(cfg.preflight, plans, setup.model_cfg, setup.mesh, rl.micro_batches))
+
+
+def make_grader(setup: Setup, stack: contextlib.ExitStack) -> scoring.Grader | None:
+    """Returns the run's judge grader on its own vLLM engine (closed by `stack`), or None when
+    the rules grade alone."""
+    g = setup.cfg.grader
+    if g.mode == "rules":
+        return None
+    jcfg = judge_lib.load_config(g.judge_model)
+    vcfg = dataclasses.replace(
+        setup.cfg.vllm,
+        max_model_len=jcfg.max_prompt_tokens + jcfg.max_tokens,
+        kv_cache_memory_bytes=g.kv_cache_memory_bytes,
+        sleep_level=0,
+    )
+    engine = engines.VllmEngine(g.judge_model, vcfg)
+    # Closed at the end of the run. Closing an in-process vLLM engine tears down vLLM's
+    # process-wide parallel groups: an engine passed to `run` is unusable afterwards.
+    stack.callback(engine.close)
+    fallback = setup.scorer.reward_fn if g.fallback == "rules" else judge_lib.zero
+    judge = judge_lib.Judge(engine, tokenizer.load(g.judge_model), fallback=fallback, config=jcfg)
+    log_path = os.path.join(setup.cfg.out_dir, "judge_log.jsonl")
+    return scoring.Grader(judge=judge, mode=g.mode, log_path=log_path)
