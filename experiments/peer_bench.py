@@ -85,6 +85,12 @@ class _Counting:
     def load_weights(self, params):
         self.engine.load_weights(params)
 
+    def sleep(self):
+        self.engine.sleep()
+
+    def take_metrics(self):
+        return self.engine.take_metrics()
+
 
 def run_k15jax(tmp: str) -> list[dict]:
     """Returns per-iteration {seconds, tokens, generate_seconds} of k15jax's RL loop."""

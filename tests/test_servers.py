@@ -228,8 +228,8 @@ def test_rl_run_on_two_servers_equals_the_in_process_run(
     keep = ("reward", "loss", "finished_groups", "resumed", "pending_samples", "correct")
     for a, b in zip(*histories, strict=True):
         assert {k: a[k] for k in keep if k in a} == {k: b[k] for k in keep if k in b}
-        assert any(k.startswith("servers/") for k in b) and not any(
-            k.startswith("servers/") for k in a
+        assert any(k.startswith("engine/") for k in b) and not any(
+            k.startswith("engine/") for k in a
         )
     # Not vacuous: groups finished and trained, and evaluation went through the servers too.
     assert sum(m.get("optimizer_steps", 0) for m in histories[1]) > 0

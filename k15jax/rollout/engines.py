@@ -160,6 +160,14 @@ class RolloutEngine(Protocol):
     def load_weights(self, params: decoder.Params) -> None:
         """Makes later `generate` calls sample from `params`."""
 
+    def sleep(self) -> None:
+        """Frees what the engine holds on the device until the next `load_weights` (the loop
+        calls it while the trainer runs); a no-op for an engine that holds nothing."""
+
+    def take_metrics(self) -> dict[str, float]:
+        """Returns the engine's event counts since the last call (the loop records each as
+        `engine/<name>`); {} for an engine with none."""
+
 
 def _has_sleep_mode() -> bool:
     from vllm.platforms import current_platform
@@ -290,6 +298,10 @@ class VllmEngine:
         if self.engine.sleep_level and not self.asleep:
             self.llm.sleep(level=self.engine.sleep_level)
             self.asleep = True
+
+    def take_metrics(self) -> dict[str, float]:
+        """An in-process engine counts no events."""
+        return {}
 
     def wake(self) -> None:
         """Makes a sleeping engine ready to generate again."""
@@ -422,3 +434,9 @@ class FakeEngine:
 
     def load_weights(self, params: decoder.Params) -> None:
         self.params = params
+
+    def sleep(self) -> None:
+        """Nothing to free: the fake's arrays are the trainer's."""
+
+    def take_metrics(self) -> dict[str, float]:
+        return {}

@@ -121,28 +121,12 @@ def rl_iteration(
 
     def decide():  # process 0: prompts, rollouts, rewards, sampler update, packed batch
         drawn, groups, metrics = _rollout(setup, engine, state, pool, iteration)
-        _sleep(engine)  # a colocated engine frees the device while the trainer runs
+        engine.sleep()  # a colocated engine frees the device while the trainer runs
         t_score = time.perf_counter()
         arrays = {}
         if groups:
-            rewards, correct, stats = scoring.score_groups(
-                groups,
-                pool,
-                setup.scorer,
-                iteration=iteration,
-                length=setup.cfg.length,
-                grader=grader,
-            )
-            problems = [s.problem for g in groups for s in g.samples]
-            success = sampler.update(drawn.sampler, problems, correct.astype(float))
-            drawn, metrics = dataclasses.replace(drawn, sampler=success), {**metrics, **stats}
-            packed = partial.pack(
-                groups,
-                iteration=iteration,
-                loss_segments=setup.cfg.partial.loss_segments,
-                pad_to=setup.cfg.seq_len,
-            )
-            arrays = dataclasses.asdict(_samples(packed, rewards))
+            drawn, samples, stats = _score_and_pack(setup, drawn, groups, pool, iteration, grader)
+            arrays, metrics = dataclasses.asdict(samples), {**metrics, **stats}
         metrics["seconds_rollout"] = t_score - t0
         metrics["seconds_score"] = time.perf_counter() - t_score
         meta = {"sampler": drawn.sampler.to_json(), "buffer": drawn.buffer.to_json()}
@@ -174,6 +158,23 @@ def rl_iteration(
     return dataclasses.replace(state, train=train, engine_gap=gap), metrics
 
 
+def _score_and_pack(setup: Setup, drawn: run_state.RlState, groups, pool, iteration: int, grader):
+    """Scores the finished groups, updates the sampler's success rates with them and packs them;
+    returns (state, the update's samples, the scoring metrics). Process 0."""
+    rewards, correct, stats = scoring.score_groups(
+        groups, pool, setup.scorer, iteration=iteration, length=setup.cfg.length, grader=grader
+    )
+    problems = [s.problem for g in groups for s in g.samples]
+    success = sampler.update(drawn.sampler, problems, correct.astype(float))
+    packed = partial.pack(
+        groups,
+        iteration=iteration,
+        loss_segments=setup.cfg.partial.loss_segments,
+        pad_to=setup.cfg.seq_len,
+    )
+    return dataclasses.replace(drawn, sampler=success), _samples(packed, rewards), stats
+
+
 def _samples(packed: partial.PackedGroups, rewards) -> update.Samples:
     """Returns the update's view of the packed groups and their rewards."""
     return update.Samples(
@@ -184,14 +185,6 @@ def _samples(packed: partial.PackedGroups, rewards) -> update.Samples:
         current_mask_bt=packed.current_mask_bt,
         reward_b=np.asarray(rewards, np.float32),
     )
-
-
-def _sleep(engine) -> None:
-    """Puts an engine that can sleep (`VllmEngine`, `ServerPool`) to sleep; the next
-    `load_weights` wakes it."""
-    sleep = getattr(engine, "sleep", None)
-    if sleep is not None:
-        sleep()
 
 
 def _rollout(setup: Setup, engine, state: run_state.RlState, pool, iteration: int):
@@ -216,8 +209,8 @@ def _rollout(setup: Setup, engine, state: run_state.RlState, pool, iteration: in
         "finished_groups": len(groups),
         "resumed": rstats["resumed"],
     }
-    if isinstance(engine, servers.ServerPool):  # what happened on the servers: failures, retries
-        metrics.update({f"servers/{k}": v for k, v in engine.take_metrics().items()})
+    # what happened in the engine (servers: failures, retries, requests per server)
+    metrics.update({f"engine/{k}": v for k, v in engine.take_metrics().items()})
     return dataclasses.replace(state, sampler=drawn_state, buffer=buffer), groups, metrics
 
 
