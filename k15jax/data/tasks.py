@@ -155,20 +155,13 @@ def generate(
     if not 2 <= min_terms <= max_terms:
         raise ValueError(f"need 2 <= min_terms={min_terms} <= max_terms={max_terms}")
     rng = random.Random(f"{split}:{seed}")
-    want_held_out = split == "held_out"
-    seen, out = set(), []
-    attempts = 0
-    while len(out) < n:
-        attempts += 1
-        if attempts > 200 * n + 10_000:
-            raise ValueError(f"cannot find {n} distinct {split} problems with {max_terms=}")
+
+    def propose():
         terms = [rng.randint(1, max_term) for _ in range(rng.randint(min_terms, max_terms))]
         prompt = f"{PROMPT_PREFIX}{'+'.join(map(str, terms))}\n"
-        if (unique and prompt in seen) or is_held_out(prompt) != want_held_out:
-            continue
-        seen.add(prompt)
-        out.append(make_example(terms, rng, slip_prob))
-    return out
+        return prompt, lambda: make_example(terms, rng, slip_prob)
+
+    return _draw(n, split, unique, propose, what=f"{max_terms=}")
 
 
 def _generate_columns(
@@ -177,20 +170,33 @@ def _generate_columns(
     if not 1 <= min_digits <= max_digits <= 9:
         raise ValueError(f"need 1 <= min_digits={min_digits} <= max_digits={max_digits} <= 9")
     rng = random.Random(f"columns:{split}:{seed}")
+
+    def propose():
+        d = rng.randint(min_digits, max_digits)
+        a, b = rng.randint(10 ** (d - 1), 10**d - 1), rng.randint(10 ** (d - 1), 10**d - 1)
+        return f"{PROMPT_PREFIX}{a}+{b}\n", lambda: make_column_example(a, b, rng, slip_prob)
+
+    return _draw(n, split, unique, propose, what=f"{max_digits=}")
+
+
+def _draw(n: int, split: str, unique: bool, propose, *, what: str) -> list[Example]:
+    """Returns the first `n` proposals of `split` (distinct unless `unique=False`).
+
+    `propose()` returns (prompt, build); `build()` makes the example and runs only for a kept
+    prompt, so a family's random draws are the same whatever the split filter rejects.
+    """
     want_held_out = split == "held_out"
     seen, out = set(), []
     attempts = 0
     while len(out) < n:
         attempts += 1
         if attempts > 200 * n + 10_000:
-            raise ValueError(f"cannot find {n} distinct {split} problems with {max_digits=}")
-        d = rng.randint(min_digits, max_digits)
-        a, b = rng.randint(10 ** (d - 1), 10**d - 1), rng.randint(10 ** (d - 1), 10**d - 1)
-        prompt = f"{PROMPT_PREFIX}{a}+{b}\n"
+            raise ValueError(f"cannot find {n} distinct {split} problems with {what}")
+        prompt, build = propose()
         if (unique and prompt in seen) or is_held_out(prompt) != want_held_out:
             continue
         seen.add(prompt)
-        out.append(make_column_example(a, b, rng, slip_prob))
+        out.append(build())
     return out
 
 
