@@ -17,6 +17,7 @@ from k15jax.infra import atomic, checkpoint, distributed
 from k15jax.model.config import ModelConfig
 from k15jax.rewards import length as length_reward
 from k15jax.rewards import sandbox as sandbox_lib
+from k15jax.rewards import scoring
 from k15jax.rollout import engines, partial, servers
 from k15jax.run import evaluation
 from k15jax.train import preflight, sft
@@ -73,7 +74,7 @@ class RlConfig:
         return self.groups_per_step * self.samples_per_prompt
 
 
-GRADERS = ("rules", "judge", "rules_then_judge")  # `scoring.Grader`
+GRADERS = scoring.GRADERS  # one home: `scoring.Grader` takes the last two
 JUDGE_FALLBACKS = ("rules", "zero")
 
 
