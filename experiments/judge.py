@@ -36,7 +36,7 @@ from k15jax.model import convert, tokenizer
 from k15jax.rewards import judge as judge_lib
 from k15jax.rewards.judge_training import MAX_PROMPT_TOKENS, TARGETS, judge_config, prompt_text
 from k15jax.rollout import engines
-from k15jax.run import evaluation, loop, run_config
+from k15jax.run import evaluation, loop, run_config, warmup
 
 _OUT = flags.DEFINE_string("out_dir", "runs/judge", "Output directory.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the data, the initial weights and the batches.")
@@ -98,7 +98,7 @@ def train(kind: str, train_items: list[answer_forms.Item]) -> str:
         setup, problems=dataclasses.replace(setup.problems, sft_traces=traces)
     )
     t0 = time.perf_counter()
-    params, history = loop.run_sft(setup, progress=_progress)
+    params, history = warmup.run_sft(setup, progress=_progress)
     path = convert.save_hf(
         setup.model_cfg, params, os.path.join(out, "judge_model"), tokenizer=setup.tok
     )

@@ -38,7 +38,7 @@ from experiments import rl as rl_script  # its flags are this script's flags too
 from k15jax.infra import atomic
 from k15jax.model import convert, decoder
 from k15jax.rollout import engines
-from k15jax.run import long2short, loop, run_config, run_setup
+from k15jax.run import long2short, loop, run_config, run_setup, warmup
 from k15jax.run.run_config import RunConfig
 from k15jax.train import sft
 
@@ -205,7 +205,7 @@ def shortest_rejection(setup, engine, params, out_dir: str, info: dict) -> decod
         problems=r(setup.problems, sft_traces=traces),
     )
     return model_once(
-        setup, os.path.join(sub, "model"), lambda: loop.run_sft(rs_setup, _progress)[0]
+        setup, os.path.join(sub, "model"), lambda: warmup.run_sft(rs_setup, _progress)[0]
     )
 
 
@@ -253,7 +253,7 @@ def short_model(cfg: RunConfig) -> tuple[run_setup.Setup, decoder.Params]:
     run_config.check_out_dir(short_cfg)
     setup = loop.prepare(short_cfg)
     path = os.path.join(short_cfg.out_dir, "model")
-    return setup, model_once(setup, path, lambda: loop.run_sft(setup, _progress)[0])
+    return setup, model_once(setup, path, lambda: warmup.run_sft(setup, _progress)[0])
 
 
 def report(cfg: RunConfig) -> dict:
@@ -263,7 +263,7 @@ def report(cfg: RunConfig) -> dict:
     run_config.check_out_dir(long_cfg)
     setup = loop.prepare(long_cfg)
     long_dir = os.path.join(long_cfg.out_dir, "model")
-    long_params = model_once(setup, long_dir, lambda: loop.run_sft(setup, _progress)[0])
+    long_params = model_once(setup, long_dir, lambda: warmup.run_sft(setup, _progress)[0])
     _, short_params = short_model(cfg)
     info: dict = {}
     results = {}

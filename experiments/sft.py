@@ -14,14 +14,14 @@ from absl import app
 
 from experiments import rl as rl_script  # its flags are this script's flags too
 from k15jax.model import convert
-from k15jax.run import loop, run_config
+from k15jax.run import loop, run_config, warmup
 
 
 def main(argv):
     cfg = rl_script.config_from_argv(argv)
     run_config.check_out_dir(cfg)
     setup = loop.prepare(cfg)
-    params, history = loop.run_sft(setup, progress=_progress)
+    params, history = warmup.run_sft(setup, progress=_progress)
     path = convert.save_hf(
         setup.model_cfg, params, os.path.join(cfg.out_dir, "sft_model"), tokenizer=setup.tok
     )

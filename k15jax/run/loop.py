@@ -1,10 +1,10 @@
 """The k1.5 run: long-CoT SFT warm-up -> mirror-descent RL with vLLM rollouts -> evaluation.
 
-One short function per phase; `run(cfg)` composes them. Everything that changes across steps is
-one run-state value (`run_state.SftState`, `run_state.RlState`) and is the whole checkpoint;
-every random choice derives from (seed, phase, step), so a run killed at any moment and started
-again with the same command continues from its last checkpoint and ends with the same params as
-an uninterrupted run (on CPU).
+One short function per phase (the SFT warm-up is `warmup.run_sft`); `run(cfg)` composes them.
+Everything that changes across steps is one run-state value (`run_state.SftState`,
+`run_state.RlState`) and is the whole checkpoint; every random choice derives from (seed,
+phase, step), so a run killed at any moment and started again with the same command continues
+from its last checkpoint and ends with the same params as an uninterrupted run (on CPU).
 
 On several processes (`distributed`) every process runs every function here; process 0 alone
 rolls out, scores, samples prompts, evaluates and writes files other than checkpoints, and what it
@@ -28,57 +28,12 @@ from k15jax.model import convert, decoder, sharding
 from k15jax.rewards import sandbox as sandbox_lib
 from k15jax.rewards import scoring
 from k15jax.rollout import engines, partial, servers
-from k15jax.run import difficulty, report, run_config, run_setup, run_state
+from k15jax.run import difficulty, report, run_config, run_setup, run_state, warmup
 from k15jax.run.run_config import RunConfig, as_json
 from k15jax.run.run_setup import Setup, evaluate, prepare
-from k15jax.train import sft, train_step, update
+from k15jax.train import train_step, update
 
 log = logging.getLogger(__name__)
-
-
-# --------------------------------------------------------------------------------- SFT
-
-
-def run_sft(setup: Setup, progress) -> tuple[decoder.Params, list[dict]]:
-    """Long-CoT warm-up: masked cross-entropy on solver traces; returns (params, history)."""
-    cfg = setup.cfg
-    examples = sft.tokenize(
-        setup.problems.sft_traces,
-        setup.tok.encode,
-        setup.tok.eos_id,
-        encode_prompt=setup.encode_prompt,
-    )
-    if cfg.sft.steps == 0 or not examples:
-        return distributed.host_value(setup.params), []
-    ckpt_dir = os.path.join(cfg.out_dir, "ckpt", "sft")
-    step_cfg = train_step.StepConfig(objective="sft", group_size=1)
-    trainer = train_step.make_trainer(setup.model_cfg, sft.optimizer(cfg.sft), step_cfg, setup.mesh)
-    fresh = train_step.init_state(setup.params, setup.model_cfg, trainer.optimizer, setup.mesh)
-    restored = run_state.restore_latest(ckpt_dir, run_state.SftState, fresh)
-    state, start = restored or (run_state.SftState(fresh), 0)
-    bar = progress(total=cfg.sft.steps, initial=start, desc="SFT")
-    shards = sharding.batch_shards(trainer.mesh)
-    batches = (
-        sft.batch(
-            examples,
-            step=i,
-            seed=cfg.seed,
-            batch_size=cfg.sft.batch_size,
-            seq_len=cfg.seq_len,
-            multiple=shards,
-        )
-        for i in range(start, cfg.sft.steps)
-    )
-    steps = update.run_steps(trainer, state.train, batches, where="SFT", start=start)
-    for i, (train, m) in enumerate(steps, start):
-        entry = {"step": i, "loss": m["loss"], "train_tokens_per_s": m["tokens"] / m["seconds"]}
-        state = run_state.SftState(train, (*state.history, entry))
-        bar.update(1)
-        bar.set_postfix(loss=f"{m['loss']:.3f}")
-        if (i + 1) % cfg.sft.checkpoint_every == 0 or i + 1 == cfg.sft.steps:
-            run_state.save(ckpt_dir, i + 1, state)
-    bar.close()
-    return distributed.host_value(state.train.params), list(state.history)
 
 
 # ---------------------------------------------------------------------------------- RL
@@ -172,12 +127,7 @@ def _score_and_pack(setup: Setup, drawn: run_state.RlState, groups, pool, iterat
         loss_segments=setup.cfg.partial.loss_segments,
         pad_to=setup.cfg.seq_len,
     )
-    return dataclasses.replace(drawn, sampler=success), _samples(packed, rewards), stats
-
-
-def _samples(packed: partial.PackedGroups, rewards) -> update.Samples:
-    """Returns the update's view of the packed groups and their rewards."""
-    return update.Samples(
+    samples = update.Samples(  # the update's view of the packed groups and their rewards
         tokens_bt=packed.tokens_bt,
         mask_bt=packed.mask_bt,
         segment_ids_bt=packed.segment_ids_bt,
@@ -185,6 +135,7 @@ def _samples(packed: partial.PackedGroups, rewards) -> update.Samples:
         current_mask_bt=packed.current_mask_bt,
         reward_b=np.asarray(rewards, np.float32),
     )
+    return dataclasses.replace(drawn, sampler=success), samples, stats
 
 
 def _rollout(setup: Setup, engine, state: run_state.RlState, pool, iteration: int):
@@ -264,7 +215,7 @@ def _sft_and_rl(setup: Setup, engine, progress, console) -> tuple[decoder.Params
     """
     cfg = setup.cfg
     main = distributed.is_main()
-    params, sft_history = run_sft(setup, progress)
+    params, sft_history = warmup.run_sft(setup, progress)
     results: dict = {}
     with contextlib.ExitStack() as stack:
         if main:
