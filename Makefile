@@ -53,7 +53,7 @@ gpu-check:
 	@test -d wheels || { echo "wheels/ missing: run 'make gpu-wheels' where there is network"; exit 2; }
 	$(GPU_PIP) $(GPU_PKGS) || $(GPU_PIP) --break-system-packages $(GPU_PKGS)
 	$(GPU_PIP) --no-deps jax-triton==0.3.1 || $(GPU_PIP) --no-deps --break-system-packages jax-triton==0.3.1
-	$(GPU_PY) -m experiments.gpu_check --out=$${OUT:-runs/gpu_check} $(GPU_CHECK_FLAGS)
+	$(GPU_PY) -m experiments.checks.gpu_check --out=$${OUT:-runs/gpu_check} $(GPU_CHECK_FLAGS)
 
 clean:
 	rm -rf $(VENV) runs

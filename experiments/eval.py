@@ -20,7 +20,7 @@ import os
 
 from absl import app, flags
 
-from experiments import rl as rl_script  # its flags are this script's flags too
+from experiments import run_flags  # the run flags are this script's flags too
 from k15jax.data import prompt_sets
 from k15jax.infra import atomic
 from k15jax.rewards import sandbox
@@ -86,7 +86,7 @@ def write(results: dict[str, dict], out_dir: str) -> None:
 
 
 def main(argv):
-    cfg = rl_script.config_from_argv(argv)
+    cfg = run_flags.config_from_argv(argv)
     if cfg.model_dir is None:
         raise app.UsageError("--model is required (a Hugging Face model directory)")
     files = [f.strip() for f in (cfg.task.data or "").split(",") if f.strip()]

@@ -34,7 +34,7 @@ from collections.abc import Callable
 
 from absl import app, flags
 
-from experiments import rl as rl_script  # its flags are this script's flags too
+from experiments import run_flags  # the run flags are this script's flags too
 from k15jax.infra import atomic
 from k15jax.model import convert, decoder
 from k15jax.rollout import engines
@@ -351,18 +351,18 @@ def single(cfg: RunConfig, method: str) -> str:
 
 def main(argv):
     try:
-        cfg = rl_script.config_from_argv(argv)
+        cfg = run_flags.config_from_argv(argv)
         dpo_config(), pair_rules(), sft.SftConfig(steps=_RS_STEPS.value)  # refuse bad flags early
         rl_config(cfg), short_config(cfg)
     except ValueError as e:
-        rl_script.fail(e)
+        run_flags.fail(e)
     try:
         if _METHOD.value == "report":
             report(cfg)
         else:
             print(f"model: {single(cfg, _METHOD.value)}")
-    except (*rl_script.USER_ERRORS, long2short.MergeError) as e:
-        rl_script.fail(e)
+    except (*run_flags.USER_ERRORS, long2short.MergeError) as e:
+        run_flags.fail(e)
 
 
 if __name__ == "__main__":

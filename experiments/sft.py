@@ -12,13 +12,13 @@ import os
 
 from absl import app
 
-from experiments import rl as rl_script  # its flags are this script's flags too
+from experiments import run_flags  # the run flags are this script's flags too
 from k15jax.model import convert
 from k15jax.run import loop, run_config, warmup
 
 
 def main(argv):
-    cfg = rl_script.config_from_argv(argv)
+    cfg = run_flags.config_from_argv(argv)
     run_config.check_out_dir(cfg)
     setup = loop.prepare(cfg)
     params, history = warmup.run_sft(setup, progress=_progress)

@@ -25,7 +25,7 @@ import os
 import numpy as np
 from absl import app, flags
 
-from experiments import rl as rl_script  # its flags are this script's flags too
+from experiments import run_flags  # the run flags are this script's flags too
 from k15jax.data import tasks
 from k15jax.infra import atomic
 from k15jax.model import convert
@@ -182,9 +182,9 @@ def markdown(result: dict, lengths: dict[str, float]) -> str:
 
 def main(argv):
     try:
-        cfg = rl_script.config_from_argv(argv)
+        cfg = run_flags.config_from_argv(argv)
     except ValueError as e:
-        rl_script.fail(e)
+        run_flags.fail(e)
     seeds = [int(s) for s in _SEEDS.value]
     budgets = sorted({int(b) for b in _BUDGETS.value})
     if not seeds or not budgets or min(budgets) < 1 or max(budgets) > cfg.partial.max_length:
@@ -195,8 +195,8 @@ def main(argv):
     os.makedirs(cfg.out_dir, exist_ok=True)
     try:
         result = study(cfg, seeds, budgets)
-    except rl_script.USER_ERRORS as e:
-        rl_script.fail(e)
+    except run_flags.USER_ERRORS as e:
+        run_flags.fail(e)
     lengths = trace_lengths(cfg)
     result["solver_trace_tokens"] = lengths
     text = markdown(result, lengths)

@@ -9,7 +9,7 @@ import pytest
 import yaml
 from absl import flags
 
-from experiments import rl
+from experiments import run_flags
 from k15jax.rollout import servers
 
 DEPLOY = os.path.join(os.path.dirname(__file__), os.pardir, "deploy")
@@ -63,7 +63,7 @@ def _trainer_config(trainer):
     f.unparse_flags()
     try:
         f(["rl", *trainer["args"]])
-        return rl.make_config()
+        return run_flags.make_config()
     finally:
         f.unparse_flags()
 

@@ -1,5 +1,5 @@
 """Scale-out: FSDP holds 1/n of the state per device, the memory pre-flight refuses what cannot
-fit, and 2 processes x 4 devices train like 1 process x 8 (`experiments.multihost_check`)."""
+fit, and 2 processes x 4 devices train like 1 process x 8 (`experiments.checks.multihost_check`)."""
 
 import dataclasses
 import math
@@ -151,7 +151,8 @@ def test_two_processes_train_like_one(tmp_path):
     three meshes (`--train`) is the script's default; it is left to the script for time."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     out = subprocess.run(
-        [sys.executable, "-m", "experiments.multihost_check", f"--out={tmp_path}", "--notrain"],
+        [sys.executable, "-m", "experiments.checks.multihost_check", f"--out={tmp_path}",
+         "--notrain"],
         env=env, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

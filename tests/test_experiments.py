@@ -4,7 +4,8 @@ import dataclasses
 
 from absl import flags
 
-from experiments import bench, convert, eval, rl, sft  # noqa: F401 - define their flags
+from experiments import convert, eval, rl, run_flags, sft  # noqa: F401 - define their flags
+from experiments.benchmarks import rollout_bench  # noqa: F401 - defines its flags
 from k15jax.model.config import KernelConfig
 from k15jax.run import run_config
 
@@ -17,7 +18,7 @@ def _parse(*args):
 
 def test_default_flags_give_the_default_config():
     _parse()
-    assert rl.make_config() == run_config.RunConfig()
+    assert run_flags.make_config() == run_config.RunConfig()
 
 
 def test_flags_reach_the_config():
@@ -56,7 +57,7 @@ def test_flags_reach_the_config():
         "--model_layers=3",
         "--model_width=64",
     )
-    cfg = rl.make_config()
+    cfg = run_flags.make_config()
     assert (cfg.task.family, cfg.task.min_digits, cfg.task.max_digits) == ("columns", 3, 5)
     assert cfg.task.min_terms == 3 and cfg.model.num_hidden_layers == 3
     m = cfg.model
@@ -65,7 +66,7 @@ def test_flags_reach_the_config():
     assert cfg.sampler.order == "uniform" and cfg.eval.ks == (1, 2, 8)
     assert cfg.sampler.epsilon == 0.05
     _parse("--eval_samples=2")  # the default k=4 is left out rather than refused
-    assert rl.make_config().eval.ks == (1,)
+    assert run_flags.make_config().eval.ks == (1,)
     assert cfg.rl.engine_reference_max_gap == -1
     assert cfg.rl.easy_to_hack_tries == 0 and cfg.task.overlong_prompts == "error"
     assert not cfg.task.screen and cfg.task.answer_prefix == "The answer is "
@@ -98,12 +99,12 @@ def test_flags_reach_the_config():
 
 
 def _run_script(module: str, *args, tmp_path) -> str:
-    """Runs `python -m module args` (scripts whose flag names overlap bench's run alone)."""
+    """Runs `python -m module args` (scripts whose flag names overlap the run flags run alone)."""
     import pathlib
     import subprocess
     import sys
 
-    out = tmp_path / f"{module}.json"
+    out = tmp_path / f"{module.rsplit('.', 1)[-1]}.json"
     proc = subprocess.run(
         [sys.executable, "-m", f"experiments.{module}", f"--out={out}", *args],
         capture_output=True,
@@ -118,7 +119,7 @@ def _run_script(module: str, *args, tmp_path) -> str:
 
 def test_kernel_bench_speed_path_runs_on_cpu(tmp_path):
     text = _run_script(
-        "kernel_bench", "--impls=xla_chunked,triton", "--speed_lengths=128",
+        "benchmarks.kernel_bench", "--impls=xla_chunked,triton", "--speed_lengths=128",
         "--heads=2", "--tokens_per_batch=128", "--logprob_impls=", "--repeats=1",
         tmp_path=tmp_path,
     )  # fmt: skip
@@ -131,12 +132,12 @@ def test_bad_mesh_flag_is_refused():
     from absl import app
 
     with pytest.raises(app.UsageError, match="'pipe:2' is not AXIS:SIZE"):
-        rl.parse_mesh("data:2,pipe:2")
-    assert rl.parse_mesh("fsdp:4") == (1, 4, 1)
+        run_flags.parse_mesh("data:2,pipe:2")
+    assert run_flags.parse_mesh("fsdp:4") == (1, 4, 1)
 
 
 def test_sandbox_bench_runs(tmp_path):
-    text = _run_script("sandbox_bench", "--programs=4", "--repeats=1", tmp_path=tmp_path)
+    text = _run_script("benchmarks.sandbox_bench", "--programs=4", "--repeats=1", tmp_path=tmp_path)
     assert "| rlimits_only | stdio |" in text
 
 
@@ -197,9 +198,9 @@ def test_broken_prompt_file_is_one_line_before_any_model_is_built(tmp_path):
 
 def test_verbosity_sets_the_engine_log_level():
     _parse()
-    assert rl.make_config().vllm.log_level == "WARNING"
+    assert run_flags.make_config().vllm.log_level == "WARNING"
     _parse("-v", "1")
-    assert rl.make_config().vllm.log_level == "INFO"
+    assert run_flags.make_config().vllm.log_level == "INFO"
     _parse("--verbosity=0")  # the run's own INFO lines; the libraries stay at warnings
-    assert rl.make_config().vllm.log_level == "WARNING"
+    assert run_flags.make_config().vllm.log_level == "WARNING"
     _parse()

@@ -12,7 +12,7 @@ def test_gpu_check_smoke(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["JAX_PLATFORMS"] = "cpu"
     out = subprocess.run(
-        [sys.executable, "-m", "experiments.gpu_check", "--smoke", f"--out={tmp_path}",
+        [sys.executable, "-m", "experiments.checks.gpu_check", "--smoke", f"--out={tmp_path}",
          "--parts=step,rl"],
         env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip

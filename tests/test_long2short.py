@@ -360,7 +360,7 @@ def test_long2short_flags_reach_the_configs():
     from absl import flags
 
     from experiments import long2short as script
-    from experiments import rl
+    from experiments import run_flags
 
     f = flags.FLAGS
     f.unparse_flags()
@@ -368,7 +368,7 @@ def test_long2short_flags_reach_the_configs():
        "--l2s_iterations=3", "--short_max_length=24", "--short_sft_steps=7",
        "--dpo_length_ratio=2", "--dpo_wrong=none", "--dpo_beta=0.2"])  # fmt: skip
     try:
-        cfg = rl.make_config()
+        cfg = run_flags.make_config()
         rl_cfg = script.rl_config(cfg)
         assert rl_cfg.out_dir == "/x/rl" and rl_cfg.rl.iterations == 3
         assert (rl_cfg.partial.max_length, rl_cfg.length.weight) == (48, 0.7)

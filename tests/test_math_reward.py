@@ -2,7 +2,7 @@
 know, and the responses a reward-seeking policy could try (each must score 0).
 
 The data test takes a seeded sample of each file; the full-file rates come from
-`python -m experiments.check_math_reward`. Every other response here is written by hand.
+`python -m experiments.checks.check_math_reward`. Every other response here is written by hand.
 """
 
 import json
@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from experiments.check_math_reward import attacks, perturb, spell, wrappings
+from experiments.checks.check_math_reward import attacks, perturb, spell, wrappings
 from k15jax.rewards import math as math_reward
 
 DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")

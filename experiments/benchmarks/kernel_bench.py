@@ -1,6 +1,6 @@
-"""GPU kernel speed (the memory plan is `experiments.memory_plan`).
+"""GPU kernel speed (the memory plan is `experiments.benchmarks.memory_plan`).
 
-  python -m experiments.kernel_bench          # on a GPU, about 6 minutes
+  python -m experiments.benchmarks.kernel_bench          # on a GPU, about 6 minutes
 
 Forward and forward+backward TFLOP/s of attention (`triton`, `cudnn`, `xla`,
   `xla_chunked`; causal, d = 128) at t = 4k..32k, and the log-prob kernels (`triton`,

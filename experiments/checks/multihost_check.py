@@ -1,6 +1,6 @@
 """Multi-process training equals single-process training: 2 processes x 4 CPU devices vs 1 x 8.
 
-  python -m experiments.multihost_check          # ~1-2 minutes on 2 cores
+  python -m experiments.checks.multihost_check          # ~1-2 minutes on 2 cores
 
 Starts, on this machine, (1) one process with 8 CPU devices and (2) two processes with 4 CPU
 devices each, joined by `jax.distributed` on a loopback coordinator with gloo collectives. Each
@@ -266,7 +266,7 @@ def _launch(role: str, out: str, processes: int, extra=()) -> list[subprocess.Po
     port = _free_port()
     procs = []
     for i in range(processes):
-        cmd = [sys.executable, "-m", "experiments.multihost_check", f"--role={role}",
+        cmd = [sys.executable, "-m", "experiments.checks.multihost_check", f"--role={role}",
                f"--out={out}", f"--steps={_STEPS.value}", f"--optimizer={_OPT.value}",
                f"--meshes={','.join(_meshes())}",
                f"--num_processes={processes}",

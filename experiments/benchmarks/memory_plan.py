@@ -1,7 +1,7 @@
 """The long-context memory plan: what one train step needs at 8k, 32k and 128k tokens.
 
-  python -m experiments.memory_plan        # any machine: compiles, runs nothing (~5 min on CPU)
-  XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m experiments.memory_plan \
+  python -m experiments.benchmarks.memory_plan  # any machine: compiles, runs nothing (~5 min, CPU)
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m experiments.benchmarks.memory_plan \
       --which=meshes                       # per-device state by mesh, from shardings (seconds)
 
 Temporary memory of one full train step (log-probs + mirror-descent loss + gradients + AdamW

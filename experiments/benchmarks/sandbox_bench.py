@@ -1,6 +1,6 @@
 """Sandbox throughput: trivial programs judged per second, measured side by side.
 
-  python -m experiments.sandbox_bench --programs=200
+  python -m experiments.benchmarks.sandbox_bench --programs=200
 
 Judges `--programs` trivial stdin/stdout submissions (one test each) and as many assert-style
 ones, with one worker and with the full pool (one per core), in the namespaces mode and in the

@@ -1,7 +1,7 @@
 """Weight hand-off cost: publish + reload time against model size, in-process engine vs server.
 
-  python -m experiments.handoff_bench                       # tiny, 0.5B and 1.5B shapes (CPU)
-  python -m experiments.handoff_bench --sizes=tiny --repeats=5
+  python -m experiments.benchmarks.handoff_bench     # tiny, 0.5B and 1.5B shapes (CPU)
+  python -m experiments.benchmarks.handoff_bench --sizes=tiny --repeats=5
 
 For each model shape (random weights: nothing is downloaded) and each engine — the in-process
 `rollout.VllmEngine` and a `servers.ServerPool` over one `vllm serve` process on loopback — it
@@ -117,7 +117,7 @@ def main(argv):
         # One process per measurement: an engine's memory is only surely freed with its process.
         out = os.path.join(_PUBLISH.value, f"{size}-{kind}.json")
         subprocess.run(
-            [sys.executable, "-m", "experiments.handoff_bench", f"--sizes={size}",
+            [sys.executable, "-m", "experiments.benchmarks.handoff_bench", f"--sizes={size}",
              f"--engines={kind}", f"--repeats={_REPEATS.value}", f"--out={out}",
              f"--publish_dir={_PUBLISH.value}", f"--dtype={_DTYPE.value}"],
             check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

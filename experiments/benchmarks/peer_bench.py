@@ -1,7 +1,7 @@
 """k15jax's RL iteration next to TRL's GRPOTrainer on the same work, in one command.
 
-  python -m experiments.peer_bench --model=runs/default/sft_model          # both, 6 iterations
-  python -m experiments.peer_bench --model=... --which=k15jax --iterations=8
+  python -m experiments.benchmarks.peer_bench --model=runs/default/sft_model  # both, 6 iterations
+  python -m experiments.benchmarks.peer_bench --model=... --which=k15jax --iterations=8
 
 The same start model (a Hugging Face directory, e.g. the default run's `sft_model`), the same
 RL prompts (the run's pool, drawn `--prompts_per_iteration` at a time), `--samples_per_prompt`

@@ -2,7 +2,7 @@
 model writes it, with a perturbed answer in the same wrappings, and with attacks that hold the
 gold answer but must not earn reward; prints the rates.
 
-  python -m experiments.check_math_reward [--data_dir=../shared/data]
+  python -m experiments.checks.check_math_reward [--data_dir=../shared/data]
 
 Expected: 100% of parseable rows score 1 in every wrapping, 0% (up to a handful of rows whose
 perturbed answer is still equal, e.g. `\\infty+1`) of perturbed answers score 1, and 0% of

@@ -1,7 +1,7 @@
 """Rollout benchmarks, each measured side by side in one run and reported as ratios.
 
-  python -m experiments.bench                      # all three, built-in tiny model, CPU
-  python -m experiments.bench --which=reload --repeats=7
+  python -m experiments.benchmarks.rollout_bench     # all three, built-in tiny model, CPU
+  python -m experiments.benchmarks.rollout_bench --which=reload --repeats=7
 
 - reload:  time per weight update, in-place `reload_weights` vs restarting the engine.
 - partial: partial rollouts vs generating every sample to completion on a long-tail length

@@ -1,12 +1,12 @@
 """The GPU check: everything that needs a GPU, in one command, under 8 minutes, one table.
 
   make gpu-check                          # on the GPU machine, after `make gpu-wheels` here
-  python -m experiments.gpu_check --smoke # any machine: the same code paths at toy sizes
+  python -m experiments.checks.gpu_check --smoke # any machine: the same code paths at toy sizes
 
 Parts (each bounded in time; a failure is a row of the table, not the end of the check):
   1. the environment: JAX, its devices, Triton, torch, jax-triton;
   2. the GPU kernel tests (`pytest -m gpu tests/test_kernels_gpu.py`);
-  3. kernel speed: attention and token log-probs, a subset of `experiments.kernel_bench`;
+  3. kernel speed: attention and token log-probs, a subset of `experiments.benchmarks.kernel_bench`;
   4. one train step of a Qwen2.5-0.5B-shaped model (bf16, remat, chunked attention and
      log-probs, random weights) at 8k and 32k tokens, each in a fresh process: the compiled
      memory plan (`preflight`) next to the measured peak (`memory_stats`) and the step time;
@@ -77,7 +77,9 @@ def kernel_speed(env: dict, out: str) -> list[dict]:
     else:
         sizes = ["--speed_lengths=8192,32768", "--logprob_rows=32768", "--repeats=5"]
     rc, text, s = _run(
-        [sys.executable, "-m", "experiments.kernel_bench", f"--out={path}", *sizes], env, 240
+        [sys.executable, "-m", "experiments.benchmarks.kernel_bench", f"--out={path}", *sizes],
+        env,
+        240,
     )
     if rc != 0 or not os.path.exists(path):
         return [dict(part="kernel speed", case="kernel_bench", rc=rc, result=text[-300:],
@@ -169,7 +171,7 @@ def train_step_case(t: int) -> dict:
 def train_steps(env: dict) -> list[dict]:
     rows = []
     for t in (256, 512) if _SMOKE.value else (8192, 32768):
-        cmd = [sys.executable, "-m", "experiments.gpu_check", "--part=step", f"--tokens={t}",
+        cmd = [sys.executable, "-m", "experiments.checks.gpu_check", "--part=step", f"--tokens={t}",
                f"--out={_OUT.value}"] + (["--smoke"] if _SMOKE.value else [])  # fmt: skip
         rc, text, s = _run(cmd, env, timeout=200)
         line = next((ln for ln in text.splitlines() if ln.startswith("STEP ")), None)
