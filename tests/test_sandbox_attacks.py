@@ -802,3 +802,39 @@ def test_a_run_in_another_sandbox_does_not_use_up_this_ones_processes(box1, clea
         j = code.judge_stdio(box1, threaded, [{"input": "21", "output": "42"}])
         hogging.join()
     assert j.reward == 1.0, j
+
+
+# -------------------------------------------- 11. kernel resources a run can grow
+# Each attack grows one kernel-side resource as far as it can and prints how far it got; the
+# "expected output" is the count the attack would reach without a cap, so the reward must be 0,
+# and a second run checks the count stays under the cap.
+
+
+def _grow(box, program: str, uncapped: int) -> int:
+    """Judges `program` (which prints one count) against `uncapped`; returns the count."""
+    j = code.judge_stdio(box, program, [{"input": "", "output": str(uncapped)}])
+    assert j.reward == 0.0 and j.verdicts[0] != sandbox.PASSED, j
+    r = box.run({"main.py": program}, ["python", "main.py"])
+    assert r.verdict == sandbox.PASSED, r
+    return int(r.stdout.split()[-1])
+
+
+INODES = """
+import os
+n = 0
+for top in ("/tmp", "/dev/shm"):
+    try:
+        for i in range(20000):
+            open(f"{top}/f{i}", "w").close()
+            n += 1
+    except OSError:
+        pass
+print(n)
+"""
+
+
+def test_11_tmpfs_inodes_are_capped(box, clean_host):
+    # Empty files cost no bytes (size= does not see them) but one inode each, kernel memory.
+    assert _grow(box, INODES, 40000) <= 2 * CFG.tmpfs_inodes
+    with pytest.raises(ValueError, match="tmpfs_inodes=0 must be > 0"):
+        sandbox.SandboxConfig(tmpfs_inodes=0)

@@ -6,10 +6,12 @@ It imports only the standard library, and it does, in order:
 
 1. joins the run's cgroups (memory, pids, cpuacct: limits for the whole run);
 2. builds the root in a fresh tmpfs: `/usr` (and the `/bin`, `/lib*` links) bound read-only
-   and recursively, `/etc/ld.so.cache`, a few `/dev` nodes, private size-limited tmpfs `/tmp`
-   and `/dev/shm`, the read-only library directories, `/box` (the call exchange and, readable
-   by the checker uid only, the tests); then `pivot_root` into it and detaches the old root,
-   so no path (`..` included) leads back to the host; a fresh `/proc` shows this run only;
+   and recursively, `/etc/ld.so.cache`, a few `/dev` nodes, private tmpfs `/tmp` and
+   `/dev/shm` (every tmpfs, the root's too, capped in bytes and in inodes: `tmpfs_mb`,
+   `tmpfs_inodes`), the read-only library directories, `/box` (the call exchange and,
+   readable by the checker uid only, the tests); then `pivot_root` into it and detaches the
+   old root, so no path (`..` included) leads back to the host; a fresh `/proc` shows this
+   run only;
 3. forks the program as the slot's uid, with rlimits, a scrubbed environment, a new session
    keyring and an emptied user keyring (stdin/stdout mode), or the candidate and the checker
    as two uids joined by two pipes (function mode, see `wire.py`);
@@ -67,8 +69,10 @@ def _bind_read_only(source: str, target: str, *, devices: bool = False) -> None:
             _mount(None, point, None, flags)
 
 
-def _tmpfs(target: str, size_mb: int, mode: str = "1777") -> None:
-    _mount("tmpfs", target, "tmpfs", _MS_NOSUID | _MS_NODEV, f"size={size_mb}m,mode={mode}")
+def _tmpfs(target: str, spec: dict, mode: str = "1777") -> None:
+    """Mounts a tmpfs capped in bytes and in inodes (an empty file costs kernel memory too)."""
+    data = f"size={spec['tmpfs_mb']}m,nr_inodes={spec['tmpfs_inodes']},mode={mode}"
+    _mount("tmpfs", target, "tmpfs", _MS_NOSUID | _MS_NODEV, data)
 
 
 def _write(path: str, text: str, uid: int, mode: int) -> None:
@@ -83,7 +87,7 @@ def _build_root(spec: dict) -> None:
     libs = {dst: os.open(src, os.O_PATH | os.O_DIRECTORY) for dst, src in spec["libraries"].items()}
     root = spec["root"]
     _mount(None, "/", None, _MS_REC | _MS_PRIVATE)
-    _tmpfs(root, spec["tmpfs_mb"], mode="755")
+    _tmpfs(root, spec, mode="755")
     for d in (*_SYSTEM_DIRS, *spec["extra_dirs"]):
         if os.path.islink(d):
             os.symlink(os.readlink(d), root + d)
@@ -102,11 +106,11 @@ def _build_root(spec: dict) -> None:
     for i, name in enumerate(("stdin", "stdout", "stderr")):
         os.symlink(f"/proc/self/fd/{i}", f"{root}/dev/{name}")
     os.symlink("/proc/self/fd", root + "/dev/fd")
-    _tmpfs(root + "/dev/shm", spec["tmpfs_mb"])
+    _tmpfs(root + "/dev/shm", spec)
     for d in ("/proc", "/tmp", "/var"):
         os.makedirs(root + d)
     os.symlink("../tmp", root + "/var/tmp")
-    _tmpfs(root + "/tmp", spec["tmpfs_mb"])
+    _tmpfs(root + "/tmp", spec)
     for dst, fd in libs.items():
         os.makedirs(root + dst)
         _bind_read_only(f"/proc/self/fd/{fd}", root + dst)

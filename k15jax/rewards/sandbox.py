@@ -6,9 +6,10 @@ Every run is one process tree started with util-linux `unshare` in fresh network
 IPC and UTS namespaces; `jail.py` (the launcher, PID 1 there) builds the rest:
 
 - a minimal root: an empty tmpfs holding `/usr` (and the `/bin`, `/lib*` links) bound
-  read-only and recursively, a few `/dev` nodes, private size-limited tmpfs `/tmp` and
-  `/dev/shm`, entered with `pivot_root` (the old root is detached: no `..` leads out); no
-  checkout, no datasets, no host `/tmp`; a fresh `/proc` (hidepid) of the run's own processes;
+  read-only and recursively, a few `/dev` nodes, private tmpfs `/tmp` and `/dev/shm` capped
+  in bytes and in inodes (`tmpfs_mb`, `tmpfs_inodes`), entered with `pivot_root` (the old
+  root is detached: no `..` leads out); no checkout, no datasets, no host `/tmp`; a fresh
+  `/proc` (hidepid) of the run's own processes;
 - no network interface but a down loopback; no SysV IPC or POSIX queue shared with anything;
 - the program runs as a dedicated unprivileged uid per worker slot (the checker of function
   tests as a second one), with a new session keyring; the uids' user keyrings are emptied
@@ -88,6 +89,7 @@ class SandboxConfig:
     max_open_files: int = 64  # RLIMIT_NOFILE
     max_output_mb: int = 16  # stdout, and any file the program writes
     tmpfs_mb: int = 64  # size of each private tmpfs (/tmp, /dev/shm)
+    tmpfs_inodes: int = 4096  # files, directories and links in each private tmpfs
     workers: int = 0  # runs in parallel; 0: one per CPU core
     isolation: str = "namespaces"  # or "auto" (weaker mode if unavailable), "rlimits_only"
     cgroups: bool = True  # per-run limits by cgroup v1 where writable; else rlimits only
@@ -97,7 +99,7 @@ class SandboxConfig:
 
     def __post_init__(self):
         for name in ("cpu_s", "wall_s", "memory_mb", "max_processes", "max_open_files",
-                     "max_output_mb", "tmpfs_mb", "problem_wall_s"):  # fmt: skip
+                     "max_output_mb", "tmpfs_mb", "tmpfs_inodes", "problem_wall_s"):  # fmt: skip
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be > 0")
         if self.isolation not in ISOLATION_MODES:
@@ -301,7 +303,8 @@ class Sandbox:
                 checker_uid=_CHECKER_UID_BASE + slot if self.isolated else own,
                 cpu_s=cfg.cpu_s, memory_mb=cfg.memory_mb, max_processes=cfg.max_processes,
                 max_open_files=cfg.max_open_files, max_output_mb=cfg.max_output_mb,
-                tmpfs_mb=cfg.tmpfs_mb, root=os.path.join(host_dir, "root"),
+                tmpfs_mb=cfg.tmpfs_mb, tmpfs_inodes=cfg.tmpfs_inodes,
+                root=os.path.join(host_dir, "root"),
                 extra_dirs=_python_prefix(self.python) if self.isolated else [],
                 libraries={self.library_path(n, d): os.path.realpath(d)
                            for n, d in libraries.items()},
