@@ -838,3 +838,58 @@ def test_11_tmpfs_inodes_are_capped(box, clean_host):
     assert _grow(box, INODES, 40000) <= 2 * CFG.tmpfs_inodes
     with pytest.raises(ValueError, match="tmpfs_inodes=0 must be > 0"):
         sandbox.SandboxConfig(tmpfs_inodes=0)
+
+
+USER_NAMESPACE = """
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+tries = {"user+mount": 0x10000000 | 0x20000, "user": 0x10000000, "mount": 0x20000}
+made = []
+for name, flags in tries.items():
+    if os.fork() == 0:  # each try in a child of its own: a namespace, once made, stays
+        ok = libc.unshare(flags) == 0
+        if ok and flags & 0x20000:
+            ok = libc.mount(b"none", b"/tmp", b"tmpfs", 0, b"size=2g,nr_inodes=0") == 0
+        os._exit(0 if ok else 1)
+    _, status = os.wait()
+    made += [name] if status == 0 else []
+print(made, file=sys.stderr)
+print(len(made))
+"""
+
+
+def test_11_no_user_namespace_and_no_mount_of_its_own(box, clean_host):
+    # Any uid may make a user namespace; root there may mount an uncapped tmpfs in a mount
+    # namespace of its own. The launcher puts each program in a user namespace where no
+    # namespace may be made (max_*_namespaces = 0).
+    assert _grow(box, USER_NAMESPACE, 3) == 0
+
+
+INOTIFY = """
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+groups = []
+while len(groups) < 40 and (fd := libc.inotify_init1(0)) >= 0:
+    groups.append(fd)
+watches = set()
+for root, dirs, files in os.walk("/usr"):
+    for name in dirs + files:
+        fd = groups[len(watches) % len(groups)]
+        wd = libc.inotify_add_watch(fd, os.path.join(root, name).encode(), 0x2)
+        if wd < 0 and ctypes.get_errno() == 28:  # ENOSPC: the watch limit
+            break
+        watches.add((fd, wd)) if wd >= 0 else None
+    else:
+        continue
+    break
+print(len(groups), len(watches))
+"""
+
+
+def test_11_inotify_watches_are_capped_per_run(box, clean_host):
+    # A watch pins kernel memory per inode: one per file of /usr (137k here; the host-wide
+    # per-uid limit, fs.inotify.max_user_watches, is 192k) in under a CPU-second.
+    j = code.judge_stdio(box, INOTIFY, [{"input": "", "output": "40 100000"}])
+    assert j.reward == 0.0, j
+    groups, watches = map(int, box.run({"main.py": INOTIFY}, ["python", "main.py"]).stdout.split())
+    assert groups <= 8 and watches <= 1024

@@ -12,9 +12,11 @@ It imports only the standard library, and it does, in order:
    readable by the checker uid only, the tests); then `pivot_root` into it and detaches the
    old root, so no path (`..` included) leads back to the host; a fresh `/proc` shows this
    run only;
-3. forks the program as the slot's uid, with rlimits, a scrubbed environment, a new session
-   keyring and an emptied user keyring (stdin/stdout mode), or the candidate and the checker
-   as two uids joined by two pipes (function mode, see `wire.py`);
+3. forks the program as the slot's uid in a user namespace of its own (only that uid mapped;
+   no namespace may be made in it, inotify capped: `_USER_NS_LIMITS`), with rlimits, a
+   scrubbed environment, a new session keyring and an emptied user keyring (stdin/stdout
+   mode), or the candidate and the checker as two uids joined by two pipes (function mode,
+   see `wire.py`);
 4. when the program (or the checker) exits, kills everything left in the namespace, empties
    the uids' keyrings, and writes {"exit": n} or {"signal": n} (and the CPU seconds) to
    STATUS_FD, a pipe no sandboxed process holds.
@@ -209,6 +211,49 @@ def _seccomp() -> None:
     _check(_LIBC.prctl(22, 2, ctypes.addressof(prog), 0, 0), "prctl(PR_SET_SECCOMP)")
 
 
+# The user namespace each sandboxed process gets, owned by root (this launcher) with only the
+# process's uid mapped: its counters (/proc/sys/user) are per run and its limits ours. No
+# namespace may be made in it: a candidate's own user namespace (allowed to any uid) would make
+# it root there, free to mount an uncapped tmpfs in a mount namespace of its own. inotify and
+# fanotify marks pin kernel memory per watched inode (all of /usr: 137k of them): a few only.
+_CLONE_NEWUSER = 0x10000000
+_NAMESPACE_KINDS = ("user", "mnt", "pid", "net", "ipc", "uts", "cgroup", "time")
+_USER_NS_LIMITS = {
+    **{f"max_{kind}_namespaces": 0 for kind in _NAMESPACE_KINDS},
+    "max_inotify_instances": 8,
+    "max_inotify_watches": 1024,
+    "max_fanotify_groups": 0,
+    "max_fanotify_marks": 0,
+}
+
+
+def _enter_user_namespace(ready_w: int, go_r: int) -> None:
+    """Moves this (forked, still root) process into a new user namespace with our limits.
+
+    Its uid and gid maps are written by the parent (`_map_uid`): only a process with
+    CAP_SETUID outside the namespace may map a uid other than its own. Until `_as_uid` this
+    process holds every capability in the namespace, so it can set the namespace's limits.
+    """
+    _check(_LIBC.unshare(_CLONE_NEWUSER), "unshare(CLONE_NEWUSER)")
+    os.write(ready_w, b"1")
+    if os.read(go_r, 1) != b"1":
+        raise OSError("the launcher did not map this process's uid")
+    os.close(ready_w)
+    os.close(go_r)
+    for name, value in _USER_NS_LIMITS.items():
+        path = f"/proc/sys/user/{name}"
+        if os.path.exists(path):  # older kernels lack some (time namespaces, fanotify)
+            with open(path, "w") as f:
+                f.write(str(value))
+
+
+def _map_uid(pid: int, uid: int) -> None:
+    """Maps `uid` (and the gid of that number) to itself in `pid`'s user namespace, alone."""
+    for name in ("uid_map", "gid_map"):
+        with open(f"/proc/{pid}/{name}", "w") as f:
+            f.write(f"{uid} {uid} 1\n")
+
+
 def _as_uid(uid: int) -> None:
     os.setgroups([])
     os.setgid(uid)
@@ -217,10 +262,23 @@ def _as_uid(uid: int) -> None:
 
 def _start(spec: dict, argv: list[str], fds: list[int], uid: int, cwd: str) -> int:
     """Forks `argv` with `fds` as its fds 0, 1, 2, ... as `uid`, limited; returns its pid."""
+    ready_r, ready_w = os.pipe()  # child -> us: it is in its user namespace
+    go_r, go_w = os.pipe()  # us -> child: its uid and gid maps are written
     pid = os.fork()
     if pid != 0:
+        os.close(ready_w)
+        os.close(go_r)
+        if spec["isolated"] and os.read(ready_r, 1):
+            _map_uid(pid, uid)
+            os.write(go_w, b"1")
+        os.close(ready_r)
+        os.close(go_w)
         return pid
     try:
+        os.close(ready_r)
+        os.close(go_w)
+        if spec["isolated"]:
+            _enter_user_namespace(ready_w, go_r)
         moved = [os.dup(fd) for fd in fds]  # out of the way of the dup2s below
         for i, fd in enumerate(moved):
             os.dup2(fd, i)

@@ -12,8 +12,10 @@ IPC and UTS namespaces; `jail.py` (the launcher, PID 1 there) builds the rest:
   `/proc` (hidepid) of the run's own processes;
 - no network interface but a down loopback; no SysV IPC or POSIX queue shared with anything;
 - the program runs as a dedicated unprivileged uid per worker slot (the checker of function
-  tests as a second one), with a new session keyring; the uids' user keyrings are emptied
-  before and after each run; when the program exits the launcher kills whatever it left;
+  tests as a second one), each in a user namespace of its own where no namespace may be made
+  (so no mount of its own either) and inotify watches are few, with a new session keyring;
+  the uids' user keyrings are emptied before and after each run; when the program exits the
+  launcher kills whatever it left;
 - limits for the whole run, not per process (`cgroup.py`): memory and process count by the
   kernel, CPU time polled here; where cgroups v1 are not writable, the per-process rlimits
   (CPU, address space, per-uid process count) are the documented fallback (`Sandbox.limits`);
