@@ -893,3 +893,89 @@ def test_11_inotify_watches_are_capped_per_run(box, clean_host):
     assert j.reward == 0.0, j
     groups, watches = map(int, box.run({"main.py": INOTIFY}, ["python", "main.py"]).stdout.split())
     assert groups <= 8 and watches <= 1024
+
+
+MEMLOCK = """
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                      ctypes.c_long]
+locked = 0
+for _ in range(16):  # 1 MiB each, MAP_PRIVATE | MAP_ANONYMOUS | MAP_LOCKED, then mlock
+    p = libc.mmap(None, 1 << 20, 3, 0x22 | 0x2000, -1, 0)
+    if p in (None, ctypes.c_void_p(-1).value):
+        p = libc.mmap(None, 1 << 20, 3, 0x22, -1, 0)
+        if libc.mlock(ctypes.c_void_p(p), ctypes.c_size_t(1 << 20)) != 0:
+            break
+    locked += 1
+print(locked)
+"""
+
+
+def test_11_no_memory_is_locked(box, clean_host):
+    # Locked pages cannot be reclaimed or swapped; the host's RLIMIT_MEMLOCK (8 MiB here,
+    # unlimited for root on some hosts) was inherited.
+    assert _grow(box, MEMLOCK, 16) == 0
+
+
+SYSV_IPC = """
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+msg = ctypes.create_string_buffer(8 + 8192)
+msg[0] = 1
+queues = segments = sets = stored = 0
+while queues < 200 and (q := libc.msgget(0, 0o1600)) >= 0:
+    queues += 1
+    while libc.msgsnd(q, msg, 8192, 0o4000) == 0:
+        stored += 8192
+while segments < 200 and libc.shmget(0, 1 << 20, 0o1600) >= 0:
+    segments += 1
+while sets < 200 and libc.semget(0, 8, 0o1600) >= 0:
+    sets += 1
+print(queues, stored >> 10, segments, sets, queues + segments + sets)
+"""
+
+
+def test_11_sysv_ipc_is_capped_in_the_runs_namespace(box, clean_host):
+    # A fresh IPC namespace allows 32,000 queues of 16 KiB (512 MiB of kernel memory), 4,096
+    # shared memory segments and 32,000 semaphore sets; the launcher lowers them in its own.
+    host = [pathlib.Path(f"/proc/sys/kernel/{n}").read_text() for n in ("msgmni", "shmmni", "sem")]
+    j = code.judge_stdio(box, SYSV_IPC, [{"input": "", "output": "200 3200 200 200 600"}])
+    assert j.reward == 0.0, j
+    r = box.run({"main.py": SYSV_IPC}, ["python", "main.py"])
+    queues, stored_kib, segments, sets, _ = map(int, r.stdout.split())
+    assert queues <= 16 and stored_kib <= 16 * 16 and segments <= 16 and sets <= 16, r
+    assert host == [
+        pathlib.Path(f"/proc/sys/kernel/{n}").read_text() for n in ("msgmni", "shmmni", "sem")
+    ]  # the host's own limits are untouched
+
+
+POSIX_MQUEUE = """
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+n = 0
+while n < 300 and libc.mq_open(f"/q{n}".encode(), os.O_CREAT | os.O_RDWR, 0o600, None) >= 0:
+    n += 1
+print(n)
+"""
+
+
+def test_11_posix_queues_are_capped(box, clean_host):
+    # RLIMIT_MSGQUEUE (800 KiB: 9 queues of the default 10 x 8 KiB) is set, not inherited.
+    assert _grow(box, POSIX_MQUEUE, 300) <= 16
+
+
+SIGNALS = """
+import os, signal
+signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGRTMIN])
+for _ in range(5000):
+    os.kill(os.getpid(), signal.SIGRTMIN)  # real-time signals queue, one kernel object each
+status = open("/proc/self/status").read()
+print(int(status.split("SigQ:")[1].split("/")[0]))  # signals queued for this uid
+"""
+
+
+def test_11_queued_signals_are_capped(box, clean_host):
+    # RLIMIT_SIGPENDING was inherited from the host (96k here).
+    assert _grow(box, SIGNALS, 5000) <= 256

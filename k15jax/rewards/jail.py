@@ -128,6 +128,26 @@ def _build_root(spec: dict) -> None:
     except OSError:
         _mount("proc", "/proc", "proc", _MS_NOSUID | _MS_NODEV)
     socket.sethostname("sandbox")
+    _limit_ipc(spec)
+
+
+def _limit_ipc(spec: dict) -> None:
+    """Caps SysV IPC and POSIX queues in this run's IPC namespace (these sysctls are its own).
+
+    A fresh namespace allows 32,000 SysV queues of 16 KiB each (512 MiB of kernel memory, the
+    memory cgroup the only bound), 4,096 shared memory segments of any size, 32,000 semaphore
+    sets and 256 POSIX queues: a handful of each is plenty for a program.
+    """
+    pages = spec["tmpfs_mb"] << 8  # 4 KiB pages: all shared memory together, like a tmpfs
+    limits = {
+        "kernel/msgmni": 16, "kernel/msgmnb": 16384, "kernel/msgmax": 8192,
+        "kernel/shmmni": 16, "kernel/shmall": pages, "kernel/shmmax": pages << 12,
+        "kernel/sem": "32 512 32 16",  # semaphores per set, in all, per semop call; sets
+        "fs/mqueue/queues_max": 16, "fs/mqueue/msg_max": 10, "fs/mqueue/msgsize_max": 8192,
+    }  # fmt: skip
+    for name, value in limits.items():
+        with open(f"/proc/sys/{name}", "w") as f:
+            f.write(str(value))
 
 
 def _write_box(spec: dict, prefix: str) -> None:
@@ -307,6 +327,12 @@ def _limit(spec: dict) -> None:
         (resource.RLIMIT_NOFILE, spec["max_open_files"], spec["max_open_files"]),
         (resource.RLIMIT_FSIZE, out, out),
         (resource.RLIMIT_CORE, 0, 0),
+        # Kernel memory per uid, set here rather than inherited from the host (root's may be
+        # unlimited): no locked pages (mlock, MAP_LOCKED), POSIX queues of 800 KiB in all (the
+        # kernel's default), 256 queued signals (each a kernel object, RT signals queue).
+        (resource.RLIMIT_MEMLOCK, 0, 0),
+        (resource.RLIMIT_MSGQUEUE, 819200, 819200),
+        (resource.RLIMIT_SIGPENDING, 256, 256),
     ]
     # RLIMIT_NPROC counts every process of the uid, host-wide: two Sandboxes (two runs on one
     # host) share slot uids, so one run's processes would count against the other's. The pids
