@@ -979,3 +979,72 @@ print(int(status.split("SigQ:")[1].split("/")[0]))  # signals queued for this ui
 def test_11_queued_signals_are_capped(box, clean_host):
     # RLIMIT_SIGPENDING was inherited from the host (96k here).
     assert _grow(box, SIGNALS, 5000) <= 256
+
+
+FILE_DESCRIPTORS = """
+import os, socket, time
+r, w = os.pipe()
+for _ in range(30):  # more processes than the run may have: fork fails past the pids cap
+    try:
+        pid = os.fork()
+    except OSError:
+        break
+    if pid == 0:
+        held, queued = [], 0
+        try:
+            while True:  # a pipe, a socket pair and an eventfd at a time, data in the sockets
+                held += [*os.pipe(), os.eventfd(0)]
+                a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+                held += [a, b]
+                a.setblocking(False)
+                try:
+                    while True:
+                        queued += a.send(bytes(65000))
+                except OSError:
+                    pass
+        except OSError:
+            pass
+        os.write(w, f"{len(held)} {queued >> 20}\\n".encode())
+        time.sleep(1.5)
+        os._exit(0)
+time.sleep(1.2)
+os.close(w)
+rows = [line.split() for line in os.read(r, 1 << 16).decode().splitlines()]
+print(len(rows), sum(int(fds) for fds, _ in rows), sum(int(mb) for _, mb in rows))
+"""
+
+
+def test_11_file_descriptors_and_their_buffers_are_capped_per_run(box, clean_host):
+    # Pipes, sockets and eventfds are capped by RLIMIT_NOFILE per process times the pids cap
+    # (max_processes + 4 tasks: the launcher's, the checker's slack);
+    # the data queued in socket buffers is kernel memory charged to the run's memory cgroup.
+    if box.limits != "cgroups":
+        pytest.skip("per-run memory and process caps need the cgroups")
+    j = code.judge_stdio(box, FILE_DESCRIPTORS, [{"input": "", "output": "30 20000 2000"}])
+    assert j.reward == 0.0, j
+    r = box.run({"main.py": FILE_DESCRIPTORS}, ["python", "main.py"])
+    procs, fds, queued_mb = map(int, r.stdout.split())
+    assert procs + 1 <= CFG.max_processes + 4 and fds <= procs * CFG.max_open_files, r
+    assert queued_mb <= CFG.memory_mb, r
+
+
+THREADS = """
+import threading
+threading.stack_size(1 << 16)
+stop, n = threading.Event(), 0
+try:
+    while n < 1000:
+        threading.Thread(target=stop.wait, daemon=True).start()
+        n += 1
+except RuntimeError:
+    pass
+stop.set()
+print(n)
+"""
+
+
+def test_11_threads_are_capped_per_run(box, clean_host):
+    # Each thread is a task of the pids cgroup (max_processes + 4 for the launcher, all uids).
+    if box.limits != "cgroups":
+        pytest.skip("the per-run task cap is the pids cgroup")
+    assert _grow(box, THREADS, 1000) <= CFG.max_processes + 4
