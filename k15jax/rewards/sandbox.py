@@ -172,7 +172,8 @@ def check_isolation() -> str | None:
         return "switching the program to an unprivileged uid needs root (euid is not 0)"
     try:
         proc = subprocess.run(
-            [*_UNSHARE, "--mount-proc", "sh", "-c", "mount -t tmpfs none /tmp && echo ok"],
+            [*_UNSHARE, "--mount-proc", "sh", "-c",
+             "mount -t tmpfs none /tmp && unshare --user true && echo ok"],  # see jail._start
             capture_output=True, text=True, timeout=10,
         )  # fmt: skip
     except (OSError, subprocess.TimeoutExpired) as err:
