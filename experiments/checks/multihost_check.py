@@ -1,6 +1,6 @@
 """Multi-process training equals single-process training: 2 processes x 4 CPU devices vs 1 x 8.
 
-  python -m experiments.checks.multihost_check          # ~1-2 minutes on 2 cores
+  python -m experiments.checks.multihost_check          # ~5 minutes on 2 cores
 
 Starts, on this machine, (1) one process with 8 CPU devices and (2) two processes with 4 CPU
 devices each, joined by `jax.distributed` on a loopback coordinator with gloo collectives. Each
@@ -21,7 +21,8 @@ Tolerance: the two runs reduce gradients in a different order (XLA's in-process 
 gloo's), a float32 rounding difference. The default optimizer, momentum SGD (lr 0.1), is linear
 in the gradient, so that difference stays at rounding size and `--tolerance=1e-6` holds it;
 with `--optimizer=adamw` (lr 1e-3) the division by sqrt(v) enlarges it on near-zero gradient
-entries to a fraction of one step (measured 1e-4 after 6 steps), so pass a tolerance to match.
+entries to a fraction of one step (1e-4 after `--optimizer=adamw --steps=6`), so pass a
+tolerance to match.
 """
 
 from __future__ import annotations
