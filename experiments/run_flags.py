@@ -238,7 +238,7 @@ _FLOOR = flags.DEFINE_float(
     "priority_floor",
     D.sampler.epsilon,
     "Prioritized sampling draws ∝ max(1 - s_i, this); 0 (the paper): a problem always solved "
-    "is not drawn. Runs saved before this flag used 0.05.",
+    "is not drawn.",
 )
 
 # --- The held-out evaluation: EvalConfig ---

@@ -11,10 +11,11 @@
 `xla_blocked` computes `kernels.reference.attention` without its masked upper triangle when
 causal: the queries are cut into at most `PREFIX_BLOCKS` blocks and each block attends to the
 keys up to its own end, an exact softmax over the same keys ((n + 1) / 2n of the square's flops
-for n blocks). Measured on the default run's rows (280 tokens, 5 blocks, 2-core CPU): attention
-forward and backward 0.35 s instead of 0.72 s per layer of 64 rows, the whole RL step 10-15%
-faster; not the default, because its other float rounding gave the default run another
-trajectory (BUILD.md, "Iteration throughput").
+for n blocks). On the default run's rows (280 tokens, 5 blocks, 2-core CPU): attention forward
+and backward 0.35 s instead of 0.72 s per layer of 64 rows, the whole RL step 10-15% faster
+(BUILD.md, "Iteration throughput", gives the commit and the runs). Not the default: its float
+rounding differs from the reference's, so a run with it takes another trajectory, and one seed
+each does not say which method is better.
 
 *With `segment_ids_bt`, `cudnn` is given a [b, 1, t, t] boolean mask (O(t^2)); its packed
 sequence support is not public API in JAX.

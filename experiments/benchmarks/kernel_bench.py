@@ -4,11 +4,12 @@
 
 Forward and forward+backward TFLOP/s of attention (`triton`, `cudnn`, `xla`,
   `xla_chunked`; causal, d = 128) at t = 4k..32k, and the log-prob kernels (`triton`,
-  `xla_chunked`, `xla`) at Qwen2.5-0.5B's e and vocabulary, against the measured H200 ceilings
-  (~790 TFLOP/s bf16 matmul, ~4.3 TB/s copy). Each case first checks its values against the
-  reference on a small input; failures (out of memory, a broken cuDNN path) are recorded,
-  not fatal. `triton_torch` launches the same Triton kernels on torch CUDA tensors (timed with
-  CUDA synchronization): the kernels' own speed where jax-triton is not installed.
+  `xla_chunked`, `xla`) at Qwen2.5-0.5B's e and vocabulary, against an H200's ceilings
+  (~790 TFLOP/s bf16 matmul, ~4.3 TB/s copy: `H200_TFLOPS`, `H200_TBPS`). Each case first
+  checks its values against the reference on a small input; failures (out of memory, a broken
+  cuDNN path) are recorded, not fatal. `triton_torch` launches the same Triton kernels on torch
+  CUDA tensors (timed with CUDA synchronization): the kernels' own speed where jax-triton is not
+  installed.
 
 Results are printed as tables and written as JSON to --out.
 """
@@ -37,8 +38,10 @@ _HEAD_DIM = flags.DEFINE_integer("head_dim", 128, "Head dim of the speed benchma
 _TOKENS_PER_BATCH = flags.DEFINE_integer("tokens_per_batch", 32768, "b = this // t (min 1).")
 _REPEATS = flags.DEFINE_integer("repeats", 10, "Timed calls per case (the median is reported).")
 
-H200_TFLOPS = 790.0  # measured bf16 matmul ceiling (docs/ENVIRONMENT.md)
-H200_TBPS = 4.3  # measured device-to-device copy ceiling
+# An H200's ceilings the ratios are taken against, measured outside this repository (no script
+# here reproduces them): bf16 matmul TFLOP/s and device-to-device copy TB/s.
+H200_TFLOPS = 790.0
+H200_TBPS = 4.3
 
 
 # ------------------------------------------------------------------------------ speed

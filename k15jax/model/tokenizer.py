@@ -9,7 +9,7 @@ always builds `Qwen2Tokenizer`, which keeps tokenizer.json's vocabulary, merges 
 post-processor but replaces its normalizer, pre-tokenizer and decoder with Qwen2's own (NFC,
 Qwen2's split regex, byte-level), whatever tokenizer_class says; for "qwen3" and "llama" it
 loads tokenizer.json as written. So the built-in tokenizer is written in exactly Qwen2's form
-(a byte-level BPE without merges: one token per character, the same ids as ever), and
+(a byte-level BPE without merges: one token per character), and
 `auto_tokenizer_mismatch` names what another tokenizer would lose under a model type.
 """
 
