@@ -323,3 +323,19 @@ def test_run_report_lists_pass_at_k_of_both_models():
     assert "| 0.750 [0.500, 1.000] |" in lines[3]
     only_one = _evaluate(_Scripted(OUTPUTS), (1,))
     assert report.at_k_lines({"sft": only_one, "rl": only_one}) == []  # k = 1: its own table
+
+
+def test_report_says_in_words_what_its_seed_showed():
+    from k15jax.run import report
+
+    def result(p, low, high):
+        return {"pass_at_1": p, "ci95": [low, high]}
+
+    sft = result(0.22, 0.19, 0.25)
+    above = report.verdict_line({"seed": 2}, sft, result(0.33, 0.29, 0.36))
+    assert "On seed 2, RL raised held-out pass@1 from 0.220 to 0.330" in above
+    assert "intervals apart" in above and "--seed" in above
+    touching = report.verdict_line({"seed": 0}, sft, result(0.28, 0.25, 0.31))  # 0.25 = 0.25
+    assert "overlapping 95% intervals" in touching and "no difference" in touching
+    below = report.verdict_line({"seed": 1}, sft, result(0.10, 0.07, 0.13))
+    assert "RL made the model worse" in below

@@ -89,10 +89,10 @@ def test_flags_reach_the_config():
         overlong_prompts="drop",
         screen=True,
         answer_prefix="answer: ",
-        family="sums",
+        family="columns",
         min_terms=2,
         min_digits=2,
-        max_digits=4,
+        max_digits=3,
     )
     assert task == run_config.RunConfig().task
     _parse()

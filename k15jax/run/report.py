@@ -180,6 +180,30 @@ def write_plots(
     return names
 
 
+def verdict_line(config: dict, sft: dict, rl: dict) -> str:
+    """Returns what the run showed, in words, naming its seed (a run shows its own seed only)."""
+    seed = config["seed"]
+    if rl["ci95"][0] > sft["ci95"][1]:
+        shown = (
+            f"On seed {seed}, RL raised held-out pass@1 from {sft['pass_at_1']:.3f} to "
+            f"{rl['pass_at_1']:.3f}, with the two 95% intervals apart: RL improved the model "
+            "beyond its SFT warm-up on problems it never trained on, by more than the "
+            "evaluation's noise."
+        )
+    elif sft["ci95"][0] > rl["ci95"][1]:
+        shown = (
+            f"On seed {seed}, RL lowered held-out pass@1 from {sft['pass_at_1']:.3f} to "
+            f"{rl['pass_at_1']:.3f}, with the two 95% intervals apart: RL made the model worse."
+        )
+    else:
+        shown = (
+            f"On seed {seed}, the held-out pass@1 of RL ({rl['pass_at_1']:.3f}) and of the SFT "
+            f"warm-up ({sft['pass_at_1']:.3f}) have overlapping 95% intervals: this run shows "
+            "no difference beyond the evaluation's noise."
+        )
+    return shown + " Another seed draws other problems, weights and samples; run it with --seed."
+
+
 def write(out_dir: str, config: dict, sft_history, rl_history, results: dict) -> None:
     """Writes tensorboard/, *.png, results.json and report.md into `out_dir`."""
     write_tensorboard(out_dir, sft_history, rl_history)
@@ -203,6 +227,9 @@ def write(out_dir: str, config: dict, sft_history, rl_history, results: dict) ->
         "",
         f"Gain: {rl['pass_at_1'] - sft['pass_at_1']:+.3f}; the intervals "
         f"{'do not overlap (RL above SFT)' if separated else 'overlap'}.",
+        "",
+        verdict_line(config, sft, rl),
+        "",
         f"Wall time: {results['wall_seconds']:.0f} s; {results['parameters']:,} parameters; "
         f"{len(rl_history)} RL iterations.",
         "",
