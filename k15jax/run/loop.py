@@ -171,11 +171,8 @@ def run_rl(
     """Mirror-descent RL from `params`; returns (final params, per-iteration metrics)."""
     cfg, rl = setup.cfg, setup.cfg.rl
     ckpt_dir = os.path.join(cfg.out_dir, "ckpt", "rl")
-    optimizer = train_step.make_optimizer(rl.learning_rate, max_grad_norm=rl.max_grad_norm)
-    step_cfg = train_step.StepConfig(
-        tau=rl.tau, group_size=rl.samples_per_prompt, micro_batches=rl.micro_batches
-    )
-    trainer = train_step.make_trainer(setup.model_cfg, optimizer, step_cfg, setup.mesh)
+    optimizer = rl.optimizer()  # a fresh one each iteration (`update.rl_update`)
+    trainer = train_step.make_trainer(setup.model_cfg, optimizer, rl.step_config(), setup.mesh)
     fresh = train_step.init_state(params, setup.model_cfg, optimizer, setup.mesh)
     if restored := run_state.restore_latest(ckpt_dir, run_state.RlState, fresh):
         state, start = restored

@@ -20,7 +20,7 @@ from k15jax.rewards import sandbox as sandbox_lib
 from k15jax.rewards import scoring
 from k15jax.rollout import engines, partial, servers
 from k15jax.run import evaluation
-from k15jax.train import preflight, sft
+from k15jax.train import preflight, sft, train_step
 
 # Settings that may change when a run resumes: where it runs, not what it computes.
 RESUMABLE_CHANGES = ("out_dir", "vllm", "servers", "mesh", "sandbox", "preflight")
@@ -72,6 +72,16 @@ class RlConfig:
     def rows_per_step(self) -> int:
         """Rows (samples) of one optimizer step."""
         return self.groups_per_step * self.samples_per_prompt
+
+    def step_config(self) -> train_step.StepConfig:
+        """Returns the RL train step's settings (the run's and the memory pre-flight's)."""
+        return train_step.StepConfig(
+            tau=self.tau, group_size=self.samples_per_prompt, micro_batches=self.micro_batches
+        )
+
+    def optimizer(self):
+        """Returns the RL optimizer (AdamW at `learning_rate`, gradients clipped)."""
+        return train_step.make_optimizer(self.learning_rate, max_grad_norm=self.max_grad_norm)
 
 
 GRADERS = scoring.GRADERS  # one home: `scoring.Grader` takes the last two

@@ -29,7 +29,7 @@ from k15jax.rewards import scoring
 from k15jax.rollout import engines
 from k15jax.run import evaluation
 from k15jax.run.run_config import ConfigError, RunConfig, engine_config
-from k15jax.train import preflight, sft, train_step
+from k15jax.train import preflight, sft
 
 log = logging.getLogger(__name__)
 
@@ -292,16 +292,15 @@ def check_memory(setup: Setup, console) -> None:
     plan = lambda opt, step_cfg, rows, what: preflight.plan_step(
         setup.model_cfg, opt, step_cfg, setup.mesh, rows=rows, seq_len=cfg.seq_len, what=what
     )
-    rl_step = train_step.StepConfig(
-        tau=rl.tau, group_size=rl.samples_per_prompt, micro_batches=rl.micro_batches
-    )
-    optimizer = train_step.make_optimizer(rl.learning_rate, max_grad_norm=rl.max_grad_norm)
     rows = rl.rows_per_step
-    plans = [plan(optimizer, rl_step, rows, f"RL step ({rows} x {cfg.seq_len} tokens)")]
+    plans = [
+        plan(rl.optimizer(), rl.step_config(), rows, f"RL step ({rows} x {cfg.seq_len} tokens)")
+    ]
     if cfg.sft.steps and setup.problems.sft_traces:
-        sft_step = train_step.StepConfig(objective="sft", group_size=1)
         n = cfg.sft.batch_size
-        plans.append(plan(sft.optimizer(cfg.sft), sft_step, n, f"SFT step ({n} x {cfg.seq_len})"))
+        plans.append(
+            plan(sft.optimizer(cfg.sft), sft.STEP_CONFIG, n, f"SFT step ({n} x {cfg.seq_len})")
+        )
     console(preflight.check(cfg.preflight, plans, setup.model_cfg, setup.mesh, rl.micro_batches))
 
 

@@ -27,8 +27,9 @@ def run_sft(setup: Setup, progress) -> tuple[decoder.Params, list[dict]]:
     if cfg.sft.steps == 0 or not examples:
         return distributed.host_value(setup.params), []
     ckpt_dir = os.path.join(cfg.out_dir, "ckpt", "sft")
-    step_cfg = train_step.StepConfig(objective="sft", group_size=1)
-    trainer = train_step.make_trainer(setup.model_cfg, sft.optimizer(cfg.sft), step_cfg, setup.mesh)
+    trainer = train_step.make_trainer(
+        setup.model_cfg, sft.optimizer(cfg.sft), sft.STEP_CONFIG, setup.mesh
+    )
     fresh = train_step.init_state(setup.params, setup.model_cfg, trainer.optimizer, setup.mesh)
     restored = run_state.restore_latest(ckpt_dir, run_state.SftState, fresh)
     state, start = restored or (run_state.SftState(fresh), 0)

@@ -51,6 +51,10 @@ def tokenize(
     return [(encode_prompt(prompt), encode(response) + [eos_id]) for prompt, response in traces]
 
 
+# The SFT step: next-token cross-entropy on response tokens, each row its own group.
+STEP_CONFIG = train_step.StepConfig(objective="sft", group_size=1)
+
+
 def optimizer(cfg: SftConfig) -> optax.GradientTransformation:
     """Returns AdamW on a warm-up + cosine schedule (short runs keep a decay phase)."""
     warmup = min(cfg.warmup_steps, cfg.steps // 2)
