@@ -63,8 +63,9 @@ class Scorer:
 
     reward_fn: RewardFn
     decode: Callable[[Sequence[int]], str]
-    truncation_penalty: float = 0.5
-    repeat_penalty: float = 0.5
+    # The run sets both from its `partial.PartialConfig`, where their defaults live.
+    truncation_penalty: float = partial.PartialConfig.truncation_penalty
+    repeat_penalty: float = partial.PartialConfig.repeat_penalty
 
     def __call__(
         self,
