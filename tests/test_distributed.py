@@ -111,7 +111,7 @@ def test_run_is_refused_before_any_rollout(tmp_path):
         rl=run_config.RlConfig(samples_per_prompt=4, groups_per_step=2),
         preflight=preflight.PreflightConfig(device_memory_gb=1e-3),
     )
-    with pytest.raises(preflight.DoesNotFit, match=r"RL step \(8 x 280 tokens\)"):
+    with pytest.raises(preflight.DoesNotFit, match=r"RL step \(8 x 216 tokens\)"):
         loop.run(cfg, engine=_NoRollouts(), console=lambda *a: None)
     assert not os.path.exists(os.path.join(cfg.out_dir, "ckpt"))
 

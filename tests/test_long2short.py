@@ -249,7 +249,8 @@ def test_rl_preset_strengthens_the_length_reward_and_cuts_the_length():
     preset = long2short.RlPreset()
     assert cfg.length.weight == preset.length_weight > base.length.weight
     assert cfg.length.warmup_iterations == 0
-    assert cfg.partial.max_length == preset.max_length <= base.partial.max_length / 4
+    # 3x: the preset's 64 tokens against the default run's 192 (its docstring)
+    assert cfg.partial.max_length == preset.max_length <= base.partial.max_length / 3
     assert cfg.partial.budget <= cfg.partial.max_length
     assert dataclasses.replace(cfg, length=base.length, partial=base.partial) == base
 

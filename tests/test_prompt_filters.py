@@ -227,10 +227,10 @@ def test_select_problems_drops_easy_to_hack_and_always_solved():
 def test_engine_context_is_derived_and_checked():
     cfg = run_config.RunConfig()
     assert cfg.vllm.max_model_len is None
-    assert run_config.engine_config(cfg).max_model_len == cfg.seq_len == 24 + 256
+    assert run_config.engine_config(cfg).max_model_len == cfg.seq_len == 24 + 192
     big = dataclasses.replace(cfg.vllm, max_model_len=2048)
     assert run_config.engine_config(dataclasses.replace(cfg, vllm=big)).max_model_len == 2048
-    with pytest.raises(ValueError, match=r"max_model_len=100 is below .* 24 \+ 256 = 280"):
+    with pytest.raises(ValueError, match=r"max_model_len=100 is below .* 24 \+ 192 = 216"):
         dataclasses.replace(cfg, vllm=dataclasses.replace(cfg.vllm, max_model_len=100))
     # A context the model cannot hold stops the run before any weights are built.
     longer = dataclasses.replace(cfg, partial=dataclasses.replace(cfg.partial, max_length=600))

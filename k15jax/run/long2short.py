@@ -361,7 +361,7 @@ def train_dpo(
 class RlPreset:
     """The long2short RL phase's changes to the RL flags (k1.5 §2.4; the paper gives neither
     number, spec §6: GAP). Against the run defaults (weight 0.1 after 15 warm-up iterations,
-    256 response tokens): a 5x length-reward weight from the first iteration and a 4x shorter
+    192 response tokens): a 5x length-reward weight from the first iteration and a 3x shorter
     maximum rollout length."""
 
     length_weight: float = 0.5
