@@ -28,7 +28,7 @@ RESUMABLE_CHANGES = ("out_dir", "vllm", "servers", "mesh", "sandbox", "preflight
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RlConfig:
-    iterations: int = 24
+    iterations: int = 36
     prompts_per_iteration: int = 32
     samples_per_prompt: int = 8  # k
     temperature: float = 1.0
