@@ -251,7 +251,7 @@ def stop_recorded(path: str, *, grace_s: float = GRACE_S) -> list[str]:
     if stopped:
         log.warning("stopped rollout servers %s left by trainer pid %d (%s)",
                     ", ".join(stopped), trainer["pid"], path)  # fmt: skip
-    if record.get("publish_root"):
+    if os.path.basename(record["publish_root"]).startswith("pool-"):  # a pool's, nothing else
         shutil.rmtree(record["publish_root"], ignore_errors=True)
         with contextlib.suppress(OSError):  # the run's publish directory, if now empty
             os.rmdir(os.path.dirname(record["publish_root"]))
