@@ -21,6 +21,10 @@ marks its server down and is sent again, with the same seed, to another server: 
 samples are taken exactly once. A server the pool started is killed and restarted; a server given
 by address is probed before each `generate` and rejoins (after a weight sync) when it answers.
 `take_metrics` reports what happened since the last call.
+
+A server the pool starts never outlives the trainer (`watchdog`): it runs under a watchdog
+process that stops it when the trainer dies, SIGKILL included, and it is recorded in the run's
+directory, so that a pool started again there stops whatever the last one left.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ import urllib.request
 import uuid
 
 from k15jax.model import convert, decoder
-from k15jax.rollout import engines
+from k15jax.rollout import engines, watchdog
 
 log = logging.getLogger(__name__)
 
@@ -131,8 +135,9 @@ class ServerError(RuntimeError):
 @dataclasses.dataclass(eq=False)
 class _Server:
     address: str
-    process: subprocess.Popen | None = None  # set when the pool started it
+    process: subprocess.Popen | None = None  # its watchdog, when the pool started it
     log_path: str | None = None
+    token: str | None = None  # in the environment of its processes (`watchdog.TOKEN_ENV`)
     state: str = "starting"  # "starting" | "ready" | "down"
     version: str | None = None  # the label it reported after the last successful sync
     outstanding: int = 0
@@ -151,11 +156,26 @@ class ServerPool:
         start on it; servers given by address are reloaded from it).
       engine: vLLM knobs of launched servers, and `publish_dir` for published weights.
       pool: the servers.
+      run_dir: where launched servers are recorded (`watchdog.RECORD`); a pool given the same
+        directory later stops those that are still running first.
+
+    Raises:
+      watchdog.InUseError: the servers recorded in `run_dir` belong to a running trainer.
     """
 
-    def __init__(self, model_dir: str, engine: engines.VllmConfig, pool: ServerPoolConfig):
+    def __init__(
+        self,
+        model_dir: str,
+        engine: engines.VllmConfig,
+        pool: ServerPoolConfig,
+        *,
+        run_dir: str | None = None,
+    ):
         if not os.path.isdir(model_dir):
             raise FileNotFoundError(f"model directory {model_dir} does not exist")
+        self._record = os.path.join(run_dir, watchdog.RECORD) if run_dir else None
+        if self._record:
+            watchdog.stop_recorded(self._record)
         self.model_dir = os.path.abspath(model_dir)
         self.model_cfg = convert.read_config(model_dir)
         self.engine = engine
@@ -170,12 +190,15 @@ class ServerPool:
         self._weights_path = os.path.join(self.publish_root, "v0")
         self._published = [self._weights_path]
         self.servers = [_Server(address) for address in pool.addresses]
+        # The watchdogs' pipe: end-of-file on the read end means that this process is gone.
+        self._alive_r, self._alive_w = os.pipe()
+        self._record_lock = threading.Lock()
         try:
             shutil.copytree(self.model_dir, self._weights_path, copy_function=_link_or_copy)
             for _ in range(pool.launch):
                 server = _Server(f"127.0.0.1:{free_port()}")
+                self.servers.append(server)  # listed first: `_launch` records the list
                 self._launch(server)
-                self.servers.append(server)
             self._start_up(time.monotonic() + pool.start_timeout_s)
         except BaseException:
             self.close()
@@ -188,17 +211,36 @@ class ServerPool:
         os.makedirs(log_dir, exist_ok=True)
         port = server.address.rpartition(":")[2]
         server.log_path = os.path.join(log_dir, f"server-{port}.log")
+        server.token = uuid.uuid4().hex
         with open(server.log_path, "ab") as out:
             server.process = subprocess.Popen(
-                server_command(self.model_dir, int(port), self.engine),
-                env=server_environment(self.engine),
+                watchdog.wrap(
+                    server_command(self.model_dir, int(port), self.engine),
+                    read_fd=self._alive_r,
+                    weights=self.publish_root,
+                ),
+                env={**server_environment(self.engine), watchdog.TOKEN_ENV: server.token},
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
+                pass_fds=(self._alive_r,),
                 start_new_session=True,  # its own process group: a kill takes its children too
             )
         server.state, server.version = "starting", None
-        log.info("started vLLM server %s (pid %d)", server.address, server.process.pid)
+        log.info("started vLLM server %s (watchdog pid %d)", server.address, server.process.pid)
+        self._write_record()
+
+    def _write_record(self) -> None:
+        """Records the launched servers in the run directory (a restart stops what is left)."""
+        if not self._record:
+            return
+        with self._record_lock:  # servers restarted by two threads: the newest list wins
+            entries = [
+                watchdog.record_entry(s.address, s.process, s.token)
+                for s in self.servers
+                if s.process is not None
+            ]
+            watchdog.write_record(self._record, entries, publish_root=self.publish_root)
 
     def _kill(self, server: _Server) -> None:
         process, server.process = server.process, None
@@ -524,11 +566,17 @@ class ServerPool:
         return out
 
     def close(self) -> None:
-        """Stops the servers the pool started and removes its published weights."""
+        """Stops the servers the pool started and removes its published weights and record."""
         for server in self.servers:
             self._kill(server)
             server.state = "down"
         shutil.rmtree(self.publish_root, ignore_errors=True)
+        if self._record and os.path.exists(self._record):
+            os.remove(self._record)
+        if self._alive_w is not None:
+            os.close(self._alive_r)
+            os.close(self._alive_w)
+            self._alive_r = self._alive_w = None
 
 
 def _link_or_copy(src: str, dst: str) -> None:
@@ -562,8 +610,11 @@ def _sampling_params(spec: engines.SamplingSpec, max_tokens: int, seed: int | No
     return params
 
 
-def make_engine(model_dir: str, vcfg: engines.VllmConfig, pool: ServerPoolConfig | None):
-    """Returns the run's rollout engine: vLLM in this process, or a pool of vLLM servers."""
+def make_engine(
+    model_dir: str, vcfg: engines.VllmConfig, pool: ServerPoolConfig | None, *, run_dir: str
+):
+    """Returns the run's rollout engine: vLLM in this process, or a pool of vLLM servers
+    (launched ones recorded in `run_dir`)."""
     if pool is None:
         return engines.VllmEngine(model_dir, vcfg)
-    return ServerPool(model_dir, vcfg, pool)
+    return ServerPool(model_dir, vcfg, pool, run_dir=run_dir)

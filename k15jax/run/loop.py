@@ -223,7 +223,7 @@ def _sft_and_rl(setup: Setup, engine, progress, console) -> tuple[decoder.Params
                 vcfg = run_config.engine_config(cfg)
                 publish = os.path.join(vcfg.publish_dir, f"run-{os.getpid()}")
                 vcfg = dataclasses.replace(vcfg, publish_dir=publish)
-                engine = servers.make_engine(hf_dir, vcfg, cfg.servers)
+                engine = servers.make_engine(hf_dir, vcfg, cfg.servers, run_dir=cfg.out_dir)
                 stack.callback(engine.close)
             else:
                 engine.load_weights(params)
