@@ -339,3 +339,22 @@ def test_report_says_in_words_what_its_seed_showed():
     assert "overlapping 95% intervals" in touching and "no difference" in touching
     below = report.verdict_line({"seed": 1}, sft, result(0.10, 0.07, 0.13))
     assert "RL made the model worse" in below
+
+
+def test_paired_gain_is_over_the_same_problems():
+    from k15jax.run import evaluation
+
+    # Four problems, 4 samples each; RL gains one sample on every problem: a sure gain of 0.25
+    # whose separate intervals overlap (the problems' spread is shared, and drops out here).
+    sft = {"correct": [0, 1, 2, 3], "samples": 4}
+    rl = {"correct": [1, 2, 3, 4], "samples": 4}
+    gain, (low, high) = evaluation.paired_gain(sft, rl)
+    assert gain == low == high == 0.25
+    rl_mixed = {"correct": [2, 1, 2, 4], "samples": 4}  # differences 0.5, 0, 0, 0.25
+    gain, (low, high) = evaluation.paired_gain(sft, rl_mixed)
+    d = [0.5, 0.0, 0.0, 0.25]
+    half = 1.96 * float(np.std(d, ddof=1)) / 2.0
+    assert gain == pytest.approx(0.1875)
+    assert (low, high) == pytest.approx((0.1875 - half, 0.1875 + half))
+    with pytest.raises(ValueError, match="not the same problems"):
+        evaluation.paired_gain(sft, {"correct": [1, 2], "samples": 4})

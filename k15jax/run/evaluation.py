@@ -119,6 +119,19 @@ def mean_ci95(values: Sequence[float]) -> tuple[float, list[float]]:
     return mean, [mean - half, mean + half]
 
 
+def paired_gain(before: dict, after: dict) -> tuple[float, list[float]]:
+    """Returns (mean, 95% interval) of after - before pass@1 over the same problems.
+
+    Both are `evaluate` results on one held-out set (the same problems in the same order):
+    the interval is over each problem's difference, so problem difficulty, which both models
+    share, drops out of it (narrower than the two separate intervals).
+    """
+    a, b = np.asarray(before["correct"], float), np.asarray(after["correct"], float)
+    if a.shape != b.shape:
+        raise ValueError(f"not the same problems: {a.shape} and {b.shape} correct counts")
+    return mean_ci95(b / after["samples"] - a / before["samples"])
+
+
 def evaluate(
     engine: engines.RolloutEngine,
     problems: Sequence[prompt_sets.Problem],

@@ -6,6 +6,7 @@ import json
 import os
 
 from k15jax.infra import atomic
+from k15jax.run import evaluation
 
 PLOTS = (
     ("heldout_pass_at_1", "held-out pass@1"),
@@ -180,6 +181,11 @@ def write_plots(
     return names
 
 
+def _paired(sft: dict, rl: dict) -> str:
+    gain, (low, high) = evaluation.paired_gain(sft, rl)
+    return f"{gain:+.3f} [{low:+.3f}, {high:+.3f}] (95% interval of the per-problem difference)"
+
+
 def verdict_line(config: dict, sft: dict, rl: dict) -> str:
     """Returns what the run showed, in words, naming its seed (a run shows its own seed only)."""
     seed = config["seed"]
@@ -226,7 +232,8 @@ def write(out_dir: str, config: dict, sft_history, rl_history, results: dict) ->
         f"{rl['ci95'][1]:.3f}] | {rl['mean_length']:.1f} |",
         "",
         f"Gain: {rl['pass_at_1'] - sft['pass_at_1']:+.3f}; the intervals "
-        f"{'do not overlap (RL above SFT)' if separated else 'overlap'}.",
+        f"{'do not overlap (RL above SFT)' if separated else 'overlap'}. "
+        f"Paired over the same problems: {_paired(sft, rl)}.",
         "",
         verdict_line(config, sft, rl),
         "",
