@@ -30,8 +30,9 @@ LOSS_SEGMENTS = ("all", "current", "drop_stale")
 class PartialConfig:
     budget: int = 256  # new tokens per sample per iteration
     max_length: int = 1024  # response tokens at which an unfinished sample is truncated
-    # "all" by measurement (built-in task, budget 64, 30 iterations, one seed each): held-out
-    # pass@1 0.426 [0.384, 0.468] for "all", 0.263 [0.227, 0.298] for "current".
+    # "all": on the columns task (budget 96 of 192 tokens, seeds 0-2, BUILD.md "Partial
+    # rollouts") it beat "current" on 2 of 3 seeds, +0.078 [-0.202, +0.358] over seeds:
+    # inconclusive, and "current" is better on none but one; "all" stays.
     loss_segments: str = "all"
     truncation_penalty: float = 0.5  # reward of a truncated sample: -penalty
     repeat_penalty: float = 0.5  # reward of a sample stopped for repetition: -penalty
