@@ -32,7 +32,7 @@ class PartialConfig:
     max_length: int = 1024  # response tokens at which an unfinished sample is truncated
     # "all": on the columns task (budget 96 of 192 tokens, seeds 0-2, BUILD.md "Partial
     # rollouts") it beat "current" on 2 of 3 seeds, +0.078 [-0.202, +0.358] over seeds:
-    # inconclusive, and "current" is better on none but one; "all" stays.
+    # inconclusive; "all" stays.
     loss_segments: str = "all"
     truncation_penalty: float = 0.5  # reward of a truncated sample: -penalty
     repeat_penalty: float = 0.5  # reward of a sample stopped for repetition: -penalty
