@@ -68,6 +68,34 @@ def test_score_groups_adds_the_group_length_reward():
     np.testing.assert_allclose(after, task + 0.5 * lam, rtol=1e-6)
     assert stats["accuracy"] == pytest.approx(0.5)
     assert stats["repeats"] == pytest.approx(1 / 6) and stats["truncated"] == pytest.approx(1 / 6)
+    assert not any(k.startswith("level/") for k in stats)  # these problems carry no level
+
+
+def test_score_groups_reports_accuracy_and_length_per_level():
+    problems = [
+        prompt_sets.Problem("a", "Q:1+2\n", "3", difficulty=2),
+        prompt_sets.Problem("b", "Q:2+2\n", "4", difficulty=3),
+        prompt_sets.Problem("c", "Q:1+1\n", "2"),  # no level: left out of the per-level keys
+    ]
+    groups = [
+        _group(0, [("answer: 3", "stop"), ("xx answer: 3", "stop")]),
+        _group(1, [("answer: 4", "stop"), ("answer: 9 and on", "stop")]),
+        _group(2, [("answer: 2", "stop"), ("answer: 2", "stop")]),
+    ]
+    length = length_reward.LengthPenaltyConfig(weight=0.0, warmup_iterations=0)
+    _, _, stats = scoring.score_groups(groups, problems, SCORER, iteration=0, length=length)
+    levels = {k: v for k, v in stats.items() if k.startswith("level/")}
+    assert levels == {
+        "level/2/accuracy": 1.0,
+        "level/2/response_length": (9 + 12) / 2,
+        "level/2/samples": 2,
+        "level/3/accuracy": 0.5,
+        "level/3/response_length": (9 + 16) / 2,
+        "level/3/samples": 2,
+    }
+    # A continuous difficulty score (more distinct values than MAX_LEVELS) adds no keys.
+    many = [float(i) / 7 for i in range(scoring.MAX_LEVELS + 1)]
+    assert scoring.level_stats(many, [True] * len(many), [1] * len(many)) == {}
 
 
 def test_a_right_answer_that_then_repeats_gets_a_negative_advantage():

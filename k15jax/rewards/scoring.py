@@ -227,6 +227,32 @@ def score_groups(
         "response_length": float(lengths.mean()),
         "repeats": float(np.mean(reasons == "repeat")),
         "truncated": float(np.mean(reasons == "truncated")),
+        **level_stats([problems[s.problem].difficulty for s in samples], correct, lengths),
         **grader_stats,
     }
     return np.asarray(total, np.float32), correct, stats
+
+
+MAX_LEVELS = 8  # more distinct difficulty values than this (a continuous score): no per-level keys
+
+
+def level_stats(levels: Sequence[float | None], correct, lengths) -> dict[str, float]:
+    """Returns accuracy, mean response length and sample count per difficulty level.
+
+    Keys are "level/<d>/accuracy", "level/<d>/response_length" and "level/<d>/samples" (k1.5
+    Fig. 5 follows length per difficulty during RL). Samples without a level are left out; none
+    are returned when the problems carry no level or more than `MAX_LEVELS` distinct ones.
+    """
+    labels = np.array([np.nan if x is None else float(x) for x in levels])
+    known = sorted(set(labels[~np.isnan(labels)].tolist()))
+    if not known or len(known) > MAX_LEVELS:
+        return {}
+    correct, lengths = np.asarray(correct, np.float64), np.asarray(lengths, np.float64)
+    out = {}
+    for level in known:
+        sel = labels == level
+        name = f"level/{level:g}"
+        out[f"{name}/accuracy"] = float(correct[sel].mean())
+        out[f"{name}/response_length"] = float(lengths[sel].mean())
+        out[f"{name}/samples"] = int(sel.sum())
+    return out
