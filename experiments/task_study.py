@@ -19,7 +19,6 @@ Writes `<out_dir>/task_study.json` and `<out_dir>/task_study.md`; each arm's mod
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 
 import numpy as np
@@ -30,23 +29,11 @@ from k15jax.data import tasks
 from k15jax.infra import atomic
 from k15jax.model import convert
 from k15jax.rollout import engines
-from k15jax.run import evaluation, run_config, run_setup, warmup
+from k15jax.run import evaluation, findings, run_config, run_setup, warmup
 
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds, fixed before the runs.")
 _BUDGETS = flags.DEFINE_list("budgets", ["16", "32", "64", "128", "256"], "max_tokens budgets.")
 _ARMS = {"direct": 1.0, "long": 0.0}  # arm -> fraction of warm-up traces that answer directly
-
-
-def interval(values) -> tuple[float, float, float]:
-    """Returns (mean, low, high): the t-based 95% interval of the mean over seeds."""
-    x = np.asarray(values, dtype=np.float64)
-    if len(x) < 2:
-        return float(x.mean()), float("nan"), float("nan")
-    # two-sided 97.5% Student t quantiles for 1..9 degrees of freedom, then the normal one
-    t = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262)
-    q = t[len(x) - 2] if len(x) - 2 < len(t) else 1.96
-    half = q * float(x.std(ddof=1)) / math.sqrt(len(x))
-    return float(x.mean()), float(x.mean()) - half, float(x.mean()) + half
 
 
 def by_level(problems, result) -> dict[str, dict]:
@@ -119,7 +106,7 @@ def study(cfg: run_config.RunConfig, seeds: list[int], budgets: list[int]) -> di
             runs[arm][str(s)] = run_arm(arm_cfg, budgets)
     summary = {
         arm: {
-            str(b): interval([runs[arm][str(s)][str(b)]["pass_at_1"] for s in seeds])
+            str(b): findings.interval([runs[arm][str(s)][str(b)]["pass_at_1"] for s in seeds])
             for b in budgets
         }
         for arm in _ARMS

@@ -111,6 +111,9 @@ def test_rl_loop_end_to_end(vllm_engine, tiny_hf_dir, tmp_path):
     ):
         assert os.path.exists(os.path.join(out, name)), name
     assert os.listdir(os.path.join(out, "tensorboard"))
+    # history.json holds the same per-iteration metrics as the checkpoint, for the reproduction
+    saved = json.load(open(os.path.join(out, "history.json")))
+    assert saved["rl"] == history and len(saved["sft"]) == cfg.sft.steps
     # The published RL model loads back and is what the run returned.
     _, params = convert.load_hf(os.path.join(out, "rl_model"))
     jax.tree.map(np.testing.assert_array_equal, params, jax.device_get(result["params"]))

@@ -1,8 +1,7 @@
-"""experiments/task_study: its interval over seeds, per-level split and verdict, and one real
+"""experiments/task_study: its per-level split and verdict, and one real
 end-to-end run (SFT of both arms, vLLM-CPU sampling at two budgets, the report on disk)."""
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -11,15 +10,7 @@ import pytest
 
 from experiments import task_study
 from k15jax.data import prompt_sets
-
-
-def test_interval_is_the_t_interval_of_the_mean():
-    # hand-worked: mean 1, sample sd 1, n=3, t(0.975, 2 d.o.f.) = 4.303 -> 1 -/+ 4.303/sqrt(3)
-    m, lo, hi = task_study.interval([0.0, 1.0, 2.0])
-    assert m == 1.0 and math.isclose(hi - m, 4.303 / math.sqrt(3), rel_tol=1e-9)
-    assert math.isclose(m - lo, hi - m)
-    m, lo, hi = task_study.interval([0.25])
-    assert m == 0.25 and math.isnan(lo) and math.isnan(hi)  # one seed has no interval
+from k15jax.run import findings
 
 
 def test_by_level_averages_each_difficulty_apart():
@@ -37,9 +28,7 @@ def _result(direct, long):
                                  "levels": {"2": {"pass_at_1": v, "problems": 1}}}}
                   for s, v in enumerate(vals)}
             for arm, vals in (("direct", direct), ("long", long))}  # fmt: skip
-    summary = {
-        arm: {"8": task_study.interval(v)} for arm, v in (("direct", direct), ("long", long))
-    }
+    summary = {arm: {"8": findings.interval(v)} for arm, v in (("direct", direct), ("long", long))}
     top_direct, top_long = summary["direct"]["8"], summary["long"]["8"]
     return {"seeds": [0, 1, 2], "budgets": [8], "runs": runs, "summary": summary,
             "long_wins": bool(top_long[1] > top_direct[2])}  # fmt: skip

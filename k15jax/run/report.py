@@ -211,9 +211,13 @@ def verdict_line(config: dict, sft: dict, rl: dict) -> str:
 
 
 def write(out_dir: str, config: dict, sft_history, rl_history, results: dict) -> None:
-    """Writes tensorboard/, *.png, results.json and report.md into `out_dir`."""
+    """Writes tensorboard/, *.png, history.json (the per-step and per-iteration metrics),
+    results.json and report.md into `out_dir`."""
     write_tensorboard(out_dir, sft_history, rl_history)
     plots = write_plots(out_dir, sft_history, rl_history, results)
+    atomic.write_json(
+        os.path.join(out_dir, "history.json"), {"sft": list(sft_history), "rl": list(rl_history)}
+    )
     atomic.write_json(os.path.join(out_dir, "results.json"), results)
     sft, rl = results["sft"], results["rl"]
     separated = rl["ci95"][0] > sft["ci95"][1]
