@@ -24,7 +24,7 @@ from k15jax.model.sharding import MESH_AXES
 from k15jax.rewards import length as length_reward
 from k15jax.rollout import partial, servers
 from k15jax.run import run_config
-from k15jax.train import preflight
+from k15jax.train import preflight, train_step
 from kernels import attention as kernel_attention
 from kernels import logprobs as kernel_logprobs
 
@@ -171,6 +171,13 @@ _K = flags.DEFINE_integer("samples_per_prompt", D.rl.samples_per_prompt, "k samp
 _TEMP = flags.DEFINE_float("temperature", D.rl.temperature, "Rollout temperature.")
 _LR = flags.DEFINE_float("learning_rate", D.rl.learning_rate, "RL learning rate (AdamW).")
 _TAU = flags.DEFINE_float("tau", D.rl.tau, "τ of the mirror-descent loss.")
+_OBJECTIVE = flags.DEFINE_enum(
+    "objective",
+    D.rl.objective,
+    run_config.RL_OBJECTIVES,
+    "RL update: online policy mirror descent (k1.5), or rest: maximum likelihood on the samples "
+    f"with reward >= {train_step.StepConfig.rest_threshold} only (ReST, k1.5 Fig. 10's baseline).",
+)
 _DIFF_N = flags.DEFINE_integer(
     "difficulty_samples",
     D.rl.difficulty_samples,
@@ -456,6 +463,7 @@ def rl_config() -> run_config.RlConfig:
         temperature=_TEMP.value,
         learning_rate=_LR.value,
         tau=_TAU.value,
+        objective=_OBJECTIVE.value,
         groups_per_step=_GROUPS.value,
         micro_batches=_MICRO.value,
         engine_reference_max_gap=_ENGINE_REF.value,

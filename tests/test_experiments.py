@@ -24,6 +24,7 @@ def test_default_flags_give_the_default_config():
 def test_flags_reach_the_config():
     _parse(
         "--tau=0.05",
+        "--objective=rest",
         "--samples_per_prompt=16",
         "--budget=100",
         "--max_length=200",
@@ -77,6 +78,7 @@ def test_flags_reach_the_config():
     assert cfg.mesh == (2, 1, -1) and cfg.rl.micro_batches == 4
     assert cfg.model.dtype == cfg.vllm.dtype == "bfloat16"
     assert cfg.rl.tau == 0.05 and cfg.rl.samples_per_prompt == 16
+    assert cfg.rl.objective == cfg.rl.step_config().objective == "rest"
     assert (cfg.partial.budget, cfg.partial.max_length) == (100, 200)
     assert cfg.length.weight == 0.3 and cfg.sampler.curriculum_iterations == 4
     assert cfg.vllm.kv_cache_memory_bytes is None

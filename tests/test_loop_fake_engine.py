@@ -1,6 +1,7 @@
 """The RL loop with the JAX sampler (`engines.FakeEngine`): what needs the loop but not vLLM."""
 
 import dataclasses
+import math
 import os
 
 import jax
@@ -10,7 +11,7 @@ from k15jax.data import prompt_sets
 from k15jax.infra import distributed
 from k15jax.rollout import engines, partial
 from k15jax.run import evaluation, loop, run_config, run_state
-from k15jax.train import sft, train_step
+from k15jax.train import sft, train_step, update
 
 TINY = dataclasses.replace(
     run_config.RunConfig(),
@@ -69,3 +70,26 @@ def test_the_optimizer_is_reset_at_every_rl_iteration(tmp_path):
     assert step == 2
     assert int(state.train.step) == 4  # both iterations' steps
     assert _adam_counts(state.train.opt_state) == [2]  # the last iteration's only, not 4
+
+
+def test_an_rl_run_with_the_rest_objective_writes_the_usual_history(tmp_path):
+    # The Fig. 10 baseline through the whole RL loop: rollouts, the reference, packed steps.
+    # The untrained model answers nothing right, so no sample is kept (loss 0): this checks the
+    # plumbing; the numerics of kept samples are tests/test_rest.py's.
+    rl = dataclasses.replace(TINY.rl, objective="rest")
+    cfg = dataclasses.replace(TINY, out_dir=str(tmp_path / "run"), rl=rl)
+    setup = loop.prepare(cfg)
+    params = distributed.host_value(setup.params)
+    engine = engines.FakeEngine(setup.model_cfg, params, eos_id=setup.tok.eos_id)
+    lines = []
+    _, history = loop.run_rl(setup, engine, params, _NoBar, lines.append)
+    assert [m["optimizer_steps"] for m in history] == [2, 2], history
+    assert len([x for x in lines if x.startswith("it ")]) == 2  # it reads the step metrics
+    for m in history:
+        for key in (*update.STEP_METRICS, "logprob_mismatch_mean", "reward"):
+            assert key in m and math.isfinite(m[key]), (key, m)
+    optimizer = cfg.rl.optimizer()
+    target = train_step.init_state(setup.params, setup.model_cfg, optimizer, setup.mesh)
+    ckpt_dir = os.path.join(cfg.out_dir, "ckpt", "rl")
+    state, step = run_state.restore_latest(ckpt_dir, run_state.RlState, target)
+    assert step == 2 and [h["iteration"] for h in state.history] == [0, 1]

@@ -168,7 +168,7 @@ def _rollout(setup: Setup, engine, state: run_state.RlState, pool, iteration: in
 def run_rl(
     setup: Setup, engine, params, progress, console, grader: scoring.Grader | None = None
 ) -> tuple[decoder.Params, list[dict]]:
-    """Mirror-descent RL from `params`; returns (final params, per-iteration metrics)."""
+    """RL from `params` by `rl.objective`; returns (final params, per-iteration metrics)."""
     cfg, rl = setup.cfg, setup.cfg.rl
     ckpt_dir = os.path.join(cfg.out_dir, "ckpt", "rl")
     optimizer = rl.optimizer()  # a fresh one each iteration (`update.rl_update`)

@@ -24,6 +24,7 @@ from k15jax.train import preflight, sft, train_step
 
 # Settings that may change when a run resumes: where it runs, not what it computes.
 RESUMABLE_CHANGES = ("out_dir", "vllm", "servers", "mesh", "sandbox", "preflight")
+RL_OBJECTIVES = ("mirror_descent", "rest")  # the `train_step.OBJECTIVES` an RL phase may use
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -49,8 +50,13 @@ class RlConfig:
     # 3.7e-7, max 1.6e-5 over 33k tokens (BUILD.md), so the default trusts the engine.
     engine_reference_max_gap: float = 1e-3
     eval_every: int = 12  # held-out evaluation every this many iterations (0: never)
+    # The policy update (`train_step.StepConfig.objective`): k1.5's online policy mirror descent,
+    # or "rest", maximum likelihood on the correct samples only (the k1.5 Fig. 10 baseline).
+    objective: str = "mirror_descent"
 
     def __post_init__(self):
+        if self.objective not in RL_OBJECTIVES:
+            raise ValueError(f"objective={self.objective!r} must be one of {RL_OBJECTIVES}")
         if self.samples_per_prompt < 2:
             raise ValueError(f"samples_per_prompt={self.samples_per_prompt} must be >= 2")
         if self.tau <= 0:
@@ -76,7 +82,10 @@ class RlConfig:
     def step_config(self) -> train_step.StepConfig:
         """Returns the RL train step's settings (the run's and the memory pre-flight's)."""
         return train_step.StepConfig(
-            tau=self.tau, group_size=self.samples_per_prompt, micro_batches=self.micro_batches
+            tau=self.tau,
+            group_size=self.samples_per_prompt,
+            micro_batches=self.micro_batches,
+            objective=self.objective,
         )
 
     def optimizer(self):

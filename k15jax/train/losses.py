@@ -1,4 +1,4 @@
-"""Pure loss functions of the k1.5 recipe: token log-probs, mirror descent, SFT and DPO.
+"""Pure loss functions of the k1.5 recipe: token log-probs, mirror descent, ReST, SFT and DPO.
 
 Shape legend: b batch (rows = samples; a group is `group_size` consecutive rows), t tokens,
 e hidden size, v vocabulary. Token arrays are aligned with the sequence: `logp_bt[:, i]` is the
@@ -95,6 +95,112 @@ def mirror_descent_loss(
     if tau <= 0:
         raise ValueError(f"{tau=} must be > 0")
     mask = _f32(mask_bt)
+    b = reward_b.shape[0]
+    delta_b, metrics = _log_ratio(logp_bt, ref_logp_bt, mask, sample_bt, self_ref_b, b)
+    reward_b = _f32(reward_b)
+    adv_b = reward_b - group_baseline(reward_b, group_size=group_size)
+    per_sample = (adv_b - tau * delta_b) ** 2 / (2 * tau)
+    if normalize_by_length:
+        per_sample = per_sample / jnp.maximum(_per_sample(mask, sample_bt, b), 1.0)
+    valid = jnp.ones_like(reward_b) if valid_b is None else _f32(valid_b)
+    n = jnp.maximum(valid.sum(), 1.0)
+    mean = lambda x: jnp.sum(valid * x) / n
+    metrics = {
+        **metrics,
+        "delta_mean": mean(delta_b),
+        "delta_abs_mean": mean(jnp.abs(delta_b)),
+        "advantage_mean": mean(adv_b),
+        "advantage_abs_mean": mean(jnp.abs(adv_b)),
+        "zero_variance_groups": _zero_variance_groups(reward_b, valid, group_size),
+        "reward_mean": mean(reward_b),
+    }
+    return mean(per_sample), metrics
+
+
+def rest_kept_b(
+    reward_b: Float[Array, " b"], *, threshold: float, valid_b: Float[Array, " b"] | None = None
+) -> Float[Array, " b"]:
+    """Returns 1/0 per sample: the samples ReST learns from (valid, reward >= `threshold`)."""
+    kept = (_f32(reward_b) >= threshold).astype(jnp.float32)
+    return kept if valid_b is None else kept * (_f32(valid_b) > 0)
+
+
+def rest_kept_tokens(
+    mask_bt: Float[Array, "b t"],
+    reward_b: Float[Array, " b"],
+    *,
+    threshold: float,
+    valid_b: Float[Array, " b"] | None = None,
+    sample_bt: Int[Array, "r t"] | None = None,
+) -> jax.Array:
+    """Returns the number of loss tokens of kept samples: what `rest_loss` is a mean over."""
+    kept_b = rest_kept_b(reward_b, threshold=threshold, valid_b=valid_b)
+    mask = _f32(mask_bt)
+    return jnp.sum(mask * _per_token(kept_b, sample_bt, mask.shape))
+
+
+def rest_loss(
+    logp_bt: Float[Array, "b t"],
+    ref_logp_bt: Float[Array, "b t"],
+    mask_bt: Float[Array, "b t"],
+    reward_b: Float[Array, " b"],
+    *,
+    group_size: int,
+    threshold: float,
+    valid_b: Float[Array, " b"] | None = None,
+    sample_bt: Int[Array, "r t"] | None = None,
+    self_ref_b: Float[Array, " b"] | None = None,
+) -> tuple[jax.Array, Metrics]:
+    """Returns the ReST loss: the token-mean negative log-likelihood of the kept samples.
+
+    loss = -Σ_j kept_j Σ_t mask logp / Σ_j kept_j Σ_t mask, kept_j = [r_j >= threshold]
+    (0 when nothing is kept). ReST (Gulcehre et al. 2023, "Reinforced Self-Training"): its
+    Improve step fine-tunes on the policy's own samples filtered by a reward threshold, by
+    maximum likelihood. k1.5 §2.3.2 (Fig. 10) compares its mirror descent, which also pushes
+    down wrong samples (negative gradients), against this baseline. Samples below the
+    threshold and padding rows (`valid_b` 0) get exactly zero gradient; there is no reference
+    term and no baseline. Deviations: one Grow/Improve round per k1.5 iteration on its fresh
+    samples (no growing data set, no rising threshold schedule, no training from the base
+    model each round: the policy and the run's optimizer reset carry on, as for mirror descent);
+    a token-level mean over all kept tokens of the step, as `sft_loss`.
+
+    `ref_logp_bt`, `group_size` and `self_ref_b` only feed the metrics the run reads from every
+    step, with mirror descent's meanings: δ_j = Σ_t mask (logp - ref_logp) (how far the policy
+    moved from π_{θ_i}; `self_ref_b` and packed rows `sample_bt` exactly as in
+    `mirror_descent_loss`, with its `engine_gap_mean/max`) and the share of valid groups whose
+    rewards are all equal. "kept_fraction": kept samples / valid samples.
+    """
+    mask = _f32(mask_bt)
+    b = reward_b.shape[0]
+    delta_b, metrics = _log_ratio(logp_bt, ref_logp_bt, mask, sample_bt, self_ref_b, b)
+    reward_b = _f32(reward_b)
+    valid = jnp.ones_like(reward_b) if valid_b is None else _f32(valid_b)
+    kept_b = rest_kept_b(reward_b, threshold=threshold, valid_b=valid)
+    tokens_bt = mask * _per_token(kept_b, sample_bt, mask.shape)  # [r, t]
+    # `where`, not only the product: an unkept token's log-prob (even a non-finite one) never
+    # reaches the loss or its gradient.
+    logp_kept = jnp.where(tokens_bt > 0, _f32(logp_bt), 0.0)
+    nll = -jnp.sum(tokens_bt * logp_kept) / jnp.maximum(jnp.sum(tokens_bt), 1.0)
+    n = jnp.maximum(valid.sum(), 1.0)
+    mean = lambda x: jnp.sum(valid * x) / n
+    metrics = {
+        **metrics,
+        "nll": nll,
+        "kept_fraction": jnp.sum(kept_b) / n,
+        "delta_mean": mean(delta_b),
+        "delta_abs_mean": mean(jnp.abs(delta_b)),
+        "zero_variance_groups": _zero_variance_groups(reward_b, valid, group_size),
+        "reward_mean": mean(reward_b),
+    }
+    return nll, metrics
+
+
+def _log_ratio(logp_bt, ref_logp_bt, mask, sample_bt, self_ref_b, b: int):
+    """Returns (δ_b = Σ_t mask (logp - sg(ref)) per sample, the engine-gap metrics).
+
+    Samples marked in `self_ref_b` take their reference from `logp_bt` itself (see
+    `mirror_descent_loss`); their `ref_logp_bt` is the engine's, compared in the metrics.
+    """
     logp = _f32(logp_bt)
     ref = _f32(ref_logp_bt)
     metrics: Metrics = {}
@@ -106,29 +212,15 @@ def mirror_descent_loss(
         metrics["engine_gap_max"] = jnp.max(gap)
         ref = jnp.where(own_bt, logp, jnp.nan_to_num(ref))
     ratio_bt = logp - jax.lax.stop_gradient(ref)
-    b = reward_b.shape[0]
-    delta_b = _per_sample(mask * ratio_bt, sample_bt, b)
-    reward_b = _f32(reward_b)
-    adv_b = reward_b - group_baseline(reward_b, group_size=group_size)
-    per_sample = (adv_b - tau * delta_b) ** 2 / (2 * tau)
-    if normalize_by_length:
-        per_sample = per_sample / jnp.maximum(_per_sample(mask, sample_bt, b), 1.0)
-    valid = jnp.ones_like(reward_b) if valid_b is None else _f32(valid_b)
-    n = jnp.maximum(valid.sum(), 1.0)
-    mean = lambda x: jnp.sum(valid * x) / n
+    return _per_sample(mask * ratio_bt, sample_bt, b), metrics
+
+
+def _zero_variance_groups(reward_b, valid, group_size: int) -> jax.Array:
+    """Returns the share of valid groups whose rewards are all equal (no advantage signal)."""
     groups = reward_b.reshape(-1, group_size)
     zero_var = jnp.all(groups == groups[:, :1], axis=1)
     valid_g = valid.reshape(-1, group_size)[:, 0]
-    metrics = {
-        **metrics,
-        "delta_mean": mean(delta_b),
-        "delta_abs_mean": mean(jnp.abs(delta_b)),
-        "advantage_mean": mean(adv_b),
-        "advantage_abs_mean": mean(jnp.abs(adv_b)),
-        "zero_variance_groups": jnp.sum(valid_g * zero_var) / jnp.maximum(valid_g.sum(), 1.0),
-        "reward_mean": mean(reward_b),
-    }
-    return mean(per_sample), metrics
+    return jnp.sum(valid_g * zero_var) / jnp.maximum(valid_g.sum(), 1.0)
 
 
 def _per_sample(x_bt, sample_bt, b: int) -> jax.Array:

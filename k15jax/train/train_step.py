@@ -3,9 +3,9 @@
 `make_train_step(...)` returns `step(state, batch) -> (state, metrics)`, compiled once with
 `jax.jit` and explicit in/out shardings on a (data, fsdp, tensor) mesh. Gradients accumulate over
 micro-batches (each a whole number of groups, so the group baseline is exact), weighted by what
-each micro-batch's mean is over (valid rows, or tokens for SFT), so padding never reweights a
-step; a step whose loss or gradients are not finite is refused: params and optimizer state stay
-as they were and `metrics["skipped"] = 1`.
+each micro-batch's mean is over (valid rows, or tokens for SFT and ReST), so padding never
+reweights a step; a step whose loss or gradients are not finite is refused: params and optimizer
+state stay as they were and `metrics["skipped"] = 1`.
 
 `make_trainer` bundles the jitted step and log-prob functions of one run; `reference_logprobs`
 runs the log-probs over many rows in fixed-size blocks. The RL update built on them is
@@ -69,7 +69,7 @@ class Batch:
         )
 
 
-OBJECTIVES = ("mirror_descent", "sft", "dpo")
+OBJECTIVES = ("mirror_descent", "sft", "dpo", "rest")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -84,6 +84,12 @@ class StepConfig:
     # "dpo" (long2short, k1.5 §2.4): rows are (chosen, rejected) pairs, group_size 2, against
     # the frozen reference's log-probs in `ref_logp_bt`; `beta` is DPO's β.
     beta: float = 0.1
+    # "rest" (the k1.5 Fig. 10 baseline, `losses.rest_loss`): maximum likelihood on the samples
+    # whose total reward is >= this. 0.5 splits right from wrong for every reward the default
+    # run gives: the task reward is 1 or 0, the length reward adds 0.1 x λ with |λ| <= 0.5 (so
+    # [0.95, 1.05] or [-0.05, 0]), a truncated sample gets -0.5 (`partial.truncation_penalty`).
+    # With partial credit (code), samples passing about half their tests or more are kept.
+    rest_threshold: float = 0.5
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
@@ -178,18 +184,29 @@ def reset_optimizer(state: TrainState, optimizer: optax.GradientTransformation) 
     return state.replace(opt_state=fresh)
 
 
-def _mean_count(objective: str, batch: Batch) -> jax.Array:
-    """Returns what the objective's loss on `batch` is a mean over: tokens (SFT) or valid rows."""
-    if objective == "sft":
+def _mean_count(step_cfg: StepConfig, batch: Batch) -> jax.Array:
+    """Returns what the objective's loss on `batch` is a mean over: tokens (SFT), kept samples'
+    tokens (ReST) or valid rows."""
+    if step_cfg.objective == "sft":
         return jnp.sum(batch.mask_bt * batch.valid_b[:, None])
+    if step_cfg.objective == "rest":
+        return losses.rest_kept_tokens(
+            batch.mask_bt,
+            batch.reward_b,
+            threshold=step_cfg.rest_threshold,
+            valid_b=batch.valid_b,
+            sample_bt=batch.sample_bt,
+        )
     return jnp.sum(batch.valid_b)
 
 
 def _accumulate(grad_fn, params, batch: Batch, step_cfg: StepConfig, mesh: Mesh):
     """Returns (loss, metrics, grads) of `batch` from `step_cfg.micro_batches` slices in a scan.
 
-    Each slice's loss is a mean over its own rows (tokens for SFT); the batch's is the mean over
-    all of them, so each slice enters weighted by its share of that count, not by 1/micro.
+    Each slice's loss is a mean over its own rows (tokens for SFT and ReST); the batch's is the
+    mean over all of them, so each slice enters weighted by its share of that count, not by
+    1/micro. ReST's metrics other than its "nll" are means over valid rows and get the rows'
+    weights (its loss weights are 0 for a slice that keeps nothing).
     """
     micro = step_cfg.micro_batches
     split = jax.tree.map(  # packed rows: each slice of rows holds its slice of samples
@@ -199,15 +216,20 @@ def _accumulate(grad_fn, params, batch: Batch, step_cfg: StepConfig, mesh: Mesh)
         ),
         batch,
     )
-    weights = jax.vmap(lambda mb: _mean_count(step_cfg.objective, mb))(split)
-    weights = weights / jnp.maximum(weights.sum(), 1.0)
+    share = lambda c: c / jnp.maximum(c.sum(), 1.0)
+    weights = share(jax.vmap(lambda mb: _mean_count(step_cfg, mb))(split))
+    rows = share(jnp.sum(split.valid_b, axis=1))
 
     def body(acc, xs):
-        mb, w = xs
+        mb, w, w_rows = xs
         (loss_i, m), g = grad_fn(params, mb)
-        scaled = jax.tree.map(lambda x: w * x.astype(jnp.float32), (loss_i, m))
+        if step_cfg.objective == "rest":
+            w_of = lambda key: w if key == "nll" else w_rows
+        else:
+            w_of = lambda key: w
+        m = {key: w_of(key) * x.astype(jnp.float32) for key, x in m.items()}
         g = jax.tree.map(lambda x: (w * x).astype(x.dtype), g)
-        return jax.tree.map(jnp.add, acc, (*scaled, g)), None
+        return jax.tree.map(jnp.add, acc, (w * loss_i, m, g)), None
 
     first = jax.tree.map(lambda x: x[0], split)
     (_, m0), _ = jax.eval_shape(grad_fn, params, first)
@@ -216,7 +238,7 @@ def _accumulate(grad_fn, params, batch: Batch, step_cfg: StepConfig, mesh: Mesh)
         jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), m0),
         jax.tree.map(jnp.zeros_like, params),
     )
-    (loss, metrics, grads), _ = jax.lax.scan(body, init, (split, weights))
+    (loss, metrics, grads), _ = jax.lax.scan(body, init, (split, weights, rows))
     return loss, metrics, grads
 
 
@@ -243,6 +265,18 @@ def make_train_step(
         if step_cfg.objective == "dpo":
             return losses.dpo_pair_loss(
                 logp, mb.ref_logp_bt, mb.mask_bt, beta=step_cfg.beta, valid_b=mb.valid_b
+            )
+        if step_cfg.objective == "rest":
+            return losses.rest_loss(
+                logp,
+                mb.ref_logp_bt,
+                mb.mask_bt,
+                mb.reward_b,
+                group_size=group,
+                threshold=step_cfg.rest_threshold,
+                valid_b=mb.valid_b,
+                sample_bt=mb.sample_bt,
+                self_ref_b=mb.self_ref_b,
             )
         return losses.mirror_descent_loss(
             logp,

@@ -134,7 +134,7 @@ def rl_update(
     max_gap: float,
     where: str,
 ) -> tuple[train_step.TrainState, dict[str, float]]:
-    """One k1.5 iteration's mirror-descent update on `samples`; returns (state, metrics).
+    """One k1.5 iteration's update (the trainer's objective) on `samples`: (state, metrics).
 
     The optimizer state is reset first (k1.5 §2.3.2: every iteration starts a fresh
     optimizer). Each optimizer step takes `rows_per_step` samples. π_{θ_i} comes from three
