@@ -33,7 +33,9 @@ class RlConfig:
     prompts_per_iteration: int = 32
     samples_per_prompt: int = 8  # k
     temperature: float = 1.0
-    learning_rate: float = 1e-4
+    # Chosen on tuning seeds 10-15 only (BUILD.md "The built-in tasks"): 5e-5 put RL's held-out
+    # interval above SFT's on 6 of 6 (1e-4: 4 of 6; 32 groups per step: 6 of 6, smaller gain).
+    learning_rate: float = 5e-5
     tau: float = 0.1
     groups_per_step: int = 16  # prompts per optimizer step; steps/iteration = finished / this
     micro_batches: int = 1  # gradient accumulation: each step in this many slices of groups
