@@ -56,6 +56,7 @@ def test_the_quick_setting_is_small_and_keeps_the_arms_valid():
 
 @pytest.mark.slow
 @pytest.mark.vllm
+@pytest.mark.reproduce
 def test_quick_reproduction_writes_every_finding(tmp_path):
     out = tmp_path / "repro"
     cmd = [sys.executable, "-m", "experiments.reproduce", "--quick", f"--out_dir={out}"]
