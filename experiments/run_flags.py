@@ -24,7 +24,7 @@ from k15jax.model.sharding import MESH_AXES
 from k15jax.rewards import length as length_reward
 from k15jax.rollout import partial, servers
 from k15jax.run import run_config
-from k15jax.train import preflight, train_step
+from k15jax.train import preflight
 from kernels import attention as kernel_attention
 from kernels import logprobs as kernel_logprobs
 
@@ -176,7 +176,10 @@ _OBJECTIVE = flags.DEFINE_enum(
     D.rl.objective,
     run_config.RL_OBJECTIVES,
     "RL update: online policy mirror descent (k1.5), or rest: maximum likelihood on the samples "
-    f"with reward >= {train_step.StepConfig.rest_threshold} only (ReST, k1.5 Fig. 10's baseline).",
+    "with reward >= --rest_threshold only (ReST, k1.5 Fig. 10's baseline).",
+)
+_REST_T = flags.DEFINE_float(
+    "rest_threshold", D.rl.rest_threshold, "--objective=rest: the total reward a sample needs."
 )
 _DIFF_N = flags.DEFINE_integer(
     "difficulty_samples",
@@ -464,6 +467,7 @@ def rl_config() -> run_config.RlConfig:
         learning_rate=_LR.value,
         tau=_TAU.value,
         objective=_OBJECTIVE.value,
+        rest_threshold=_REST_T.value,
         groups_per_step=_GROUPS.value,
         micro_batches=_MICRO.value,
         engine_reference_max_gap=_ENGINE_REF.value,

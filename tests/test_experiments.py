@@ -25,6 +25,7 @@ def test_flags_reach_the_config():
     _parse(
         "--tau=0.05",
         "--objective=rest",
+        "--rest_threshold=0.8",
         "--samples_per_prompt=16",
         "--budget=100",
         "--max_length=200",
@@ -79,6 +80,7 @@ def test_flags_reach_the_config():
     assert cfg.model.dtype == cfg.vllm.dtype == "bfloat16"
     assert cfg.rl.tau == 0.05 and cfg.rl.samples_per_prompt == 16
     assert cfg.rl.objective == cfg.rl.step_config().objective == "rest"
+    assert cfg.rl.rest_threshold == cfg.rl.step_config().rest_threshold == 0.8
     assert (cfg.partial.budget, cfg.partial.max_length) == (100, 200)
     assert cfg.length.weight == 0.3 and cfg.sampler.curriculum_iterations == 4
     assert cfg.vllm.kv_cache_memory_bytes is None

@@ -245,6 +245,10 @@ def test_rl_config_takes_rest_and_rejects_unknown_objectives():
     step_cfg = cfg.step_config()
     assert step_cfg.objective == "rest" and step_cfg.rest_threshold == THRESHOLD
     assert run_config.RlConfig().step_config().objective == "mirror_descent"
+    assert (
+        run_config.RlConfig(objective="rest", rest_threshold=0.9).step_config().rest_threshold
+        == 0.9
+    )
     with pytest.raises(ValueError, match="'ppo'"):
         run_config.RlConfig(objective="ppo")
     with pytest.raises(ValueError, match="'sft'"):  # a train-step objective, but not an RL one

@@ -55,6 +55,8 @@ class RlConfig:
     # The policy update (`train_step.StepConfig.objective`): k1.5's online policy mirror descent,
     # or "rest", maximum likelihood on the correct samples only (the k1.5 Fig. 10 baseline).
     objective: str = "mirror_descent"
+    # "rest" keeps the samples whose total reward is >= this (`train_step.StepConfig`'s reason)
+    rest_threshold: float = train_step.StepConfig.rest_threshold
 
     def __post_init__(self):
         if self.objective not in RL_OBJECTIVES:
@@ -88,6 +90,7 @@ class RlConfig:
             group_size=self.samples_per_prompt,
             micro_batches=self.micro_batches,
             objective=self.objective,
+            rest_threshold=self.rest_threshold,
         )
 
     def optimizer(self):
