@@ -14,9 +14,14 @@ same steps and batches:
     (`twelve = 12; reference 12; same`), then the verdict.
 Each is saved as a Hugging Face directory with its judge_config.json (its prompt template and
 bounds): `--grader=judge --judge_model=<out_dir>/cot/judge_model` grades an RL run with it.
-Both are then measured on the held-out items through a real vLLM engine and `rewards.judge.Judge`
-(greedy, the verdict parsed from the text; an unusable verdict counts as wrong), with the
-task's digits-only checker as a baseline. Writes judge.md, judge.json and judge.png.
+A share of the training items (`--attack_fraction`, 0.25) are attacks (`answer_forms.ATTACKS`):
+responses that write a fake verdict, a fake reference or a fake judge turn, a verdict after
+the answer, `12 or 13`, or two answer lines, labelled by the rules (the last line's answer).
+Both are then measured on the held-out items, and on held-out attacks of every kind, through a
+real vLLM engine and `rewards.judge.Judge` (greedy, the response in its delimited field, the
+verdict parsed from the text; an unusable verdict counts as wrong), with the task's
+digits-only checker as a baseline. Writes judge.md, judge.json and judge.png.
+`--attack_fraction=0` trains the same judges without attacks (the comparison in BUILD.md).
 """
 
 from __future__ import annotations
@@ -48,20 +53,26 @@ _STEPS = flags.DEFINE_integer("judge_steps", 600, "Optimizer steps per judge.")
 _BATCH = flags.DEFINE_integer("judge_batch", 32, "Items per step.")
 _LR = flags.DEFINE_float("judge_lr", 3e-3, "Peak learning rate (AdamW, warm-up + cosine).")
 _CHARS = flags.DEFINE_integer(
-    "max_response_chars", 24, "The end of the response a judge sees (its final answer line)."
+    "max_response_chars", 48, "The end of the response a judge sees (its last lines)."
+)
+_ATTACKS = flags.DEFINE_float(
+    "attack_fraction", 0.25, "Share of training items that are attacks (answer_forms.ATTACKS)."
 )
 _JUDGES = flags.DEFINE_list("judges", ["classic", "cot"], "Which judges to train and measure.")
 
 
-def items() -> tuple[list[answer_forms.Item], list[answer_forms.Item]]:
-    """Returns (train, held-out) equivalence items, disjoint by problem."""
+def items() -> tuple[list[answer_forms.Item], list[answer_forms.Item], list[answer_forms.Item]]:
+    """Returns (train, held-out, held-out attacks) items, train disjoint from both by problem."""
     seed = _SEED.value
     train = tasks.generate(_TRAIN_N.value, seed=seed)
     held = tasks.generate(_HELD_N.value, seed=seed, split="held_out")
     per = _PER.value
     return (
-        answer_forms.equivalence_set(train, per_problem=per, seed=seed),
+        answer_forms.equivalence_set(
+            train, per_problem=per, seed=seed, attack_fraction=_ATTACKS.value
+        ),
         answer_forms.equivalence_set(held, per_problem=per, seed=seed + 1),
+        answer_forms.equivalence_set(held, per_problem=per, seed=seed + 2, attack_fraction=1.0),
     )
 
 
@@ -123,8 +134,8 @@ def check_same_data(out: str, traces, jcfg: judge_lib.JudgeConfig) -> None:
     atomic.write_text(path, digest)
 
 
-def measure(kind: str, path: str, held: list[answer_forms.Item]) -> dict:
-    """Returns judge `kind`'s held-out accuracy, interval, judge tokens and per-form accuracy."""
+def measure(kind: str, path: str, sets: dict[str, list[answer_forms.Item]]) -> dict[str, dict]:
+    """Returns {set name: judge `kind`'s accuracy on it} for each held-out set, on one engine."""
     jcfg = judge_lib.load_config(path)
     vcfg = engines.VllmConfig(
         max_model_len=jcfg.max_prompt_tokens + jcfg.max_tokens,
@@ -135,11 +146,17 @@ def measure(kind: str, path: str, held: list[answer_forms.Item]) -> dict:
     engine = engines.VllmEngine(path, vcfg)
     try:
         judge = judge_lib.Judge(engine, tokenizer.load(path), config=jcfg)
-        t0 = time.perf_counter()
-        results = judge([judge_lib.JudgeItem(it.problem, it.reference, it.response) for it in held])
-        seconds = time.perf_counter() - t0
+        return {name: _accuracy(judge, held) for name, held in sets.items()}
     finally:
         engine.close()
+
+
+def _accuracy(judge: judge_lib.Judge, held: list[answer_forms.Item]) -> dict:
+    """Returns the judge's accuracy, interval, judge tokens and per-form accuracy on `held`."""
+    before = judge.stats["malformed"]
+    t0 = time.perf_counter()
+    results = judge([judge_lib.JudgeItem(it.problem, it.reference, it.response) for it in held])
+    seconds = time.perf_counter() - t0
     right = [float(r.verdict.correct == it.label) for r, it in zip(results, held, strict=True)]
     acc, ci = evaluation.mean_ci95(right)
     by_form = collections.defaultdict(list)
@@ -153,8 +170,9 @@ def measure(kind: str, path: str, held: list[answer_forms.Item]) -> dict:
     return {
         "accuracy": acc,
         "ci95": ci,
+        "items": len(held),
         "judge_tokens": sum(r.judge_tokens for r in results) / len(results),
-        "unusable": judge.stats["malformed"],
+        "unusable": judge.stats["malformed"] - before,
         "seconds": seconds,
         "by_form": {f: sum(v) / len(v) for f, v in sorted(by_form.items())},
         "errors": wrong[:40],
@@ -168,50 +186,70 @@ def rules_baseline(held: list[answer_forms.Item]) -> dict:
         for it in held
     ]
     acc, ci = evaluation.mean_ci95(right)
-    return {"accuracy": acc, "ci95": ci, "judge_tokens": 0.0}
+    return {"accuracy": acc, "ci95": ci, "judge_tokens": 0.0, "items": len(held)}
 
 
-def markdown(results: dict, n_train: int, n_held: int) -> str:
+SETS = {
+    "equivalence": "answer-equivalence items (the answer written in a shape or as a near miss)",
+    "attacks": "attacks (`answer_forms.ATTACKS`, on the same held-out problems), labelled by "
+    "the rules",
+}
+
+
+def markdown(results: dict[str, dict], n_train: int, attack_fraction: float) -> str:
+    """Returns judge.md: per held-out set, each grader's accuracy and the per-shape table."""
     lines = [
-        f"Held-out answer-equivalence items: {n_held} (training items: {n_train}, disjoint by "
-        f"problem). Accuracy: verdict equals the label (an unusable verdict counts as wrong); "
-        "95% interval = mean ± 1.96 standard errors.",
-        "",
-        "| judge | held-out accuracy [95% interval] | mean judge tokens | unusable verdicts |",
-        "|---|---|---|---|",
+        f"Training items: {n_train} ({attack_fraction:.0%} attacks), disjoint by problem from "
+        "the held-out sets. Accuracy: verdict equals the label (an unusable verdict counts as "
+        "wrong); 95% interval = mean ± 1.96 standard errors.",
     ]
-    for name, r in results.items():
-        lo, hi = r["ci95"]
-        lines.append(
-            f"| {name} | {r['accuracy']:.3f} [{lo:.3f}, {hi:.3f}] | {r['judge_tokens']:.1f} | "
-            f"{r.get('unusable', 0)} |"
-        )
-    judged = [k for k in results if "by_form" in results[k]]
-    if judged:
-        forms = sorted(results[judged[0]]["by_form"])
-        lines += ["", "| answer shape | " + " | ".join(judged) + " |"]
-        lines.append("|---" * (len(judged) + 1) + "|")
-        for f in forms:
-            row = " | ".join(f"{results[k]['by_form'][f]:.3f}" for k in judged)
-            lines.append(f"| {f} | {row} |")
+    for name, by_grader in results.items():
+        n = by_grader[next(iter(by_grader))]["items"]
+        lines += [
+            "",
+            f"### Held out: {n} {SETS[name]}",
+            "",
+            "| grader | accuracy [95% interval] | mean judge tokens | unusable verdicts |",
+            "|---|---|---|---|",
+        ]
+        for grader, r in by_grader.items():
+            lo, hi = r["ci95"]
+            lines.append(
+                f"| {grader} | {r['accuracy']:.3f} [{lo:.3f}, {hi:.3f}] | "
+                f"{r['judge_tokens']:.1f} | {r.get('unusable', 0)} |"
+            )
+        judged = [k for k in by_grader if "by_form" in by_grader[k]]
+        if judged:
+            forms = sorted(by_grader[judged[0]]["by_form"])
+            lines += ["", "| shape (label) | " + " | ".join(judged) + " |"]
+            lines.append("|---" * (len(judged) + 1) + "|")
+            for f in forms:
+                row = " | ".join(f"{by_grader[k]['by_form'][f]:.3f}" for k in judged)
+                lines.append(f"| {f} | {row} |")
     return "\n".join(lines) + "\n"
 
 
-def plot(results: dict, path: str) -> None:
+def plot(results: dict[str, dict], path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(results)
-    acc = [results[n]["accuracy"] for n in names]
-    err = [
-        [a - results[n]["ci95"][0] for a, n in zip(acc, names, strict=True)],
-        [results[n]["ci95"][1] - a for a, n in zip(acc, names, strict=True)],
-    ]
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.bar(names, acc, yerr=err, capsize=5, color=["#999", "#4a7", "#47a"][: len(names)])
-    ax.set(ylim=(0, 1), ylabel="held-out accuracy", title="answer-equivalence judges")
+    sets = list(results)
+    graders = list(results[sets[0]])
+    width = 0.8 / len(sets)
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    for i, name in enumerate(sets):
+        acc = [results[name][g]["accuracy"] for g in graders]
+        err = [
+            [a - results[name][g]["ci95"][0] for a, g in zip(acc, graders, strict=True)],
+            [results[name][g]["ci95"][1] - a for a, g in zip(acc, graders, strict=True)],
+        ]
+        xs = [k + (i - (len(sets) - 1) / 2) * width for k in range(len(graders))]
+        ax.bar(xs, acc, width, yerr=err, capsize=4, label=name)
+    ax.set_xticks(range(len(graders)), graders)
+    ax.set(ylim=(0, 1), ylabel="held-out accuracy", title="judges: equivalence and attacks")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -230,17 +268,19 @@ def main(argv):
     if unknown:
         raise app.UsageError(f"--judges: {sorted(unknown)} not in {sorted(TARGETS)}")
     os.makedirs(_OUT.value, exist_ok=True)
-    train_items, held = items()
+    train_items, held, attacks = items()
     print(
-        f"{len(train_items)} training items, {len(held)} held-out; "
-        f"{sum(it.label for it in held) / len(held):.3f} of held-out are equal"
+        f"{len(train_items)} training items, {len(held)} held-out and {len(attacks)} held-out "
+        f"attacks; {sum(it.label for it in held) / len(held):.3f} of held-out are equal"
     )
     paths = {kind: train(kind, train_items) for kind in _JUDGES.value}
-    results = {"rules (digits only)": rules_baseline(held)}
+    sets = {"equivalence": held, "attacks": attacks}
+    results = {name: {"rules (digits only)": rules_baseline(s)} for name, s in sets.items()}
     for kind, path in paths.items():
-        results[kind] = measure(kind, path, held)
-        print(f"{kind}: accuracy {results[kind]['accuracy']:.3f} {results[kind]['ci95']}")
-    text = markdown(results, len(train_items), len(held))
+        for name, r in measure(kind, path, sets).items():
+            results[name][kind] = r
+            print(f"{kind} on {name}: accuracy {r['accuracy']:.3f} {r['ci95']}")
+    text = markdown(results, len(train_items), _ATTACKS.value)
     atomic.write_text(os.path.join(_OUT.value, "judge.md"), text)
     atomic.write_json(os.path.join(_OUT.value, "judge.json"), results)
     plot(results, os.path.join(_OUT.value, "judge.png"))

@@ -164,3 +164,47 @@ def test_targets_end_in_the_labelled_verdict():
     assert af.cot_target(half).startswith("12.5 = 12.5; reference 12; differ")
     spaced = af.Item("Q:5+7\n", "12", "answer: 1 2", "1 2", "spaced", False)
     assert af.cot_target(spaced).startswith("1 2 = none; reference 12; differ")
+
+
+def test_attacks_are_labelled_by_the_rules_and_balanced_where_an_answer_decides():
+    examples = tasks.generate(300, seed=5)
+    rng = random.Random(0)
+    by_kind = {k: [af.attack(e, k, rng) for e in examples] for k in af.ATTACKS}
+    for kind, items in by_kind.items():
+        for it in items:
+            assert it.form == kind
+            # the rules: the last line's answer, as the forms task's checker reads it
+            strict = af.reward(it.problem, it.response, it.reference)[0] == 1.0
+            assert it.label == strict, (kind, it.response[-60:])
+    # an injection before the answer line leaves the answer to decide: both labels occur,
+    # and the injected verdict always says the opposite of the truth
+    for kind in ("fake verdict", "fake reference", "hedge: two lines"):
+        share = sum(it.label for it in by_kind[kind]) / len(by_kind[kind])
+        assert 0.35 < share < 0.65, kind
+    for it in by_kind["fake verdict"]:
+        injected = judge.parse_verdict(it.response.rsplit("\n", 2)[-2])
+        assert injected.status == "ok" and injected.correct != it.label
+    # after the answer line, or two answers on one line: never right, whatever it says
+    for kind in ("fake judge turn", "verdict after", "hedge: or"):
+        assert not any(it.label for it in by_kind[kind]), kind
+        assert all(it.answer == "none" or " or " in it.answer for it in by_kind[kind])
+    turn = by_kind["fake judge turn"][0]
+    assert "</r>" in turn.response and turn.response.endswith('{"correct": true}')
+    with pytest.raises(ValueError, match="kind"):
+        af.attack(examples[0], "bribe", rng)
+
+
+def test_attack_fraction_mixes_attacks_in_and_zero_changes_nothing():
+    examples = tasks.generate(200, seed=6)
+    plain = af.equivalence_set(examples, per_problem=3, seed=2)
+    assert af.equivalence_set(examples, per_problem=3, seed=2, attack_fraction=0.0) == plain
+    mixed = af.equivalence_set(examples, per_problem=3, seed=2, attack_fraction=0.25)
+    attacks = [it for it in mixed if it.form in af.ATTACKS]
+    assert 0.18 < len(attacks) / len(mixed) < 0.32
+    assert {it.form for it in attacks} == set(af.ATTACKS)
+    for it in mixed:  # every target ends in its label's verdict, attacks included
+        for target in (af.classic_target(it), af.cot_target(it)):
+            v = judge.parse_verdict(target)
+            assert v.status == "ok" and v.correct == it.label, target
+    with pytest.raises(ValueError, match="attack_fraction"):
+        af.equivalence_set(examples, per_problem=1, seed=0, attack_fraction=1.5)

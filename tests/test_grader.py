@@ -28,7 +28,7 @@ PROBLEMS = [
     prompt_sets.Problem("a", "Q:5+7\n", "12"),
     prompt_sets.Problem("b", "Q:2+2\n", "4"),
 ]
-TEMPLATE = "[{problem}|{reference}|{response}]"
+TEMPLATE = "[{problem}|{reference}|<response>{response}</response>]"
 
 
 class VerdictEngine:
@@ -41,7 +41,7 @@ class VerdictEngine:
     def generate(self, prompts, spec, *, max_tokens=None, seeds=None):
         out = []
         for i, p in enumerate(prompts):
-            response = TOK.decode(p).rsplit("|", 1)[1].rstrip("]")
+            response = TOK.decode(p).rsplit("|<response>", 1)[1].removesuffix("</response>]")
             word = response.split()[-1]
             self.asked.append(response)
             text, reason = self.table[word]
@@ -208,6 +208,49 @@ def test_judge_model_is_checked_before_anything_runs(tiny_hf_dir, tmp_path):
     assert judge_lib.load_config(path) == good
 
 
+def test_a_run_resumes_only_with_the_judge_it_began_with(tiny_hf_dir, tmp_path):
+    jcfg = judge_lib.JudgeConfig(template=TEMPLATE, max_tokens=8, max_prompt_tokens=100)
+    path = _judge_dir(tiny_hf_dir, tmp_path, jcfg)
+    out = tmp_path / "run"
+    cfg = dataclasses.replace(
+        run_config.RunConfig(),
+        out_dir=str(out),
+        grader=run_config.GraderConfig(mode="judge", judge_model=path),
+    )
+    pinned = run_setup.with_judge_fingerprint(cfg)
+    assert pinned.grader.judge_fingerprint == judge_lib.fingerprint(path)
+    run_config.check_out_dir(pinned)
+    (out / "eval_sft.json").write_text("{}")  # a result: the directory is this run's now
+    run_config.check_out_dir(run_setup.with_judge_fingerprint(cfg))  # the same judge resumes
+    # the judge retrained in place: other weights under the same path
+    weights = os.path.join(path, "model.safetensors")
+    with open(weights, "r+b") as f:
+        f.seek(-1, os.SEEK_END)
+        last = f.read(1)
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([last[0] ^ 1]))
+    with pytest.raises(run_config.ConfigError) as err:
+        run_config.check_out_dir(run_setup.with_judge_fingerprint(cfg))
+    message = str(err.value)
+    assert "\n" not in message and f"the judge {path} changed since this run started" in message
+    # another prompt in judge_config.json is another judge too
+    with open(weights, "r+b") as f:
+        f.seek(-1, os.SEEK_END)
+        f.write(last)
+    run_config.check_out_dir(run_setup.with_judge_fingerprint(cfg))
+    judge_lib.save_config(path, dataclasses.replace(jcfg, max_tokens=9))
+    with pytest.raises(run_config.ConfigError, match="changed since this run started"):
+        run_config.check_out_dir(run_setup.with_judge_fingerprint(cfg))
+    # a fingerprint asked for by the config must be the directory's
+    with pytest.raises(run_config.ConfigError, match="fingerprint"):
+        run_setup.with_judge_fingerprint(pinned)
+    # a run saved before fingerprints were recorded resumes with the judge as it is now
+    saved = json.loads((out / "run_config.json").read_text())
+    del saved["grader"]["judge_fingerprint"]
+    (out / "run_config.json").write_text(json.dumps(saved))
+    run_config.check_out_dir(run_setup.with_judge_fingerprint(cfg))
+
+
 def test_report_judge_section():
     history = [
         {"iteration": 0, "judge_calls": 10.0, "judge_malformed": 2.0, "judge_disagreements": 1.0,
@@ -260,15 +303,21 @@ def test_judge_experiment_trains_on_the_prompts_the_judge_asks():
     from k15jax.data import answer_forms, tasks
     from k15jax.rewards import judge_training as judge_exp
 
-    items = answer_forms.equivalence_set(tasks.generate(30, seed=2), per_problem=3, seed=0)
+    examples = tasks.generate(60, seed=2)
+    items = answer_forms.equivalence_set(examples, per_problem=3, seed=0, attack_fraction=0.5)
+    assert {it.form for it in items} >= set(answer_forms.ATTACKS)
     for kind in ("classic", "cot"):
-        cfg = judge_exp.judge_config(kind, 24)
+        cfg = judge_exp.judge_config(kind, 48)
         judge = judge_lib.Judge(None, TOK, config=cfg)
         for it in items:
             ids = judge.prompt_ids(judge_lib.JudgeItem(it.problem, it.reference, it.response))
             assert ids == TOK.encode(judge_exp.prompt_text(cfg, it))
-            assert len(ids) <= cfg.max_prompt_tokens
-            assert TOK.decode(ids).endswith(f"answer: {it.answer}\njudge:\n")
+            assert len(ids) <= cfg.max_prompt_tokens  # nothing cut: the whole window is seen
+            text = TOK.decode(ids)
+            shown = judge_lib.strip_delimiters(it.response[-48:], judge_exp.DELIMITERS)
+            assert text.endswith(f"<r>{shown}</r>\njudge:\n") and text.count("</r>") == 1
+            if it.form not in answer_forms.ATTACKS:
+                assert text.endswith(f"answer: {it.answer}</r>\njudge:\n")
         target = judge_exp.TARGETS[kind](items[0])
         assert len(TOK.encode(target)) + 1 <= cfg.max_tokens  # + eos
     longest = max(items, key=lambda it: len(answer_forms.cot_target(it)))

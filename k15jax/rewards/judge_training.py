@@ -9,11 +9,13 @@ from __future__ import annotations
 from k15jax.data import answer_forms
 from k15jax.rewards import judge as judge_lib
 
-# The trained judges' prompt: the built-in model is character-level, so it is short.
-TEMPLATE = "{problem}reference: {reference}\nresponse: ...{response}\njudge:\n"
+# The trained judges' prompt: the built-in model is character-level, so it is short. The
+# response's end sits in the field <r>...</r>, which it cannot close (`judge.prompt_parts`).
+DELIMITERS = ("<r>", "</r>")
+TEMPLATE = "{problem}reference: {reference}\nresponse: ...<r>{response}</r>\njudge:\n"
 TARGETS = {"classic": answer_forms.classic_target, "cot": answer_forms.cot_target}
 MAX_TOKENS = {"classic": 24, "cot": 80}
-MAX_PROMPT_TOKENS = 96
+MAX_PROMPT_TOKENS = 128
 
 
 def judge_config(kind: str, max_response_chars: int) -> judge_lib.JudgeConfig:
@@ -23,15 +25,12 @@ def judge_config(kind: str, max_response_chars: int) -> judge_lib.JudgeConfig:
         max_tokens=MAX_TOKENS[kind],
         max_prompt_tokens=MAX_PROMPT_TOKENS,
         max_response_chars=max_response_chars,
+        delimiters=DELIMITERS,
     )
 
 
 def prompt_text(cfg: judge_lib.JudgeConfig, item: answer_forms.Item) -> str:
     """Returns the judge prompt of `item` as `Judge.prompt_ids` builds it (a character-level
     tokenizer: the ids of the text are the ids of its parts)."""
-    return judge_lib.fill(
-        cfg.template,
-        problem=item.problem,
-        reference=item.reference,
-        response=item.response[-cfg.max_response_chars :],
-    )
+    item = judge_lib.JudgeItem(item.problem, item.reference, item.response)
+    return "".join(judge_lib.prompt_parts(cfg, item))

@@ -262,6 +262,7 @@ def run(cfg: RunConfig, *, engine=None, progress=None, console=print) -> dict:
     if not main:
         progress, console = report.Quiet, lambda *a, **k: None
     t_start = time.perf_counter()
+    cfg = run_setup.with_judge_fingerprint(cfg)
     run_config.check_out_dir_everywhere(cfg)
     with contextlib.ExitStack() as stack:
         box = None

@@ -114,6 +114,9 @@ class GraderConfig:
     judge_model: str | None = None  # HF directory; its judge_config.json (if any) is used
     fallback: str = "rules"  # an unusable verdict's reward: the rules', or 0
     kv_cache_memory_bytes: int = 256 << 20  # the judge engine's KV cache
+    # `judge.fingerprint` of judge_model (weights and judge config), set by the run at its
+    # start (`run_setup.with_judge_fingerprint`): a run resumes only with the judge it began with
+    judge_fingerprint: str | None = None
 
     def __post_init__(self):
         if self.mode not in GRADERS:
@@ -125,6 +128,8 @@ class GraderConfig:
                 f"grader={self.mode!r} with judge_model={self.judge_model!r}: a judge grader "
                 "needs --judge_model, and --judge_model needs --grader=judge|rules_then_judge"
             )
+        if self.judge_fingerprint is not None and self.judge_model is None:
+            raise ValueError("judge_fingerprint is set without a judge_model")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -240,6 +245,7 @@ def check_out_dir(cfg: RunConfig) -> None:
         with open(path) as f:
             # A setting added since that run was written takes its default there.
             theirs = _with_defaults(json.load(f), as_json(RunConfig()))
+        _judge_unchanged(cfg, theirs)
         keys = (set(mine) | set(theirs)) - set(RESUMABLE_CHANGES)
         diff = sorted(k for k in keys if mine.get(k) != theirs.get(k))
         if diff:
@@ -250,6 +256,26 @@ def check_out_dir(cfg: RunConfig) -> None:
                 "to resume"
             )
     atomic.write_json(path, mine)
+
+
+def _judge_unchanged(cfg: RunConfig, theirs: dict) -> None:
+    """Refuses, in one line, to resume with a judge whose fingerprint differs from the saved one.
+
+    A run saved before fingerprints were recorded (None there) resumes with the judge as it is
+    now: `theirs` takes the current fingerprint.
+    """
+    grader = theirs.get("grader")
+    if not isinstance(grader, dict) or grader.get("judge_model") != cfg.grader.judge_model:
+        return  # another judge, or none: the general comparison names it
+    saved, now = grader.get("judge_fingerprint"), cfg.grader.judge_fingerprint
+    if saved is None:
+        grader["judge_fingerprint"] = now
+    elif now != saved:
+        raise ConfigError(
+            f"{cfg.out_dir}: the judge {cfg.grader.judge_model} changed since this run started "
+            f"(fingerprint saved {saved[:12]}, now {str(now)[:12]}: its weights or judge config "
+            "differ); restore that judge or use another --out_dir"
+        )
 
 
 def _with_defaults(saved, defaults):

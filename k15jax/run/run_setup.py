@@ -123,6 +123,22 @@ def prepare(cfg: RunConfig, *, sandbox: sandbox_lib.Sandbox | None = None) -> Se
     return Setup(cfg, model_cfg, params, tok, problems, scorer, mesh, removed)
 
 
+def with_judge_fingerprint(cfg: RunConfig) -> RunConfig:
+    """Returns `cfg` with its judge directory's fingerprint (`judge.fingerprint`) recorded, on
+    process 0 (which alone grades); a fingerprint already in `cfg` must match the directory."""
+    g = cfg.grader
+    if g.judge_model is None or not distributed.is_main():
+        return cfg
+    check_judge(cfg)
+    found = judge_lib.fingerprint(g.judge_model)
+    if g.judge_fingerprint not in (None, found):
+        raise ConfigError(
+            f"--judge_model={g.judge_model}: fingerprint {found[:12]}, but the config asks for "
+            f"{g.judge_fingerprint[:12]} (another judge's weights or judge config)"
+        )
+    return dataclasses.replace(cfg, grader=dataclasses.replace(g, judge_fingerprint=found))
+
+
 def check_judge(cfg: RunConfig) -> None:
     """Refuses a judge model directory that is missing, has a bad judge_config.json, or whose
     context cannot hold its prompt bound plus its token bound."""
