@@ -9,8 +9,6 @@ import json
 import math
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -269,32 +267,48 @@ def test_report_judge_section():
 
 @pytest.mark.slow
 @pytest.mark.vllm
-def test_run_graded_by_a_judge_on_its_own_engine(tiny_hf_dir, tmp_path):
-    # The command line, in its own process (closing the judge's in-process engine tears down
-    # vLLM's process-wide state, which a test worker's shared engine needs). The judge is a
-    # random tiny model on a second engine: its verdicts are unusable, so every judged sample
+def test_run_graded_by_a_judge_server_leaves_the_shared_engine_working(
+    vllm_engine, tiny_hf_dir, tmp_path
+):
+    # In this worker, beside its shared engine: the judge is a server of its own (a second
+    # in-process engine's close would tear down vLLM's process-wide state and break the shared
+    # one). The judge is a random tiny model: its verdicts are unusable, so every judged sample
     # falls back to the rules; the counts, the log and the report show it.
-    from test_loop import RESUME_FLAGS
+    from test_loop import TINY, _quiet
+
+    from k15jax.rollout import watchdog
+    from k15jax.run import loop
 
     jcfg = judge_lib.JudgeConfig(template=TEMPLATE, max_tokens=8, max_prompt_tokens=200)
     path = _judge_dir(tiny_hf_dir, tmp_path, jcfg)
-    out = str(tmp_path / "run")
-    flags = [f for f in RESUME_FLAGS if not f.startswith(("--iterations", "--budget"))]
-    proc = subprocess.run(
-        [sys.executable, "-m", "experiments.rl", f"--out_dir={out}", *flags,
-         "--iterations=2", "--budget=100", "--grader=judge", f"--judge_model={path}",
-         "--judge_fallback=rules"],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    cfg = dataclasses.replace(
+        TINY,
+        out_dir=str(tmp_path / "run"),
+        rl=dataclasses.replace(TINY.rl, iterations=2, eval_every=0),
+        partial=dataclasses.replace(TINY.partial, budget=100),
+        grader=run_config.GraderConfig(mode="judge", judge_model=path, fallback="rules"),
+    )
+    lines = []
+    try:
+        loop.run(cfg, engine=vllm_engine, progress=_quiet, console=lines.append)
+    finally:
+        vllm_engine.load_weights(tiny_hf_dir[2])  # leave the shared engine as it was
+    out = cfg.out_dir
     log = [json.loads(x) for x in open(os.path.join(out, "judge_log.jsonl"))]
     assert log and {r["iteration"] for r in log} <= {0, 1}
     for r in log:
         assert r["judge_status"] != "ok" and r["score"] == r["rules"]
     text = open(os.path.join(out, "report.md")).read()
     assert "## Judge" in text and f"judge {path}" in text
-    lines = [x for x in proc.stdout.splitlines() if x.startswith("it ")]
-    assert lines and all("judge" in x and "calls" in x for x in lines if "reward" in x)
+    its = [x for x in lines if x.startswith("it ")]
+    assert its and all("judge" in x and "calls" in x for x in its if "reward" in x)
+    # the judge server is gone with the run, and nothing of it is left recorded
+    record = os.path.join(out, run_setup.JUDGE_SERVER_DIR, watchdog.RECORD)
+    assert not os.path.exists(record)
+    # the shared engine still samples after the judge closed
+    spec = engines.SamplingSpec(n=2, temperature=1.0, max_tokens=5)
+    done = vllm_engine.generate([TOK.encode("Q:1+2\n")], spec)
+    assert len(done) == 2 and all(c.token_ids for c in done)
 
 
 def test_judge_experiment_trains_on_the_prompts_the_judge_asks():

@@ -26,7 +26,7 @@ from k15jax.model.config import ModelConfig
 from k15jax.rewards import judge as judge_lib
 from k15jax.rewards import sandbox as sandbox_lib
 from k15jax.rewards import scoring
-from k15jax.rollout import engines
+from k15jax.rollout import engines, servers
 from k15jax.run import evaluation
 from k15jax.run.run_config import ConfigError, RunConfig, engine_config
 from k15jax.train import preflight, sft
@@ -320,9 +320,17 @@ def check_memory(setup: Setup, console) -> None:
     console(preflight.check(cfg.preflight, plans, setup.model_cfg, setup.mesh, rl.micro_batches))
 
 
+JUDGE_SERVER_DIR = "judge_server"  # under the run directory: the judge server's record
+
+
 def make_grader(setup: Setup, stack: contextlib.ExitStack) -> scoring.Grader | None:
-    """Returns the run's judge grader on its own vLLM engine (closed by `stack`), or None when
-    the rules grade alone."""
+    """Returns the run's judge grader, or None when the rules grade alone.
+
+    The judge is served by a vLLM server of its own (`servers.ServerPool` with one launched
+    server, recorded under `<out_dir>/judge_server`, stopped by `stack` and by its watchdog if
+    the trainer dies), never by a second engine in this process: closing an in-process vLLM
+    engine tears down vLLM's process-wide parallel groups, which would break the rollout engine.
+    """
     g = setup.cfg.grader
     if g.mode == "rules":
         return None
@@ -333,9 +341,10 @@ def make_grader(setup: Setup, stack: contextlib.ExitStack) -> scoring.Grader | N
         kv_cache_memory_bytes=g.kv_cache_memory_bytes,
         sleep_level=0,
     )
-    engine = engines.VllmEngine(g.judge_model, vcfg)
-    # Closed at the end of the run. Closing an in-process vLLM engine tears down vLLM's
-    # process-wide parallel groups: an engine passed to `run` is unusable afterwards.
+    record = os.path.join(setup.cfg.out_dir, JUDGE_SERVER_DIR)
+    os.makedirs(record, exist_ok=True)
+    pool = servers.ServerPoolConfig(launch=1, log_dir=record)
+    engine = servers.ServerPool(g.judge_model, vcfg, pool, run_dir=record)
     stack.callback(engine.close)
     fallback = setup.scorer.reward_fn if g.fallback == "rules" else judge_lib.zero
     judge = judge_lib.Judge(engine, tokenizer.load(g.judge_model), fallback=fallback, config=jcfg)
