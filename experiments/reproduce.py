@@ -232,10 +232,9 @@ def one_seed(cfg: RunConfig, seed: int, engine, budgets: list[int]) -> dict:
     console("response budgets")
     out["budgets"] = atomic.json_once(os.path.join(d, "budgets.json"), budget_table)
     console("long2short from the RL model")
-    out["long2short"] = long_to_short(base, engine, rl_params, short_dir)
     out["long2short"] = {
         "RL model": {k: out["base"]["rl"][k] for k in ("pass_at_1", "ci95", "mean_length")},
-        **out["long2short"],
+        **long_to_short(base, engine, rl_params, short_dir),
     }
     return out
 
