@@ -477,6 +477,12 @@ def main(argv):
                 f"{cfg.partial.max_length}]; got {FLAGS.seeds}, {FLAGS.budgets}"
             )
         l2s.rl_config(cfg), l2s.dpo_config(), l2s.pair_rules()  # refuse bad F7 flags early
+        if cfg.partial.budget != cfg.partial.max_length:
+            raise ValueError(
+                f"--budget={cfg.partial.budget} must equal --max_length="
+                f"{cfg.partial.max_length}: the base arm rolls out whole responses, and the "
+                "partial-rollout arm is the one with half the budget"
+            )
         arms(cfg)  # and arms the run's settings cannot make
     except ValueError as e:
         run_flags.fail(e)

@@ -54,6 +54,19 @@ def test_the_quick_setting_is_small_and_keeps_the_arms_valid():
     }  # fmt: skip
 
 
+def test_a_base_arm_that_is_already_partial_is_refused(tmp_path):
+    # The partial-rollout finding compares whole responses (the base) with half the budget: a
+    # base run with --budget below --max_length would compare the wrong way round.
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.reproduce", f"--out_dir={tmp_path / 'r'}",
+         "--budget=20", "--max_length=40"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 2 and proc.stderr.startswith("error: "), proc.stderr[-2000:]
+    assert "--budget=20 must equal --max_length=40" in proc.stderr
+    assert not (tmp_path / "r").exists()  # refused before anything was written
+
+
 @pytest.mark.slow
 @pytest.mark.vllm
 @pytest.mark.reproduce
