@@ -417,16 +417,35 @@ def measure(runs: dict[int, dict], out_dir: str, budgets: list[int]) -> list[fin
 # ---------------------------------------------------------------------------------- main
 
 
+class EngineOnDemand:
+    """The reproduction's one vLLM engine, started at its first use: a rerun that finds every
+    arm and model finished reads them back and starts none."""
+
+    def __init__(self, start):
+        self._start, self.engine = start, None
+
+    def __getattr__(self, name):  # only what this object lacks: the engine's own methods
+        if self.engine is None:
+            self.engine = self._start()
+        return getattr(self.engine, name)
+
+
 def reproduce(cfg: RunConfig, seeds: list[int], budgets: list[int]) -> list[findings.Finding]:
     """Runs every seed, writes report.md and results.json into cfg.out_dir; returns findings."""
     os.makedirs(cfg.out_dir, exist_ok=True)
     with contextlib.ExitStack() as stack:
-        init = os.path.join(cfg.out_dir, "engine_model")  # any model of the run's shape
-        if cfg.model_dir is None and not os.path.exists(os.path.join(init, "config.json")):
-            setup = run_setup.prepare(r(cfg, out_dir=init))
-            convert.save_hf(setup.model_cfg, setup.params, init, tokenizer=setup.tok)
-        engine = l2s.start_engine(cfg, cfg.model_dir or init, stack)
+
+        def start():
+            init = os.path.join(cfg.out_dir, "engine_model")  # any model of the run's shape
+            if cfg.model_dir is None and not os.path.exists(os.path.join(init, "config.json")):
+                setup = run_setup.prepare(r(cfg, out_dir=init))
+                convert.save_hf(setup.model_cfg, setup.params, init, tokenizer=setup.tok)
+            return l2s.start_engine(cfg, cfg.model_dir or init, stack)
+
+        engine = EngineOnDemand(start)
         runs = {s: one_seed(cfg, s, engine, budgets) for s in seeds}
+        if engine.engine is None:
+            print("every arm and model was finished: no engine started", flush=True)
     results = measure(runs, cfg.out_dir, budgets)
     header = (
         f"# k1.5 in miniature: seeds {seeds}, fixed before the runs\n\n"

@@ -98,3 +98,4 @@ def test_quick_reproduction_writes_every_finding(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert model.stat().st_mtime_ns == before
     assert (out / "report.md").read_text() == text
+    assert "no engine started" in proc.stdout  # nothing to sample: the engine stays down
