@@ -41,7 +41,7 @@ from k15jax.model import convert, tokenizer
 from k15jax.rewards import judge as judge_lib
 from k15jax.rewards.judge_training import MAX_PROMPT_TOKENS, TARGETS, judge_config, prompt_text
 from k15jax.rollout import engines
-from k15jax.run import evaluation, loop, run_config, warmup
+from k15jax.run import evaluation, loop, report, run_config, warmup
 
 _OUT = flags.DEFINE_string("out_dir", "runs/judge", "Output directory.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the data, the initial weights and the batches.")
@@ -109,7 +109,7 @@ def train(kind: str, train_items: list[answer_forms.Item]) -> str:
         setup, problems=dataclasses.replace(setup.problems, sft_traces=traces)
     )
     t0 = time.perf_counter()
-    params, history = warmup.run_sft(setup, progress=_progress)
+    params, history = warmup.run_sft(setup, progress=report.progress_bar)
     path = convert.save_hf(
         setup.model_cfg, params, os.path.join(out, "judge_model"), tokenizer=setup.tok
     )
@@ -253,12 +253,6 @@ def plot(results: dict[str, dict], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
-
-
-def _progress(**kw):
-    from tqdm import tqdm
-
-    return tqdm(**kw, leave=False)
 
 
 def main(argv):

@@ -39,6 +39,7 @@ from k15jax.infra import atomic
 from k15jax.model import convert, decoder
 from k15jax.rollout import engines
 from k15jax.run import long2short, loop, run_config, run_setup, warmup
+from k15jax.run.report import progress_bar
 from k15jax.run.run_config import RunConfig
 from k15jax.train import sft
 
@@ -129,12 +130,6 @@ def short_config(cfg: RunConfig) -> RunConfig:
     )
 
 
-def _progress(**kw):
-    from tqdm import tqdm
-
-    return tqdm(**kw, leave=False)
-
-
 def model_once(setup: run_setup.Setup, path: str, compute: Callable[[], decoder.Params]):
     """Returns the params of the model directory `path`; computes and writes it if absent."""
     if os.path.exists(os.path.join(path, "config.json")):
@@ -205,7 +200,7 @@ def shortest_rejection(setup, engine, params, out_dir: str, info: dict) -> decod
         problems=r(setup.problems, sft_traces=traces),
     )
     return model_once(
-        setup, os.path.join(sub, "model"), lambda: warmup.run_sft(rs_setup, _progress)[0]
+        setup, os.path.join(sub, "model"), lambda: warmup.run_sft(rs_setup, progress_bar)[0]
     )
 
 
@@ -239,7 +234,7 @@ def long2short_rl(cfg: RunConfig, engine, params, info: dict) -> decoder.Params:
 
     def compute():
         engine.load_weights(params)
-        new, history = loop.run_rl(setup, engine, params, _progress, print)
+        new, history = loop.run_rl(setup, engine, params, progress_bar, print)
         keys = ("iteration", "reward", "accuracy", "response_length", "truncated")
         info["rl"] = [{k: m[k] for k in keys if k in m} for m in history]
         return new
@@ -253,7 +248,7 @@ def short_model(cfg: RunConfig) -> tuple[run_setup.Setup, decoder.Params]:
     run_config.check_out_dir(short_cfg)
     setup = loop.prepare(short_cfg)
     path = os.path.join(short_cfg.out_dir, "model")
-    return setup, model_once(setup, path, lambda: warmup.run_sft(setup, _progress)[0])
+    return setup, model_once(setup, path, lambda: warmup.run_sft(setup, progress_bar)[0])
 
 
 def report(cfg: RunConfig) -> dict:
@@ -263,7 +258,7 @@ def report(cfg: RunConfig) -> dict:
     run_config.check_out_dir(long_cfg)
     setup = loop.prepare(long_cfg)
     long_dir = os.path.join(long_cfg.out_dir, "model")
-    long_params = model_once(setup, long_dir, lambda: warmup.run_sft(setup, _progress)[0])
+    long_params = model_once(setup, long_dir, lambda: warmup.run_sft(setup, progress_bar)[0])
     _, short_params = short_model(cfg)
     info: dict = {}
     results = {}

@@ -45,7 +45,7 @@ from experiments import long2short as l2s  # its flags (F7) are this script's fl
 from experiments import run_flags, task_study  # the run's flags, --seeds and --budgets
 from k15jax.infra import atomic
 from k15jax.model import convert
-from k15jax.run import evaluation, findings, loop, run_config, run_setup, warmup
+from k15jax.run import evaluation, findings, loop, report, run_config, run_setup, warmup
 from k15jax.run import long2short as l2s_lib
 from k15jax.run.run_config import RunConfig
 
@@ -97,12 +97,6 @@ def arms(cfg: RunConfig) -> dict[str, RunConfig]:
     }
 
 
-def _progress(**kw):
-    from tqdm import tqdm
-
-    return tqdm(**kw, leave=False, mininterval=10)
-
-
 # ------------------------------------------------------------------------------ one seed
 
 
@@ -118,7 +112,7 @@ def run_once(cfg: RunConfig, engine, console) -> dict:
     """Runs `cfg` (SFT and RL, `loop.run`) on `engine` unless it finished; returns its results
     with its RL history."""
     if not os.path.exists(os.path.join(cfg.out_dir, "results.json")):
-        loop.run(cfg, engine=engine, progress=_progress, console=console)
+        loop.run(cfg, engine=engine, progress=report.progress_bar, console=console)
     return _read(cfg.out_dir)
 
 
@@ -174,7 +168,7 @@ def direct_model(base: RunConfig) -> str | None:
     run_config.check_out_dir(cfg)
     setup = run_setup.prepare(cfg)
     path = os.path.join(cfg.out_dir, "sft_model")
-    l2s.model_once(setup, path, lambda: warmup.run_sft(setup, _progress)[0])
+    l2s.model_once(setup, path, lambda: warmup.run_sft(setup, report.progress_bar)[0])
     return path
 
 

@@ -14,25 +14,19 @@ from absl import app
 
 from experiments import run_flags  # the run flags are this script's flags too
 from k15jax.model import convert
-from k15jax.run import loop, run_config, warmup
+from k15jax.run import loop, report, run_config, warmup
 
 
 def main(argv):
     cfg = run_flags.config_from_argv(argv)
     run_config.check_out_dir(cfg)
     setup = loop.prepare(cfg)
-    params, history = warmup.run_sft(setup, progress=_progress)
+    params, history = warmup.run_sft(setup, progress=report.progress_bar)
     path = convert.save_hf(
         setup.model_cfg, params, os.path.join(cfg.out_dir, "sft_model"), tokenizer=setup.tok
     )
     last = history[-1]["loss"] if history else float("nan")
     print(f"SFT done: {len(history)} steps, final loss {last:.4f}; model at {path}")
-
-
-def _progress(**kw):
-    from tqdm import tqdm
-
-    return tqdm(**kw)
 
 
 if __name__ == "__main__":

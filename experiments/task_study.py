@@ -29,7 +29,7 @@ from k15jax.data import tasks
 from k15jax.infra import atomic
 from k15jax.model import convert
 from k15jax.rollout import engines
-from k15jax.run import evaluation, findings, run_config, run_setup, warmup
+from k15jax.run import evaluation, findings, report, run_config, run_setup, warmup
 
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds, fixed before the runs.")
 _BUDGETS = flags.DEFINE_list("budgets", ["16", "32", "64", "128", "256"], "max_tokens budgets.")
@@ -69,7 +69,7 @@ def run_arm(cfg: run_config.RunConfig, budgets: list[int]) -> dict:
     setup = run_setup.prepare(cfg)
     model_dir = os.path.join(cfg.out_dir, "sft_model")
     if not os.path.exists(os.path.join(model_dir, "config.json")):
-        params, _ = warmup.run_sft(setup, progress=_progress)
+        params, _ = warmup.run_sft(setup, progress=report.progress_bar)
         convert.save_hf(setup.model_cfg, params, model_dir, tokenizer=setup.tok)
     held = setup.problems.held_out
     prompts = [setup.prompt_ids(p) for p in held]
@@ -190,12 +190,6 @@ def main(argv):
     atomic.write_json(os.path.join(cfg.out_dir, "task_study.json"), result)
     atomic.write_text(os.path.join(cfg.out_dir, "task_study.md"), text)
     print(text)
-
-
-def _progress(**kw):
-    from tqdm import tqdm
-
-    return tqdm(**kw, mininterval=10)
 
 
 if __name__ == "__main__":

@@ -252,13 +252,11 @@ def run(cfg: RunConfig, *, engine=None, progress=None, console=print) -> dict:
       engine: a running `RolloutEngine` for this model shape to reuse (its weights are
         replaced); by default a `VllmEngine` is started on the SFT model and closed at the end.
         Used by process 0 only.
-      progress: tqdm-like progress-bar factory.
+      progress: tqdm-like progress-bar factory (default `report.progress_bar`).
       console: receives the one-line summaries.
     """
-    from tqdm import tqdm
-
     main = distributed.is_main()
-    progress = progress or (lambda **kw: tqdm(**kw, leave=False))
+    progress = progress or report.progress_bar
     if not main:
         progress, console = report.Quiet, lambda *a, **k: None
     t_start = time.perf_counter()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 from k15jax.infra import atomic
 from k15jax.run import evaluation
@@ -269,6 +270,14 @@ def write(out_dir: str, config: dict, sft_history, rl_history, results: dict) ->
     lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     lines += ["", "## Configuration", "", "```json", json.dumps(config, indent=2), "```", ""]
     atomic.write_text(os.path.join(out_dir, "report.md"), "\n".join(lines))
+
+
+def progress_bar(**kw):
+    """Returns a tqdm bar that redraws each second on a terminal and every 30 s into a file or a
+    pipe, so that a log gets a few lines a phase rather than one a step."""
+    from tqdm import tqdm
+
+    return tqdm(**kw, leave=False, mininterval=1.0 if sys.stderr.isatty() else 30.0)
 
 
 class Quiet:

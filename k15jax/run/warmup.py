@@ -50,8 +50,10 @@ def run_sft(setup: Setup, progress) -> tuple[decoder.Params, list[dict]]:
     for i, (train, m) in enumerate(steps, start):
         entry = {"step": i, "loss": m["loss"], "train_tokens_per_s": m["tokens"] / m["seconds"]}
         state = run_state.SftState(train, (*state.history, entry))
+        # refresh=False: the bar redraws at its own interval, not once a step (a log file
+        # would otherwise get a line per step)
+        bar.set_postfix(loss=f"{m['loss']:.3f}", refresh=False)
         bar.update(1)
-        bar.set_postfix(loss=f"{m['loss']:.3f}")
         if (i + 1) % cfg.sft.checkpoint_every == 0 or i + 1 == cfg.sft.steps:
             run_state.save(ckpt_dir, i + 1, state)
     bar.close()
