@@ -205,37 +205,46 @@ def _environment(**values: str):
                 os.environ[name] = value
 
 
-# vLLM's in-place reload (`reload/layerwise.py`) counts every tensor of a module as loadable,
-# buffers included, and warns "<module>: Failed to load weights" on each reload for a module of
-# which the checkpoint held nothing. The rotary embedding is such a module: its one tensor,
-# `cos_sin_cache`, is a non-persistent buffer computed from the config (head size, rotary dim,
-# max positions, rope theta), in no checkpoint and unchanged by training. vLLM then puts the
-# engine's own cache back, which is right: the warning is noise. The reload walks every module
-# and has no way to leave one out, and loading tensors without a checkpoint does not work on
-# CPU (ENVIRONMENT.md), so the warning is dropped instead, in this process only (a spawned
-# engine core and launched servers still log it, the servers to their log files).
+# Two of vLLM's warnings are noise, dropped in this process only (a spawned engine core and
+# launched servers still log them, the servers to their log files):
+# - The in-place reload (`reload/layerwise.py`) counts every tensor of a module as loadable,
+#   buffers included, and warns "<module>: Failed to load weights" on each reload for a module
+#   of which the checkpoint held nothing. The rotary embedding is such a module: its one tensor,
+#   `cos_sin_cache`, is a non-persistent buffer computed from the config (head size, rotary dim,
+#   max positions, rope theta), in no checkpoint and unchanged by training. vLLM then puts the
+#   engine's own cache back, which is right. The reload walks every module and has no way to
+#   leave one out, and loading tensors without a checkpoint does not work on CPU
+#   (ENVIRONMENT.md), so the warning is dropped instead.
+# - The CPU worker binds its threads to cores and replaces `torch.set_num_threads` with a
+#   function that warns and does nothing (`v1/worker/cpu_worker.py`); vLLM's own start-up
+#   (`set_default_torch_num_threads`, entered and left once) then calls it, twice an engine.
+#   The binding stays, which is what the worker wants.
 _RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
+_CPU_WORKER_LOGGER = "vllm.v1.worker.cpu_worker"
 
 
-class _RotaryReloadWarning(logging.Filter):
-    """Drops the reload's "Failed to load weights" warning for the rotary embedding (see above)."""
+class _KnownNoise(logging.Filter):
+    """Drops the two vLLM warnings above: the rotary embedding's reload and the CPU worker's
+    skipped `torch.set_num_threads`."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        failed = record.msg == "%s: Failed to load weights"
-        return not (failed and record.args == ("RotaryEmbedding",))
+        if record.msg == "%s: Failed to load weights":
+            return record.args != ("RotaryEmbedding",)
+        return not str(record.msg).startswith("CPU backend doesn't allow to use `torch.set_num")
 
 
 def set_log_level(level: str) -> None:
-    """Sets vLLM's loggers in this process to `level` (one of `LOG_LEVELS`) and drops the in-place
-    reload's rotary-embedding warning.
+    """Sets vLLM's loggers in this process to `level` (one of `LOG_LEVELS`) and drops its two
+    known-noise warnings (see `_KnownNoise`).
 
     The level holds for lines logged before vLLM configures its loggers; `vllm.LLM` then sets
     them again from its own `log_level` argument.
     """
     logging.getLogger("vllm").setLevel(level)
-    reload_log = logging.getLogger(_RELOAD_LOGGER)
-    if not any(isinstance(f, _RotaryReloadWarning) for f in reload_log.filters):
-        reload_log.addFilter(_RotaryReloadWarning())
+    for name in (_RELOAD_LOGGER, _CPU_WORKER_LOGGER):
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _KnownNoise) for f in log.filters):
+            log.addFilter(_KnownNoise())
 
 
 def shows_progress(engine: VllmConfig) -> bool:
